@@ -1,0 +1,49 @@
+"""What a plugin or filter author sees: base classes, the layer below, values, errors."""
+
+from .client import ClientInfo, current_client
+from .errors import ConfigError, NBDError, StartupError
+from .filter import Filter
+from .next import Caps, Chain, Layer, Next, clip_extents
+from .params import Param, parse_bool, parse_choice, parse_int, parse_size
+from .plugin import Plugin
+from .product import BuildOnce, ProductNames
+from .types import (
+    BlockSize,
+    CacheMode,
+    Concurrency,
+    Export,
+    Extent,
+    FuaMode,
+    Sparse,
+    ZeroMode,
+)
+
+__all__ = [
+    "BlockSize",
+    "BuildOnce",
+    "CacheMode",
+    "Caps",
+    "Chain",
+    "ClientInfo",
+    "Concurrency",
+    "ConfigError",
+    "Export",
+    "Extent",
+    "Filter",
+    "FuaMode",
+    "Layer",
+    "NBDError",
+    "Next",
+    "Param",
+    "Plugin",
+    "ProductNames",
+    "Sparse",
+    "StartupError",
+    "ZeroMode",
+    "clip_extents",
+    "current_client",
+    "parse_bool",
+    "parse_choice",
+    "parse_int",
+    "parse_size",
+]

@@ -1,0 +1,130 @@
+"""Declared parameters of plugins and filters, and the parsers of their values.
+
+A plugin or filter lists its parameters as ``Param`` objects; the command line's
+``key=value`` words are matched against them and the parsed values passed to the
+class's constructor as keyword arguments (``tar-entry=x`` becomes ``tar_entry="x"``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+MAX_SIZE = (1 << 63) - 1
+"""Largest size accepted anywhere (the NBD size field is 64-bit; we keep it signed)."""
+
+_SUFFIXES = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+_SIZE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]?)(?:i?[bB])?\s*$")
+
+
+def parse_size(text: str) -> int:
+    """``"4096"``, ``"1M"``, ``"2G"``, ``"1MiB"``, ... (powers of 1024) up to 2^63-1."""
+    m = _SIZE.match(text)
+    if not m or m.group(2).lower() not in _SUFFIXES:
+        raise ValueError(f"{text!r} is not a size (a number with an optional k/M/G/T/P/E suffix)")
+    value = int(m.group(1)) << _SUFFIXES[m.group(2).lower()]
+    if value > MAX_SIZE:
+        raise ValueError(f"{text!r} is larger than the maximum size {MAX_SIZE}")
+    return value
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(text: str) -> bool:
+    """``true``/``false``, ``yes``/``no``, ``on``/``off``, ``1``/``0``."""
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true or false)")
+
+
+def parse_choice(*choices: str) -> Callable[[str], str]:
+    """A parser accepting exactly one of ``choices``."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    parse.__name__ = "|".join(choices)
+    return parse
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
+
+
+@dataclass(frozen=True)
+class Param:
+    """One ``key=value`` parameter of a plugin or filter."""
+
+    name: str
+    help: str
+    parse: Callable[[str], Any] = str
+    required: bool = False
+    repeat: bool = False
+    """May be given several times; the constructor receives a list."""
+
+    @property
+    def attr(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def metavar(self) -> str:
+        kind = getattr(self.parse, "__name__", "")
+        return {
+            "str": "STRING",
+            "parse_size": "SIZE",
+            "parse_bool": "BOOL",
+            "parse_int": "N",
+        }.get(kind, kind.upper() or "VALUE")
+
+
+def build_kwargs(
+    owner: str, params: Sequence[Param], items: Iterable[tuple[str, str]]
+) -> dict[str, Any]:
+    """Parse ``items`` (key, value) against ``params`` into constructor keyword arguments."""
+    by_name = {p.name: p for p in params}
+    kwargs: dict[str, Any] = {}
+    for key, value in items:
+        param = by_name.get(key)
+        if param is None:
+            known = ", ".join(by_name) or "none"
+            raise ConfigError(f"{owner}: unknown parameter {key!r} (known: {known})")
+        try:
+            parsed = param.parse(value)
+        except ValueError as e:
+            raise ConfigError(f"{owner}: bad value for {key}={value}: {e}") from None
+        if param.repeat:
+            kwargs.setdefault(param.attr, []).append(parsed)
+        elif param.attr in kwargs:
+            raise ConfigError(f"{owner}: parameter {key!r} given more than once")
+        else:
+            kwargs[param.attr] = parsed
+    for param in params:
+        if param.required and param.attr not in kwargs:
+            raise ConfigError(f"{owner}: parameter {param.name!r} is required")
+    return kwargs
+
+
+def describe_params(params: Sequence[Param]) -> str:
+    """The parameter list shown by ``trionbd NAME --help``."""
+    if not params:
+        return "  (no parameters)"
+    lines = []
+    for p in params:
+        tags = [t for t, on in (("required", p.required), ("repeatable", p.repeat)) if on]
+        suffix = f" ({', '.join(tags)})" if tags else ""
+        lines.append(f"  {p.name}={p.metavar}{suffix}\n      {p.help}")
+    return "\n".join(lines)

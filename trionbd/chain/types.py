@@ -1,0 +1,99 @@
+"""Small value types of the chain API."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from ..protocol.constants import BLOCK_SIZE_MAX, BLOCK_SIZE_MIN, BLOCK_SIZE_PREFERRED
+
+
+@dataclass(frozen=True, slots=True)
+class Export:
+    """One entry of an export list: the name a client asks for, and a description."""
+
+    name: str
+    description: str = ""
+
+
+class Extent(NamedTuple):
+    """A run of bytes with the same ``base:allocation`` state.
+
+    ``flags`` is a combination of ``State.HOLE`` and ``State.ZERO`` (0 = data).
+    """
+
+    offset: int
+    length: int
+    flags: int
+
+
+class Sparse(bytes):
+    """Read data that knows where its holes are.
+
+    A ``pread`` may return this instead of plain ``bytes``; the server then sends the
+    holes as ``OFFSET_HOLE`` chunks to clients that negotiated structured replies.
+    ``holes`` holds sorted, non-overlapping ``(offset, length)`` pairs relative to the
+    start of the data; the bytes there are zero. Slicing gives plain ``bytes``.
+    """
+
+    holes: tuple[tuple[int, int], ...]
+
+    def __new__(cls, data: bytes, holes: tuple[tuple[int, int], ...]) -> Sparse:
+        obj = super().__new__(cls, data)
+        obj.holes = holes
+        return obj
+
+
+class Concurrency(enum.IntEnum):
+    """How much concurrency a plugin or filter tolerates (nbdkit's thread models).
+
+    Lower values are stricter; the server honours the strictest layer.
+    """
+
+    SERIALIZE_CONNECTIONS = 0
+    """One client at a time; others wait until it disconnects."""
+    SERIALIZE_ALL_REQUESTS = 1
+    """One request at a time across all clients."""
+    SERIALIZE_REQUESTS = 2
+    """One request at a time per context (connection); clients run concurrently."""
+    PARALLEL = 3
+    """Requests run concurrently, also within one connection."""
+
+
+class FuaMode(enum.IntEnum):
+    """``can_fua`` answers: how a layer handles Force Unit Access."""
+
+    NONE = 0
+    EMULATE = 1
+    """FUA is emulated by a flush after the write."""
+    NATIVE = 2
+
+
+class ZeroMode(enum.IntEnum):
+    """``can_zero`` answers."""
+
+    NONE = 0
+    EMULATE = 1
+    """Zeroing is emulated by writing zeroes."""
+    NATIVE = 2
+
+
+class CacheMode(enum.IntEnum):
+    """``can_cache`` answers."""
+
+    NONE = 0
+    EMULATE = 1
+    """Cache requests are emulated by reading and discarding."""
+    NATIVE = 2
+
+
+class BlockSize(NamedTuple):
+    """Block size constraints advertised with ``NBD_INFO_BLOCK_SIZE``."""
+
+    minimum: int = BLOCK_SIZE_MIN
+    preferred: int = BLOCK_SIZE_PREFERRED
+    maximum: int = BLOCK_SIZE_MAX
+
+
+DEFAULT_BLOCK_SIZE = BlockSize()

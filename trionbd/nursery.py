@@ -1,0 +1,199 @@
+"""The lifetime nursery: the scope from start-up (nbdkit's ``after_fork``) to unload.
+
+It owns what must outlive any one client: background tasks of plugins and filters,
+and **lifetime contexts** — contexts of a layer that a filter opens once and uses from
+any client task until unload. The tar and ext2 filters read archive and file-system
+metadata through one to build their export lists before the first client connects;
+``--filter=shared`` hands one to every client.
+
+Guarantees:
+
+* ``after_fork`` runs bottom-up (plugin first), so a filter may open contexts of the
+  layer below. A failure there raises ``StartupError`` naming the layer and the cause.
+* On exit, ``cleanup`` runs top-down, then every lifetime context is closed exactly
+  once, in reverse order of opening, shielded from cancellation, each with a deadline.
+* A lifetime context refuses new calls once closing has begun (``NBDError`` with
+  ``ESHUTDOWN``); calls already running may finish until the deadline.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from .chain.errors import NBDError, StartupError
+from .chain.next import Chain, Layer, Next
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT = 5.0
+"""Seconds each lifetime context (and each layer's ``cleanup``) gets to close."""
+
+
+class LifetimeContext(Next):
+    """A context owned by the lifetime: usable from any task until unload.
+
+    Its ``close`` does nothing (the lifetime closes it); every data call checks that
+    the lifetime is not closing and is counted so closing can wait for it.
+    """
+
+    def __init__(self, inner: Next, owner: str):
+        # Deliberately not calling Next.__init__: this object forwards to ``inner``.
+        self._inner = inner
+        self.owner = owner
+        self.layer = inner.layer
+        self.handle = inner.handle
+        self.below = inner.below
+        self.readonly = inner.readonly
+        self.export_name = inner.export_name
+        self.caps = inner.caps
+        self.closed = False
+        self._closing = False
+        self._in_flight = 0
+        self._idle = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"<LifetimeContext {self.layer.name} export={self.export_name!r} for {self.owner}>"
+
+    async def close(self) -> None:
+        """Clients never close a lifetime context; unload does."""
+
+    async def _shutdown(self) -> None:
+        """Refuse new calls, wait for running ones, then close the context (once)."""
+        self._closing = True
+        if self._in_flight:
+            await self._idle.wait()
+        if not self.closed:
+            self.closed = True
+            await self._inner.close()
+
+    async def _forward(self, name: str, *args: Any) -> Any:
+        if self._closing:
+            raise NBDError(
+                errno.ESHUTDOWN,
+                f"{self.owner}: the server is shutting down; the shared context of "
+                f"{self.layer.name} export {self.export_name!r} is closing",
+            )
+        self._in_flight += 1
+        try:
+            return await getattr(self._inner, name)(*args)
+        finally:
+            self._in_flight -= 1
+            if self._closing and not self._in_flight:
+                self._idle.set()
+
+    async def export_description(self) -> str | None:
+        return await self._forward("export_description")  # type: ignore[no-any-return]
+
+    async def pread(self, count: int, offset: int, flags: int = 0) -> bytes:
+        return await self._forward("pread", count, offset, flags)  # type: ignore[no-any-return]
+
+    async def pwrite(self, buf: bytes, offset: int, flags: int = 0) -> None:
+        await self._forward("pwrite", buf, offset, flags)
+
+    async def flush(self, flags: int = 0) -> None:
+        await self._forward("flush", flags)
+
+    async def trim(self, count: int, offset: int, flags: int = 0) -> None:
+        await self._forward("trim", count, offset, flags)
+
+    async def zero(self, count: int, offset: int, flags: int = 0) -> None:
+        await self._forward("zero", count, offset, flags)
+
+    async def extents(self, count: int, offset: int, flags: int = 0) -> Any:
+        return await self._forward("extents", count, offset, flags)
+
+    async def cache(self, count: int, offset: int, flags: int = 0) -> None:
+        await self._forward("cache", count, offset, flags)
+
+
+class Lifetime:
+    """The after_fork..unload scope of one chain. Create it with :func:`open_lifetime`."""
+
+    def __init__(self, chain: Chain, nursery: trio.Nursery, close_timeout: float):
+        self.chain = chain
+        self.nursery = nursery
+        """For background tasks that must live until unload."""
+        self.close_timeout = close_timeout
+        self.contexts: list[LifetimeContext] = []
+        """Open lifetime contexts, in order of opening."""
+        self.closing = False
+
+    async def open_context(
+        self, layer: Layer, export_name: str, readonly: bool, is_tls: bool = False
+    ) -> Next:
+        """Open a context of ``layer`` that lives until unload.
+
+        The caller is the layer above ``layer``; errors name it. The result may be
+        used from any task and must not be closed by the caller.
+        """
+        if self.closing:
+            raise NBDError(errno.ESHUTDOWN, f"{layer.above}: the server is shutting down")
+        inner = await layer.open(readonly, export_name, is_tls)
+        ctx = LifetimeContext(inner, layer.above)
+        self.contexts.append(ctx)
+        if self.closing:  # shutdown began while we were opening
+            await self._close_one(ctx)
+            raise NBDError(errno.ESHUTDOWN, f"{layer.above}: the server is shutting down")
+        return ctx
+
+    async def _start(self) -> None:
+        for layer in self.chain.layers:
+            target = layer.target
+            try:
+                if layer.is_filter:
+                    assert layer.below is not None
+                    await target.after_fork(self, layer.below)  # type: ignore[call-arg]
+                else:
+                    await target.after_fork(self)  # type: ignore[call-arg]
+            except StartupError:
+                raise
+            except Exception as e:
+                raise StartupError(f"{layer.name}: {e}") from e
+
+    async def _close_one(self, ctx: LifetimeContext) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.close_timeout) as scope:
+                try:
+                    await ctx._shutdown()
+                except Exception as e:
+                    log.error("%s: closing %s failed: %s", ctx.owner, ctx, e)
+            if scope.cancelled_caught:
+                log.error(
+                    "%s: closing %s took longer than %.1fs; abandoned",
+                    ctx.owner,
+                    ctx,
+                    self.close_timeout,
+                )
+
+    async def _stop(self) -> None:
+        self.closing = True
+        with trio.CancelScope(shield=True):
+            for layer in reversed(self.chain.layers):
+                with trio.move_on_after(self.close_timeout):
+                    try:
+                        await layer.target.cleanup()
+                    except Exception as e:
+                        log.error("%s: cleanup failed: %s", layer.name, e)
+            for ctx in reversed(self.contexts):
+                await self._close_one(ctx)
+
+
+@asynccontextmanager
+async def open_lifetime(
+    chain: Chain, *, close_timeout: float = CLOSE_TIMEOUT
+) -> AsyncIterator[Lifetime]:
+    """Run ``after_fork`` of every layer, yield the lifetime, and tear it down on exit."""
+    async with trio.open_nursery() as nursery:
+        lifetime = Lifetime(chain, nursery, close_timeout)
+        try:
+            await lifetime._start()
+            yield lifetime
+        finally:
+            await lifetime._stop()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,130 @@
+"""memory: a sparse RAM disk.
+
+Serves a writable disk of ``size`` bytes held in memory. Only pages that were written
+take memory, so sizes up to 2^63-1 bytes are fine. Data is lost when the server exits.
+All clients see the same disk (multi-conn is safe).
+
+Parameters:
+  size=SIZE   size of the disk, e.g. 1G, 512M, 2T (the magic parameter)
+
+Example:
+  trionbd memory 1G
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..chain import Extent, Param, Plugin, Sparse, parse_size
+from ..chain.types import FuaMode
+from ..protocol.constants import State
+
+PAGE = 32 * 1024
+"""Allocation unit (bytes)."""
+
+
+class MemoryPlugin(Plugin):
+    """A sparse RAM disk."""
+
+    name = "memory"
+    params = (Param("size", "size of the disk (k/M/G/T suffixes)", parse_size, required=True),)
+    magic_param = "size"
+    nonblocking = True
+
+    def __init__(self, size: int):
+        self.size = size
+        self.pages: dict[int, bytearray] = {}
+
+    async def get_size(self, h: Any) -> int:
+        return self.size
+
+    async def can_multi_conn(self, h: Any) -> bool:
+        return True
+
+    async def can_fua(self, h: Any) -> FuaMode:
+        return FuaMode.NATIVE  # nothing is more durable than it already is
+
+    async def pread(self, h: Any, count: int, offset: int, flags: int) -> bytes:
+        pages = self.pages
+        first = offset // PAGE
+        if (offset + count - 1) // PAGE == first:
+            page = pages.get(first)
+            if page is None:
+                return Sparse(bytes(count), ((0, count),))
+            start = offset - first * PAGE
+            return bytes(page[start : start + count])
+        out = bytearray()
+        holes: list[tuple[int, int]] = []
+        pos = offset
+        end = offset + count
+        while pos < end:
+            index, start = divmod(pos, PAGE)
+            n = min(PAGE - start, end - pos)
+            page = pages.get(index)
+            if page is None:
+                rel = pos - offset
+                if holes and holes[-1][0] + holes[-1][1] == rel:
+                    holes[-1] = (holes[-1][0], holes[-1][1] + n)
+                else:
+                    holes.append((rel, n))
+                out += bytes(n)
+            else:
+                out += page[start : start + n]
+            pos += n
+        return Sparse(bytes(out), tuple(holes)) if holes else bytes(out)
+
+    async def pwrite(self, h: Any, buf: bytes, offset: int, flags: int) -> None:
+        pages = self.pages
+        pos = 0
+        count = len(buf)
+        view = memoryview(buf)
+        while pos < count:
+            index, start = divmod(offset + pos, PAGE)
+            n = min(PAGE - start, count - pos)
+            page = pages.get(index)
+            if page is None:
+                page = pages[index] = bytearray(PAGE)
+            page[start : start + n] = view[pos : pos + n]
+            pos += n
+
+    async def flush(self, h: Any, flags: int) -> None:
+        pass
+
+    async def trim(self, h: Any, count: int, offset: int, flags: int) -> None:
+        await self.zero(h, count, offset, flags)
+
+    async def zero(self, h: Any, count: int, offset: int, flags: int) -> None:
+        pos = offset
+        end = offset + count
+        while pos < end:
+            index, start = divmod(pos, PAGE)
+            n = min(PAGE - start, end - pos)
+            page = self.pages.get(index)
+            if page is not None:
+                if n == PAGE:
+                    del self.pages[index]
+                else:
+                    page[start : start + n] = bytes(n)
+            pos += n
+
+    async def can_fast_zero(self, h: Any) -> bool:
+        return True
+
+    async def extents(self, h: Any, count: int, offset: int, flags: int) -> list[Extent]:
+        if not self.pages:
+            return [Extent(offset, count, State.HOLE | State.ZERO)]
+        out: list[Extent] = []
+        pos = offset
+        end = offset + count
+        while pos < end:
+            index, start = divmod(pos, PAGE)
+            n = min(PAGE - start, end - pos)
+            state = 0 if index in self.pages else State.HOLE | State.ZERO
+            out.append(Extent(pos, n, state))
+            pos += n
+            if len(out) >= 4096:
+                break
+        return out
+
+
+PLUGIN = MemoryPlugin

@@ -1,0 +1,219 @@
+"""Events: what the state machines have understood from the bytes they were fed.
+
+Every event is a frozen dataclass. Server-side events describe what a client sent;
+client-side events describe what a server sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class _NeedData:
+    """Sentinel: more bytes must be fed before another event can be produced."""
+
+    _instance: _NeedData | None = None
+
+    def __new__(cls) -> _NeedData:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+# --- server side: options -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ExportNameOption:
+    """``NBD_OPT_EXPORT_NAME``: the client enters transmission with this export or we close."""
+
+    option: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class AbortOption:
+    option: int
+
+
+@dataclass(frozen=True, slots=True)
+class ListOption:
+    option: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLSOption:
+    option: int
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredReplyOption:
+    option: int
+
+
+@dataclass(frozen=True, slots=True)
+class InfoOption:
+    """``NBD_OPT_INFO`` or ``NBD_OPT_GO`` (``option`` tells which)."""
+
+    option: int
+    name: str
+    requests: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MetaContextOption:
+    """``NBD_OPT_LIST_META_CONTEXT`` or ``NBD_OPT_SET_META_CONTEXT``."""
+
+    option: int
+    name: str
+    queries: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownOption:
+    """An option this server does not implement; its payload was discarded."""
+
+    option: int
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidOption:
+    """A known option with a malformed payload. Answer it with ``reply`` and ``message``."""
+
+    option: int
+    reply: int
+    message: str
+
+
+OptionEvent = (
+    ExportNameOption
+    | AbortOption
+    | ListOption
+    | StartTLSOption
+    | StructuredReplyOption
+    | InfoOption
+    | MetaContextOption
+    | UnknownOption
+    | InvalidOption
+)
+
+
+# --- server side: transmission --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A valid request. ``data`` is the payload of a WRITE, else empty."""
+
+    cookie: int
+    command: int
+    flags: int
+    offset: int
+    length: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    """A request that must be answered with ``error`` (an ``Err`` value) and ``message``.
+
+    Any payload it carried has been (or is being) discarded.
+    """
+
+    cookie: int
+    command: int
+    flags: int
+    offset: int
+    length: int
+    error: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """``NBD_CMD_DISC``: finish in-flight requests, then close."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer closed its side at a message boundary."""
+
+
+# --- client side ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Greeting:
+    handshake_flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class OptionReply:
+    """One option reply; ``payload`` is the raw reply payload."""
+
+    option: int
+    reply: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ExportNameReply:
+    size: int
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class SimpleReply:
+    """A simple reply; ``data`` holds a successful READ's bytes."""
+
+    cookie: int
+    error: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    cookie: int
+    offset: int
+    data: bytes
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HoleChunk:
+    cookie: int
+    offset: int
+    length: int
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStatusChunk:
+    cookie: int
+    context_id: int
+    extents: tuple[tuple[int, int], ...]
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorChunk:
+    cookie: int
+    error: int
+    message: str
+    offset: int | None
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NoneChunk:
+    cookie: int
+    done: bool
+
+
+ReplyEvent = SimpleReply | DataChunk | HoleChunk | BlockStatusChunk | ErrorChunk | NoneChunk

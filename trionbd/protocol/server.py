@@ -1,0 +1,574 @@
+"""The server side of NBD as a sans-IO state machine.
+
+Feed it what the client sent with :meth:`ServerConnection.receive_data` (``b""`` for
+end of file), take events out with :meth:`ServerConnection.next_event` until it returns
+``NEED_DATA``, and send the bytes its reply methods return. It never blocks and never
+touches a socket.
+
+Phases: the greeting is sent, the client answers with its flags, options are haggled
+(fixed newstyle only), then transmission carries requests until the client disconnects.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Mapping
+
+from . import wire
+from .constants import (
+    BASE_ALLOCATION_ID,
+    IHAVEOPT,
+    MAX_DISCARDED_WRITE,
+    MAX_META_QUERIES,
+    MAX_OPTION_LENGTH,
+    MAX_OPTION_PAYLOAD_KEPT,
+    MAX_OPTIONS,
+    MAX_REQUEST,
+    MAX_STRING,
+    REQUEST_MAGIC,
+    ClientFlag,
+    Cmd,
+    CmdFlag,
+    Err,
+    HandshakeFlag,
+    Info,
+    Opt,
+    Rep,
+    TransmissionFlag,
+)
+from .errors import LocalProtocolError, RemoteProtocolError
+from .events import (
+    NEED_DATA,
+    AbortOption,
+    BadRequest,
+    ConnectionClosed,
+    Disconnect,
+    ExportNameOption,
+    InfoOption,
+    InvalidOption,
+    ListOption,
+    MetaContextOption,
+    OptionEvent,
+    Request,
+    StartTLSOption,
+    StructuredReplyOption,
+    UnknownOption,
+    _NeedData,
+)
+from .wire import OPTION_HEADER, REQUEST, U16, U32
+
+ServerEvent = OptionEvent | Request | BadRequest | Disconnect | ConnectionClosed
+
+_COMPACT_BUFFER_AT = 1 << 16
+
+
+class Phase(enum.Enum):
+    CLIENT_FLAGS = "waiting for client flags"
+    OPTIONS = "option haggling"
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+# Flags each command accepts (FUA is checked against the export separately).
+_ALLOWED_FLAGS = {
+    Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
+    Cmd.WRITE: CmdFlag.FUA,
+    Cmd.FLUSH: CmdFlag.FUA,
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.CACHE: CmdFlag.FUA,
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
+}
+_WRITES = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+_NEEDS = {
+    Cmd.FLUSH: TransmissionFlag.SEND_FLUSH,
+    Cmd.TRIM: TransmissionFlag.SEND_TRIM,
+    Cmd.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+}
+_VERB = {
+    Cmd.READ: "read",
+    Cmd.WRITE: "write",
+    Cmd.TRIM: "trim",
+    Cmd.CACHE: "cache",
+    Cmd.WRITE_ZEROES: "write zeroes",
+    Cmd.BLOCK_STATUS: "block status",
+    Cmd.FLUSH: "flush",
+}
+
+
+class _Invalid(Exception):
+    """A malformed option payload: answered with ``reply`` and the message."""
+
+    def __init__(self, message: str, reply: Rep = Rep.ERR_INVALID):
+        super().__init__(message)
+        self.reply = reply
+
+
+def _decode_string(raw: bytes, what: str) -> str:
+    """Decode a protocol string (UTF-8, no NUL, at most MAX_STRING bytes)."""
+    if len(raw) > MAX_STRING:
+        raise _Invalid(f"{what} is {len(raw)} bytes long; the limit is {MAX_STRING} bytes")
+    if b"\0" in raw:
+        raise _Invalid(f"{what} contains a NUL byte")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Invalid(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+class ServerConnection:
+    """One client's NBD session, seen from the server, as a pure state machine."""
+
+    def __init__(
+        self, handshake_flags: int = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+    ):
+        self.handshake_flags = HandshakeFlag(handshake_flags)
+        self.phase = Phase.CLIENT_FLAGS
+        self.client_no_zeroes = False
+        self.structured = False
+        self.tls_active = False
+        self.option_budget = MAX_OPTIONS
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+        self._discard = 0
+        self._after_discard: ServerEvent | None = None
+        # Meta contexts selected by the last SET_META_CONTEXT, and the export it named.
+        self.meta_export: str | None = None
+        self.meta_contexts: dict[int, str] = {}
+        # Set when transmission starts.
+        self.export_name = ""
+        self.export_size = 0
+        self.export_flags = TransmissionFlag.HAS_FLAGS
+        self.block_status_ok = False
+
+    # --- input ---------------------------------------------------------------------------
+
+    def greeting(self) -> bytes:
+        """The 18 bytes the server sends as soon as the client connects."""
+        return wire.greeting(self.handshake_flags)
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes received from the client; ``b""`` means the client closed its side."""
+        if not data:
+            self._eof = True
+            return
+        if self._discard:
+            n = min(self._discard, len(data))
+            self._discard -= n
+            data = data[n:]
+            if not data:
+                return
+        buf = self._buf
+        if self._pos == len(buf):
+            buf.clear()
+            self._pos = 0
+        elif self._pos > _COMPACT_BUFFER_AT:
+            del buf[: self._pos]
+            self._pos = 0
+        buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet turned into events (must be 0 before STARTTLS)."""
+        return len(self._buf) - self._pos
+
+    def next_event(self) -> ServerEvent | _NeedData:
+        """The next event, or ``NEED_DATA``. Raises ``RemoteProtocolError`` when the
+        client broke the protocol: the connection must then be closed."""
+        if self._discard:
+            return self._need(f"the rest of a discarded payload ({self._discard} bytes)")
+        if self._after_discard is not None:
+            event, self._after_discard = self._after_discard, None
+            return event
+        if self.phase is Phase.TRANSMISSION:
+            return self._next_request()
+        if self.phase is Phase.OPTIONS:
+            return self._next_option()
+        if self.phase is Phase.CLIENT_FLAGS:
+            return self._client_flags()
+        raise LocalProtocolError("the connection is closed; no more events")
+
+    def _need(self, what: str) -> _NeedData | ConnectionClosed:
+        if not self._eof:
+            return NEED_DATA
+        if self.buffered == 0 and not self._discard:
+            self.phase = Phase.CLOSED
+            return ConnectionClosed()
+        self.phase = Phase.CLOSED
+        raise RemoteProtocolError(
+            f"client closed the connection in {self._where()}: expected {what}, "
+            f"got {self.buffered} bytes"
+        )
+
+    def _where(self) -> str:
+        return self.phase.value
+
+    def _client_flags(self) -> ServerEvent | _NeedData:
+        if self.buffered < 4:
+            return self._need("4 bytes of client flags")
+        (flags,) = U32.unpack_from(self._buf, self._pos)
+        self._pos += 4
+        offered = int(self.handshake_flags)
+        if flags & ~offered:
+            self.phase = Phase.CLOSED
+            raise RemoteProtocolError(
+                f"client flags 0x{flags:08x} set bits the server did not offer (0x{offered:04x})"
+            )
+        if not flags & ClientFlag.C_FIXED_NEWSTYLE:
+            self.phase = Phase.CLOSED
+            raise RemoteProtocolError(
+                "client does not speak fixed newstyle (client flags "
+                f"0x{flags:08x} lack C_FIXED_NEWSTYLE); only fixed newstyle is served"
+            )
+        self.client_no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
+        self.phase = Phase.OPTIONS
+        return self._next_option()
+
+    # --- options -------------------------------------------------------------------------
+
+    def grant_options(self, count: int) -> None:
+        """Allow ``count`` more options (the server grants some per listed export)."""
+        self.option_budget += count
+
+    def _next_option(self) -> ServerEvent | _NeedData:
+        if self.buffered < OPTION_HEADER.size:
+            return self._need("a 16-byte option header")
+        magic, option, length = OPTION_HEADER.unpack_from(self._buf, self._pos)
+        if magic != IHAVEOPT:
+            self.phase = Phase.CLOSED
+            raise RemoteProtocolError(
+                f"bad option magic: expected 0x{IHAVEOPT:016x} (IHAVEOPT), got 0x{magic:016x}"
+            )
+        if length > MAX_OPTION_LENGTH:
+            self.phase = Phase.CLOSED
+            raise RemoteProtocolError(
+                f"option {option} has a {length}-byte payload; the limit is "
+                f"{MAX_OPTION_LENGTH} bytes"
+            )
+        if self.option_budget <= 0:
+            self.phase = Phase.CLOSED
+            raise RemoteProtocolError("client sent too many options without entering transmission")
+        known = option in Opt._value2member_map_ and option not in (
+            Opt.PEEK_EXPORT,
+            Opt.EXTENDED_HEADERS,
+        )
+        if not known or length > MAX_OPTION_PAYLOAD_KEPT:
+            # Skip the payload without keeping it in memory.
+            self._pos += OPTION_HEADER.size
+            self.option_budget -= 1
+            if option == Opt.EXPORT_NAME:
+                self.phase = Phase.CLOSED
+                raise RemoteProtocolError(
+                    f"export name of {length} bytes; the limit is {MAX_STRING} bytes"
+                )
+            event: ServerEvent
+            if known:
+                event = InvalidOption(
+                    option,
+                    Rep.ERR_TOO_BIG,
+                    f"option payload of {length} bytes exceeds the limit of "
+                    f"{MAX_OPTION_PAYLOAD_KEPT} bytes",
+                )
+            else:
+                event = UnknownOption(option)
+            take = min(length, self.buffered)
+            self._pos += take
+            self._discard = length - take
+            if self._discard:
+                self._after_discard = event
+                return self._need(f"{length} bytes of option payload")
+            return event
+        if self.buffered < OPTION_HEADER.size + length:
+            return self._need(f"{length} bytes of option {option} payload")
+        start = self._pos + OPTION_HEADER.size
+        payload = bytes(self._buf[start : start + length])
+        self._pos = start + length
+        self.option_budget -= 1
+        return self._parse_option(Opt(option), payload)
+
+    def _parse_option(self, option: Opt, payload: bytes) -> ServerEvent:
+        try:
+            return self._parse_option_payload(option, payload)
+        except _Invalid as e:
+            if option is Opt.EXPORT_NAME:
+                # EXPORT_NAME cannot carry an error reply: the only answer is to close.
+                self.phase = Phase.CLOSED
+                raise RemoteProtocolError(str(e)) from None
+            return InvalidOption(option, e.reply, str(e))
+
+    def _parse_option_payload(self, option: Opt, payload: bytes) -> ServerEvent:
+        if option is Opt.EXPORT_NAME:
+            return ExportNameOption(option, _decode_string(payload, "export name"))
+        if option is Opt.ABORT:
+            return AbortOption(option)
+        if option in (Opt.LIST, Opt.STARTTLS, Opt.STRUCTURED_REPLY):
+            if payload:
+                raise _Invalid(f"{option.name} takes no payload, got {len(payload)} bytes")
+            if option is Opt.LIST:
+                return ListOption(option)
+            if option is Opt.STARTTLS:
+                return StartTLSOption(option)
+            return StructuredReplyOption(option)
+        if option in (Opt.INFO, Opt.GO):
+            return self._parse_info(option, payload)
+        return self._parse_meta(option, payload)
+
+    def _parse_info(self, option: Opt, payload: bytes) -> ServerEvent:
+        size = len(payload)
+        if size < 6:
+            raise _Invalid(f"{option.name} payload of {size} bytes; at least 6 expected")
+        (n,) = U32.unpack_from(payload, 0)
+        if n > size - 6:
+            raise _Invalid(f"export name length {n} runs past the {size}-byte payload")
+        (count,) = U16.unpack_from(payload, 4 + n)
+        if size != 6 + n + 2 * count:
+            raise _Invalid(
+                f"{option.name} payload is {size} bytes; {6 + n + 2 * count} expected for "
+                f"a {n}-byte name and {count} info requests"
+            )
+        name = _decode_string(payload[4 : 4 + n], "export name")
+        requests = struct.unpack_from(f">{count}H", payload, 6 + n)
+        return InfoOption(option, name, requests)
+
+    def _parse_meta(self, option: Opt, payload: bytes) -> ServerEvent:
+        size = len(payload)
+        if size < 8:
+            raise _Invalid(f"{option.name} payload of {size} bytes; at least 8 expected")
+        (n,) = U32.unpack_from(payload, 0)
+        if n > size - 8:
+            raise _Invalid(f"export name length {n} runs past the {size}-byte payload")
+        name = _decode_string(payload[4 : 4 + n], "export name")
+        (count,) = U32.unpack_from(payload, 4 + n)
+        if count > MAX_META_QUERIES:
+            raise _Invalid(
+                f"{count} meta context queries; the limit is {MAX_META_QUERIES}", Rep.ERR_TOO_BIG
+            )
+        pos = 8 + n
+        queries = []
+        for i in range(count):
+            if pos + 4 > size:
+                raise _Invalid(f"query {i} runs past the {size}-byte payload")
+            (q,) = U32.unpack_from(payload, pos)
+            if q > size - pos - 4:
+                raise _Invalid(f"query {i} of {q} bytes runs past the {size}-byte payload")
+            queries.append(_decode_string(payload[pos + 4 : pos + 4 + q], f"query {i}"))
+            pos += 4 + q
+        if pos != size:
+            raise _Invalid(f"{size - pos} stray bytes after the last query")
+        return MetaContextOption(option, name, tuple(queries))
+
+    # --- option replies ------------------------------------------------------------------
+
+    def _check_options_phase(self) -> None:
+        if self.phase is not Phase.OPTIONS:
+            raise LocalProtocolError(f"cannot send an option reply in {self._where()}")
+
+    def reply(self, option: int, reply: Rep = Rep.ACK, payload: bytes = b"") -> bytes:
+        """One option reply with a raw payload."""
+        self._check_options_phase()
+        return wire.option_reply(option, reply, payload)
+
+    def reply_error(self, option: int, reply: Rep, message: str) -> bytes:
+        """An error reply; the message is cut to MAX_STRING bytes."""
+        if not reply.is_error:
+            raise LocalProtocolError(f"{reply.name} is not an error reply")
+        return self.reply(option, reply, wire.clip_message(message))
+
+    def reply_server(self, option: int, name: str, description: str = "") -> bytes:
+        """One ``NBD_REP_SERVER`` entry of a LIST answer."""
+        if len(name.encode()) > MAX_STRING:
+            raise LocalProtocolError(
+                f"export name longer than {MAX_STRING} bytes: {name[:64]!r}..."
+            )
+        self._check_options_phase()
+        return wire.server_entry(option, Rep.SERVER, name, description)
+
+    def reply_info(
+        self,
+        option: int,
+        requests: tuple[int, ...],
+        *,
+        name: str,
+        description: str | None,
+        size: int,
+        flags: int,
+        block_size: tuple[int, int, int],
+    ) -> bytes:
+        """The INFO replies for INFO/GO: EXPORT always first, then what was requested."""
+        parts = [self.reply(option, Rep.INFO, wire.info_export(size, flags))]
+        for info in dict.fromkeys(requests):
+            if info == Info.NAME:
+                parts.append(self.reply(option, Rep.INFO, wire.info_text(Info.NAME, name)))
+            elif info == Info.DESCRIPTION and description:
+                parts.append(
+                    self.reply(option, Rep.INFO, wire.info_text(Info.DESCRIPTION, description))
+                )
+            elif info == Info.BLOCK_SIZE:
+                parts.append(self.reply(option, Rep.INFO, wire.info_block_size(*block_size)))
+        return b"".join(parts)
+
+    def accept_structured_replies(self, option: int) -> bytes:
+        """ACK ``NBD_OPT_STRUCTURED_REPLY``; READ replies will be chunked from now on."""
+        self.structured = True
+        return self.reply(option, Rep.ACK)
+
+    def reply_meta_contexts(self, event: MetaContextOption, contexts: Mapping[int, str]) -> bytes:
+        """Answer LIST/SET_META_CONTEXT with ``contexts`` (id -> name) and an ACK.
+
+        For SET this also records the selection, replacing any earlier one.
+        """
+        is_set = event.option == Opt.SET_META_CONTEXT
+        if is_set:
+            self.meta_export = event.name
+            self.meta_contexts = dict(contexts)
+        parts = [
+            self.reply(event.option, Rep.META_CONTEXT, U32.pack(cid if is_set else 0) + n.encode())
+            for cid, n in contexts.items()
+        ]
+        parts.append(self.reply(event.option, Rep.ACK))
+        return b"".join(parts)
+
+    def clear_meta_contexts(self) -> None:
+        """A failed SET_META_CONTEXT still replaces the selection (with nothing)."""
+        self.meta_export = None
+        self.meta_contexts = {}
+
+    def start_tls(self, option: int) -> bytes:
+        """ACK STARTTLS. Everything negotiated before is forgotten (spec)."""
+        if self.buffered:
+            raise RemoteProtocolError(
+                f"client sent {self.buffered} bytes after STARTTLS before the TLS handshake"
+            )
+        ack = self.reply(option, Rep.ACK)
+        self.tls_active = True
+        self.structured = False
+        self.clear_meta_contexts()
+        return ack
+
+    def abort(self, option: int) -> bytes:
+        """ACK ABORT; the connection is over."""
+        ack = self.reply(option, Rep.ACK)
+        self.phase = Phase.CLOSED
+        return ack
+
+    # --- entering transmission -----------------------------------------------------------
+
+    def _start(self, name: str, size: int, flags: int) -> None:
+        tflags = TransmissionFlag(flags) | TransmissionFlag.HAS_FLAGS
+        if tflags & TransmissionFlag.SEND_DF and not self.structured:
+            raise LocalProtocolError("SEND_DF advertised without structured replies")
+        if tflags & TransmissionFlag.SEND_FAST_ZERO and not (
+            tflags & TransmissionFlag.SEND_WRITE_ZEROES
+        ):
+            raise LocalProtocolError("SEND_FAST_ZERO advertised without SEND_WRITE_ZEROES")
+        self.export_name = name
+        self.export_size = size
+        self.export_flags = tflags
+        self.block_status_ok = (
+            self.structured
+            and self.meta_export == name
+            and BASE_ALLOCATION_ID in self.meta_contexts
+        )
+        self.phase = Phase.TRANSMISSION
+
+    def go(self, option: int, name: str, size: int, flags: int) -> bytes:
+        """The final ACK of a successful GO; transmission starts right after it."""
+        ack = self.reply(option, Rep.ACK)
+        self._start(name, size, flags)
+        return ack
+
+    def export_name_reply(self, name: str, size: int, flags: int) -> bytes:
+        """The raw reply to EXPORT_NAME (with the 124 zero bytes unless NO_ZEROES)."""
+        self._check_options_phase()
+        out = wire.EXPORT_NAME_REPLY.pack(size, flags | TransmissionFlag.HAS_FLAGS)
+        if not (self.client_no_zeroes and self.handshake_flags & HandshakeFlag.NO_ZEROES):
+            out += wire.EXPORT_NAME_PADDING
+        self._start(name, size, flags)
+        return out
+
+    # --- transmission --------------------------------------------------------------------
+
+    def _next_request(self) -> ServerEvent | _NeedData:
+        buf = self._buf
+        pos = self._pos
+        if len(buf) - pos < 28:
+            return self._need("a 28-byte request header")
+        magic, flags, command, cookie, offset, length = REQUEST.unpack_from(buf, pos)
+        if magic != REQUEST_MAGIC:
+            self.phase = Phase.CLOSED
+            raise RemoteProtocolError(
+                f"bad request magic: expected 0x{REQUEST_MAGIC:08x}, got 0x{magic:08x}"
+            )
+        if command == Cmd.WRITE:
+            problem = self._check(command, flags, offset, length)
+            if problem is not None:
+                if length > MAX_DISCARDED_WRITE:
+                    self.phase = Phase.CLOSED
+                    raise RemoteProtocolError(
+                        f"write of {length} bytes refused ({problem[1]}) and its payload is "
+                        f"too large to skip (limit {MAX_DISCARDED_WRITE} bytes)"
+                    )
+                event = BadRequest(cookie, command, flags, offset, length, *problem)
+                self._pos = pos + 28
+                take = min(length, len(buf) - self._pos)
+                self._pos += take
+                self._discard = length - take
+                if self._discard:
+                    self._after_discard = event
+                    return NEED_DATA
+                return event
+            end = pos + 28 + length
+            if len(buf) < end:
+                return self._need(f"{length} bytes of write payload")
+            self._pos = end
+            return Request(cookie, command, flags, offset, length, bytes(buf[pos + 28 : end]))
+        self._pos = pos + 28
+        if command == Cmd.DISC:
+            self.phase = Phase.CLOSED
+            return Disconnect()
+        problem = self._check(command, flags, offset, length)
+        if problem is not None:
+            return BadRequest(cookie, command, flags, offset, length, *problem)
+        return Request(cookie, command, flags, offset, length)
+
+    def _check(self, command: int, flags: int, offset: int, length: int) -> tuple[Err, str] | None:
+        """Validate a request against the export; ``None`` when it may be served."""
+        tflags = self.export_flags
+        if command not in _ALLOWED_FLAGS:
+            return Err.EINVAL, f"unknown command {command}"
+        cmd = Cmd(command)
+        verb = _VERB[cmd]
+        if flags & ~_ALLOWED_FLAGS[cmd]:
+            return Err.EINVAL, f"flags 0x{flags:04x} not valid for {verb} requests"
+        if flags & CmdFlag.FUA and not tflags & TransmissionFlag.SEND_FUA:
+            return Err.EINVAL, "FUA flag used but not advertised"
+        if flags & CmdFlag.DF and not tflags & TransmissionFlag.SEND_DF:
+            return Err.EINVAL, "DF flag used without structured replies"
+        if flags & CmdFlag.FAST_ZERO and not tflags & TransmissionFlag.SEND_FAST_ZERO:
+            return Err.EINVAL, "FAST_ZERO flag used but not advertised"
+        if cmd in _WRITES and tflags & TransmissionFlag.READ_ONLY:
+            return Err.EPERM, f"{verb} refused: the export is read-only"
+        if cmd is Cmd.FLUSH:
+            if offset or length:
+                return (
+                    Err.EINVAL,
+                    f"flush with offset {offset} and length {length} (both must be 0)",
+                )
+        elif offset + length > self.export_size:
+            err = Err.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Err.EINVAL
+            return err, (
+                f"{verb} of {length} bytes at offset {offset} is beyond the end of the export "
+                f"(size {self.export_size})"
+            )
+        if length > MAX_REQUEST and cmd in (Cmd.READ, Cmd.WRITE):
+            return Err.EINVAL, f"{verb} of {length} bytes exceeds the limit of {MAX_REQUEST} bytes"
+        needed = _NEEDS.get(cmd)
+        if needed is not None and not tflags & needed:
+            return Err.EINVAL, f"{verb} requests are not supported by this export"
+        if cmd is Cmd.BLOCK_STATUS and not self.block_status_ok:
+            return Err.EINVAL, (
+                "block status needs structured replies and base:allocation selected for this export"
+            )
+        return None

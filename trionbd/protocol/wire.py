@@ -1,0 +1,161 @@
+"""Byte layouts shared by the server and client state machines (all big-endian).
+
+Encoders return ``bytes`` (or a short list of buffers when a payload should not be
+copied); decoders live in the state machines that own a receive buffer.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+from .constants import (
+    IHAVEOPT,
+    MAX_STRING,
+    NBDMAGIC,
+    REPLY_MAGIC,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Info,
+    ReplyFlag,
+    ReplyType,
+)
+
+GREETING = struct.Struct(">QQH")
+CLIENT_FLAGS = struct.Struct(">I")
+OPTION_HEADER = struct.Struct(">QII")
+OPTION_REPLY_HEADER = struct.Struct(">QIII")
+EXPORT_NAME_REPLY = struct.Struct(">QH")
+REQUEST = struct.Struct(">IHHQQI")
+SIMPLE_REPLY = struct.Struct(">IIQ")
+CHUNK_HEADER = struct.Struct(">IHHQI")
+DATA_CHUNK_HEADER = struct.Struct(">IHHQIQ")
+"""A structured chunk header followed by the 8-byte offset of OFFSET_DATA."""
+HOLE_CHUNK = struct.Struct(">IHHQIQI")
+HOLE_PAYLOAD = struct.Struct(">QI")
+U16 = struct.Struct(">H")
+U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
+INFO_EXPORT = struct.Struct(">HQH")
+INFO_BLOCK_SIZE = struct.Struct(">HIII")
+EXTENT = struct.Struct(">II")
+ERROR_HEAD = struct.Struct(">IH")
+
+EXPORT_NAME_PADDING = bytes(124)
+
+_DONE = int(ReplyFlag.DONE)
+
+
+def clip_message(message: str) -> bytes:
+    """UTF-8 encode ``message`` and cut it to MAX_STRING bytes (clients drop longer ones)."""
+    raw = message.encode("utf-8", "replace")
+    if len(raw) <= MAX_STRING:
+        return raw
+    return raw[: MAX_STRING - 3].decode("utf-8", "ignore").encode() + b"..."
+
+
+def greeting(handshake_flags: int) -> bytes:
+    return GREETING.pack(NBDMAGIC, IHAVEOPT, handshake_flags)
+
+
+def option_request(option: int, payload: bytes = b"") -> bytes:
+    return OPTION_HEADER.pack(IHAVEOPT, option, len(payload)) + payload
+
+
+def option_reply(option: int, reply: int, payload: bytes = b"") -> bytes:
+    return OPTION_REPLY_HEADER.pack(REPLY_MAGIC, option, reply, len(payload)) + payload
+
+
+def server_entry(option: int, reply: int, name: str, description: str) -> bytes:
+    """One ``NBD_REP_SERVER`` reply (``reply`` is passed in to keep this module enum-free)."""
+    raw = name.encode()
+    return option_reply(option, reply, U32.pack(len(raw)) + raw + clip_message(description))
+
+
+def info_export(size: int, flags: int) -> bytes:
+    return INFO_EXPORT.pack(Info.EXPORT, size, flags)
+
+
+def info_text(info: int, text: str) -> bytes:
+    return U16.pack(info) + clip_message(text)
+
+
+def info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
+    return INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, minimum, preferred, maximum)
+
+
+def name_and_infos(name: str, infos: Iterable[int]) -> bytes:
+    """Payload of ``NBD_OPT_INFO`` / ``NBD_OPT_GO``."""
+    raw = name.encode()
+    items = tuple(infos)
+    return U32.pack(len(raw)) + raw + struct.pack(f">H{len(items)}H", len(items), *items)
+
+
+def name_and_queries(name: str, queries: Iterable[str]) -> bytes:
+    """Payload of ``NBD_OPT_LIST_META_CONTEXT`` / ``NBD_OPT_SET_META_CONTEXT``."""
+    raw = name.encode()
+    items = [q.encode() for q in queries]
+    parts = [U32.pack(len(raw)), raw, U32.pack(len(items))]
+    for q in items:
+        parts += [U32.pack(len(q)), q]
+    return b"".join(parts)
+
+
+def request(cookie: int, command: int, flags: int, offset: int, length: int) -> bytes:
+    return REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
+
+
+def simple_reply(cookie: int, error: int) -> bytes:
+    return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+def data_chunk_header(cookie: int, offset: int, length: int, done: bool = True) -> bytes:
+    """Header (and offset) of an OFFSET_DATA chunk carrying ``length`` data bytes."""
+    return DATA_CHUNK_HEADER.pack(
+        STRUCTURED_REPLY_MAGIC,
+        _DONE if done else 0,
+        ReplyType.OFFSET_DATA,
+        cookie,
+        length + 8,
+        offset,
+    )
+
+
+def hole_chunk(cookie: int, offset: int, length: int, done: bool = False) -> bytes:
+    return HOLE_CHUNK.pack(
+        STRUCTURED_REPLY_MAGIC,
+        _DONE if done else 0,
+        ReplyType.OFFSET_HOLE,
+        cookie,
+        12,
+        offset,
+        length,
+    )
+
+
+def none_chunk(cookie: int) -> bytes:
+    return CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, _DONE, ReplyType.NONE, cookie, 0)
+
+
+def error_chunk(cookie: int, error: int, message: str, offset: int | None = None) -> bytes:
+    text = clip_message(message)
+    body = ERROR_HEAD.pack(error, len(text)) + text
+    kind = ReplyType.ERROR
+    if offset is not None:
+        body += U64.pack(offset)
+        kind = ReplyType.ERROR_OFFSET
+    return CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, _DONE, kind, cookie, len(body)) + body
+
+
+def block_status_chunk(
+    cookie: int, context_id: int, extents: Iterable[tuple[int, int]], done: bool = True
+) -> bytes:
+    """A BLOCK_STATUS chunk; ``extents`` are (length, flags) pairs, each length > 0."""
+    body = [U32.pack(context_id)]
+    body += [EXTENT.pack(length, flags) for length, flags in extents]
+    payload = b"".join(body)
+    header = CHUNK_HEADER.pack(
+        STRUCTURED_REPLY_MAGIC, _DONE if done else 0, ReplyType.BLOCK_STATUS, cookie, len(payload)
+    )
+    return header + payload

@@ -1,0 +1,519 @@
+"""One client connection: the handshake, then transmission until the client leaves.
+
+Requests of one connection are served concurrently: each runs as a task in the
+connection's request nursery and its reply goes out under the connection's send lock.
+When every layer of the chain is ``nonblocking`` (memory, page-cache files), READ,
+WRITE and BLOCK_STATUS are instead served inline by the reader, and the replies of
+everything parsed from one receive leave in one ``sendmsg``: a task per 4 KiB read
+costs more than the read itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..chain.client import ClientInfo, set_current_client
+from ..chain.errors import NBDError
+from ..chain.next import Caps, Next
+from ..chain.types import CacheMode, FuaMode, Sparse, ZeroMode
+from ..protocol import wire
+from ..protocol.constants import (
+    BASE_ALLOCATION,
+    BASE_ALLOCATION_ID,
+    MAX_OPTIONS,
+    Cmd,
+    CmdFlag,
+    Err,
+    Opt,
+    Rep,
+    TransmissionFlag,
+)
+from ..protocol.errors import LocalProtocolError, RemoteProtocolError
+from ..protocol.events import (
+    NEED_DATA,
+    AbortOption,
+    BadRequest,
+    ConnectionClosed,
+    Disconnect,
+    ExportNameOption,
+    InfoOption,
+    InvalidOption,
+    ListOption,
+    MetaContextOption,
+    Request,
+    StartTLSOption,
+    StructuredReplyOption,
+    UnknownOption,
+)
+from ..protocol.server import ServerConnection
+from .transport import Buffer, Transport
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("trionbd.server")
+
+LIST_BATCH = 512
+"""``NBD_REP_SERVER`` replies sent per write while streaming an export list."""
+BATCH_BYTES = 1 << 20
+"""Inline replies are flushed once this many bytes wait."""
+OPTIONS_PER_EXPORT = MAX_OPTIONS
+"""Options granted per listed export (``nbdinfo --list`` asks about each one)."""
+
+_INLINE = frozenset({Cmd.READ, Cmd.WRITE, Cmd.BLOCK_STATUS})
+
+_ERRNO = {
+    errno.EPERM: Err.EPERM,
+    errno.EROFS: Err.EPERM,
+    errno.EACCES: Err.EPERM,
+    errno.EIO: Err.EIO,
+    errno.ENOMEM: Err.ENOMEM,
+    errno.ENOSPC: Err.ENOSPC,
+    errno.EDQUOT: Err.ENOSPC,
+    errno.EFBIG: Err.ENOSPC,
+    errno.ESHUTDOWN: Err.ESHUTDOWN,
+    errno.EINVAL: Err.EINVAL,
+}
+
+
+def nbd_error(code: int, flags: int) -> Err:
+    """Map a host errno to the NBD error a client sees (as nbdkit does)."""
+    if code in (errno.ENOTSUP, errno.EOPNOTSUPP):
+        return Err.ENOTSUP if flags & CmdFlag.FAST_ZERO else Err.EINVAL
+    if code == errno.EOVERFLOW:
+        return Err.EOVERFLOW if flags & CmdFlag.DF else Err.EINVAL
+    return _ERRNO.get(code, Err.EINVAL)
+
+
+def _option_error(e: NBDError) -> Rep:
+    """Map an error opening or listing exports to an option error reply."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return Rep.ERR_POLICY
+    if e.errno == errno.ESHUTDOWN:
+        return Rep.ERR_SHUTDOWN
+    if e.errno == errno.EINVAL:
+        return Rep.ERR_INVALID
+    return Rep.ERR_UNKNOWN
+
+
+def transmission_flags(caps: Caps, structured: bool) -> int:
+    """The transmission flags advertising what an open context can do."""
+    f = TransmissionFlag.HAS_FLAGS
+    if not caps.write:
+        f |= TransmissionFlag.READ_ONLY
+    if caps.flush:
+        f |= TransmissionFlag.SEND_FLUSH
+    if caps.write and caps.fua is not FuaMode.NONE:
+        f |= TransmissionFlag.SEND_FUA
+    if caps.rotational:
+        f |= TransmissionFlag.ROTATIONAL
+    if caps.trim:
+        f |= TransmissionFlag.SEND_TRIM
+    if caps.zero is not ZeroMode.NONE:
+        f |= TransmissionFlag.SEND_WRITE_ZEROES
+        if caps.fast_zero:
+            f |= TransmissionFlag.SEND_FAST_ZERO
+    if structured:
+        f |= TransmissionFlag.SEND_DF
+    if caps.multi_conn:
+        f |= TransmissionFlag.CAN_MULTI_CONN
+    if caps.cache is not CacheMode.NONE:
+        f |= TransmissionFlag.SEND_CACHE
+    return int(f)
+
+
+class Connection:
+    """One client, from greeting to close."""
+
+    def __init__(self, server: Server, stream: trio.abc.Stream, conn_id: int):
+        self.server = server
+        self.chain = server.chain
+        self.config = server.config
+        self.id = conn_id
+        self.transport = Transport(stream)
+        self.proto = ServerConnection(self.config.handshake_flags)
+        self.info = ClientInfo(conn_id, _peer_name(stream))
+        self.draining = False
+        self._receive_scope: trio.CancelScope | None = None
+        self._send_lock = trio.StrictFIFOLock()
+        self._batch: list[Buffer] = []
+        self._batch_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id}>"
+
+    def debug(self, msg: str, *args: object) -> None:
+        log.debug("conn %d: " + msg, self.id, *args)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def is_tls(self) -> bool:
+        return self.info.is_tls
+
+    async def run(self) -> None:
+        """Serve this client until it leaves (or the server drains it)."""
+        set_current_client(self.info)
+        try:
+            await self._send([self.proto.greeting()])
+            ctx = None
+            with trio.move_on_after(self.config.handshake_timeout or float("inf")) as scope:
+                ctx = await self._negotiate()
+            if scope.cancelled_caught:
+                log.info(
+                    "conn %d: handshake not finished within %ss; closing",
+                    self.id,
+                    self.config.handshake_timeout,
+                )
+            if ctx is None:
+                return
+            try:
+                await self._transmit(ctx)
+            finally:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(self.config.shutdown_timeout):
+                        await ctx.close()
+        except RemoteProtocolError as e:
+            log.warning("conn %d: protocol error: %s; closing", self.id, e)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
+            self.debug("connection lost: %s", e)
+        finally:
+            await self.transport.aclose()
+
+    def drain(self) -> None:
+        """Stop reading new requests; in-flight ones finish and get their replies."""
+        self.draining = True
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
+
+    async def _receive(self) -> bool:
+        """Feed the next bytes to the state machine; False when draining."""
+        if self.draining:
+            return False
+        with trio.CancelScope() as self._receive_scope:
+            data = await self.transport.receive()
+            self.proto.receive_data(data)
+        self._receive_scope = None
+        return not self.draining
+
+    async def _send(self, buffers: list[Buffer]) -> None:
+        async with self._send_lock:
+            await self.transport.send(buffers)
+
+    # --- handshake -----------------------------------------------------------------------
+
+    async def _negotiate(self) -> Next | None:
+        """Haggle options until the client enters transmission (returns its context)."""
+        proto = self.proto
+        while True:
+            event = proto.next_event()
+            if event is NEED_DATA:
+                if not await self._receive():
+                    return None
+                continue
+            self.debug("option %s", event)
+            if isinstance(event, InfoOption):
+                ctx = await self._info(event)
+                if ctx is not None:
+                    return ctx
+            elif isinstance(event, ExportNameOption):
+                return await self._export_name(event)
+            elif isinstance(event, ListOption):
+                await self._list(event.option)
+            elif isinstance(event, StructuredReplyOption):
+                if self.config.structured_replies:
+                    await self._send([proto.accept_structured_replies(event.option)])
+                else:
+                    await self._refuse(event.option, Rep.ERR_UNSUP, "structured replies are off")
+            elif isinstance(event, MetaContextOption):
+                await self._meta_context(event)
+            elif isinstance(event, StartTLSOption):
+                await self._starttls(event.option)
+            elif isinstance(event, AbortOption):
+                try:
+                    await self._send([proto.abort(event.option)])
+                except (trio.BrokenResourceError, ConnectionError):
+                    pass  # the client may close without reading the ACK
+                return None
+            elif isinstance(event, InvalidOption):
+                await self._refuse(event.option, Rep(event.reply), event.message)
+            elif isinstance(event, UnknownOption):
+                await self._refuse(
+                    event.option, Rep.ERR_UNSUP, f"option {event.option} is not supported"
+                )
+            elif isinstance(event, ConnectionClosed):
+                return None
+            else:
+                raise LocalProtocolError(f"unexpected event during the handshake: {event}")
+
+    async def _refuse(self, option: int, reply: Rep, message: str) -> None:
+        self.debug("refusing option %d with %s: %s", option, reply.name, message)
+        await self._send([self.proto.reply_error(option, reply, message)])
+
+    async def _starttls(self, option: int) -> None:
+        await self._refuse(option, Rep.ERR_UNSUP, "TLS is not configured on this server")
+
+    async def _open(self, requested: str) -> tuple[str, Next]:
+        """Resolve ``""`` to the default export's name and open the export."""
+        top = self.chain.top
+        readonly = self.config.readonly
+        name = requested or await top.default_export(readonly, self.is_tls)
+        return name, await top.open(readonly, name, self.is_tls)
+
+    async def _info(self, event: InfoOption) -> Next | None:
+        proto = self.proto
+        try:
+            name, ctx = await self._open(event.name)
+        except NBDError as e:
+            await self._refuse(event.option, _option_error(e), e.message)
+            return None
+        try:
+            assert ctx.caps is not None
+            caps = ctx.caps
+            flags = transmission_flags(caps, proto.structured)
+            description = await ctx.export_description()
+            frames = proto.reply_info(
+                event.option,
+                event.requests,
+                name=name,
+                description=description,
+                size=caps.size,
+                flags=flags,
+                block_size=caps.block_size,
+            )
+            if event.option == Opt.GO:
+                await self._send([frames, proto.go(event.option, event.name, caps.size, flags)])
+                self.info.export_name = name
+                return ctx
+            await self._send([frames, proto.reply(event.option, Rep.ACK)])
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await ctx.close()
+            raise
+        with trio.CancelScope(shield=True):
+            await ctx.close()
+        return None
+
+    async def _export_name(self, event: ExportNameOption) -> Next | None:
+        try:
+            name, ctx = await self._open(event.name)
+        except NBDError as e:
+            log.info("conn %d: export %r: %s; closing (EXPORT_NAME)", self.id, event.name, e)
+            return None
+        assert ctx.caps is not None
+        flags = transmission_flags(ctx.caps, self.proto.structured)
+        try:
+            await self._send([self.proto.export_name_reply(event.name, ctx.caps.size, flags)])
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await ctx.close()
+            raise
+        self.info.export_name = name
+        return ctx
+
+    async def _list(self, option: int) -> None:
+        proto = self.proto
+        try:
+            exports = await self.chain.top.list_exports(self.config.readonly, self.is_tls)
+        except NBDError as e:
+            await self._refuse(option, _option_error(e), e.message)
+            return
+        batch: list[Buffer] = []
+        count = 0
+        for export in exports:
+            try:
+                batch.append(proto.reply_server(option, export.name, export.description))
+            except LocalProtocolError as e:
+                log.warning("conn %d: not listing an export: %s", self.id, e)
+                continue
+            count += 1
+            if len(batch) >= LIST_BATCH:
+                await self._send(batch)
+                batch = []
+        batch.append(proto.reply(option, Rep.ACK))
+        await self._send(batch)
+        proto.grant_options(OPTIONS_PER_EXPORT * count)
+
+    async def _meta_context(self, event: MetaContextOption) -> None:
+        proto = self.proto
+        is_set = event.option == Opt.SET_META_CONTEXT
+        if not self.config.meta_contexts:
+            if is_set:
+                proto.clear_meta_contexts()
+            await self._refuse(event.option, Rep.ERR_UNSUP, "meta contexts are off")
+            return
+        if is_set and not proto.structured:
+            proto.clear_meta_contexts()
+            await self._refuse(
+                event.option,
+                Rep.ERR_INVALID,
+                "SET_META_CONTEXT needs structured replies to be negotiated first",
+            )
+            return
+        wanted = {BASE_ALLOCATION} if is_set else {BASE_ALLOCATION, "base:"}
+        matched = not event.queries and not is_set
+        matched = matched or any(q in wanted for q in event.queries)
+        contexts = {BASE_ALLOCATION_ID: BASE_ALLOCATION} if matched else {}
+        await self._send([proto.reply_meta_contexts(event, contexts)])
+
+    # --- transmission --------------------------------------------------------------------
+
+    async def _transmit(self, ctx: Next) -> None:
+        proto = self.proto
+        inline = self.server.inline
+        serve = self._serve
+        batch = self._batch
+        limit = trio.Semaphore(self.config.max_in_flight)
+        self.debug(
+            "transmission on export %r (flags 0x%04x)", self.info.export_name, proto.export_flags
+        )
+        async with trio.open_nursery() as requests:
+            while True:
+                event = proto.next_event()
+                kind = type(event)
+                if kind is Request:
+                    assert isinstance(event, Request)
+                    if inline and event.command in _INLINE:
+                        frames = await serve(ctx, event)
+                        batch += frames
+                        self._batch_bytes += len(frames[-1])
+                        if self._batch_bytes >= BATCH_BYTES:
+                            await self._flush_batch()
+                    else:
+                        await limit.acquire()
+                        requests.start_soon(self._serve_task, ctx, event, limit)
+                elif event is NEED_DATA:
+                    if batch:
+                        await self._flush_batch()
+                    if not await self._receive():
+                        break
+                elif kind is BadRequest:
+                    assert isinstance(event, BadRequest)
+                    self.debug("bad request: %s", event.message)
+                    batch += self._error(event.cookie, event.command, event.error, event.message)
+                elif kind is Disconnect or kind is ConnectionClosed:
+                    self.debug("client disconnected (%s)", kind.__name__)
+                    break
+                else:
+                    raise LocalProtocolError(f"unexpected event in transmission: {event}")
+            if batch:
+                await self._flush_batch()
+
+    async def _flush_batch(self) -> None:
+        frames = self._batch[:]
+        self._batch.clear()
+        self._batch_bytes = 0
+        await self._send(frames)
+
+    async def _serve_task(self, ctx: Next, request: Request, limit: trio.Semaphore) -> None:
+        try:
+            frames = await self._serve(ctx, request)
+            try:
+                await self._send(frames)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
+                self.debug("reply to cookie %d not sent: %s", request.cookie, e)
+        finally:
+            limit.release()
+
+    def _error(self, cookie: int, command: int, error: int, message: str) -> list[Buffer]:
+        if self.proto.structured:
+            return [wire.error_chunk(cookie, error, message)]
+        return [wire.simple_reply(cookie, error)]
+
+    async def _serve(self, ctx: Next, req: Request) -> list[Buffer]:
+        """Do one request; return its reply frames (errors become error replies)."""
+        cmd = req.command
+        try:
+            if cmd == Cmd.READ:
+                if req.length == 0:
+                    return self._empty_read(req.cookie)
+                data = await ctx.pread(req.length, req.offset, req.flags)
+                if len(data) != req.length:
+                    raise NBDError(
+                        errno.EIO,
+                        f"{ctx.layer.name}: read of {req.length} bytes returned {len(data)}",
+                    )
+                return self._read_reply(req, data)
+            if cmd == Cmd.WRITE:
+                if req.length:
+                    await ctx.pwrite(req.data, req.offset, req.flags)
+            elif cmd == Cmd.BLOCK_STATUS:
+                if req.length == 0:
+                    raise NBDError(errno.EINVAL, "block status of 0 bytes")
+                extents = await ctx.extents(req.length, req.offset, req.flags)
+                pairs = [(e.length, e.flags) for e in extents]
+                return [wire.block_status_chunk(req.cookie, BASE_ALLOCATION_ID, pairs)]
+            elif cmd == Cmd.FLUSH:
+                await ctx.flush(0)
+            elif cmd == Cmd.TRIM:
+                if req.length:
+                    await ctx.trim(req.length, req.offset, req.flags)
+            elif cmd == Cmd.WRITE_ZEROES:
+                if req.length:
+                    await ctx.zero(req.length, req.offset, req.flags)
+            elif cmd == Cmd.CACHE:
+                # Some clients send CACHE without SEND_CACHE: a no-op success is kindest.
+                if req.length and ctx.caps is not None and ctx.caps.cache is not CacheMode.NONE:
+                    await ctx.cache(req.length, req.offset, req.flags)
+            return [wire.simple_reply(req.cookie, 0)]
+        except NBDError as e:
+            self.debug("cookie %d: %s", req.cookie, e)
+            return self._error(req.cookie, cmd, nbd_error(e.errno, req.flags), e.message)
+        except OSError as e:
+            code = e.errno or errno.EIO
+            self.debug("cookie %d: %s", req.cookie, e)
+            return self._error(req.cookie, cmd, nbd_error(code, req.flags), str(e))
+        except Exception:
+            log.exception("conn %d: request %s failed unexpectedly", self.id, req)
+            return self._error(req.cookie, cmd, Err.EIO, "internal server error")
+
+    def _empty_read(self, cookie: int) -> list[Buffer]:
+        if self.proto.structured:
+            return [wire.none_chunk(cookie)]
+        return [wire.simple_reply(cookie, 0)]
+
+    def _read_reply(self, req: Request, data: bytes) -> list[Buffer]:
+        if not self.proto.structured:
+            return [wire.simple_reply(req.cookie, 0), data]
+        if type(data) is Sparse and data.holes and not req.flags & CmdFlag.DF:
+            return _sparse_chunks(req.cookie, req.offset, data)
+        return [wire.data_chunk_header(req.cookie, req.offset, len(data)), data]
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    if isinstance(stream, trio.SocketStream):
+        try:
+            peer = stream.socket.getpeername()
+        except OSError:
+            return "?"
+        if isinstance(peer, tuple):
+            return f"{peer[0]}:{peer[1]}"
+        return str(peer) or "unix"
+    return type(stream).__name__
+
+
+def _sparse_chunks(cookie: int, offset: int, data: Sparse) -> list[Buffer]:
+    """OFFSET_DATA and OFFSET_HOLE chunks covering ``data``; the last carries DONE."""
+    view = memoryview(data)
+    pieces: list[tuple[bool, int, int]] = []  # (is_hole, start, length)
+    pos = 0
+    for start, length in data.holes:
+        if start > pos:
+            pieces.append((False, pos, start - pos))
+        pieces.append((True, start, length))
+        pos = start + length
+    if pos < len(data):
+        pieces.append((False, pos, len(data) - pos))
+    frames: list[Buffer] = []
+    last = len(pieces) - 1
+    for i, (hole, start, length) in enumerate(pieces):
+        if hole:
+            frames.append(wire.hole_chunk(cookie, offset + start, length, done=i == last))
+        else:
+            frames.append(wire.data_chunk_header(cookie, offset + start, length, done=i == last))
+            frames.append(view[start : start + length])
+    return frames

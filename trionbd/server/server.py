@@ -1,0 +1,172 @@
+"""The server: listeners feeding a nursery of connections, inside the chain's lifetime.
+
+::
+
+    serve()
+    └── Lifetime (after_fork .. unload)
+        └── Server.run (shielded; drained by shutdown())
+            ├── listener tasks
+            └── connection nursery: one Connection task per client
+
+Shutting down is cancellation with a grace period: :meth:`Server.shutdown` stops the
+listeners, tells every connection to stop reading new requests, and gives in-flight
+requests ``shutdown_timeout`` seconds before they are cancelled. Leaving the cancel
+scope around :func:`serve` does the same.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+
+import trio
+
+from ..chain.next import Chain
+from ..chain.plugin import Plugin
+from ..chain.types import Concurrency
+from ..nursery import Lifetime, open_lifetime
+from .config import ServerConfig
+from .connection import Connection
+from .listeners import Address, address_of
+
+log = logging.getLogger("trionbd.server")
+
+
+class Server:
+    """A running server. Obtained from ``await nursery.start(serve, ...)``."""
+
+    def __init__(
+        self,
+        chain: Chain,
+        lifetime: Lifetime,
+        config: ServerConfig,
+        listeners: Sequence[trio.SocketListener],
+    ):
+        self.chain = chain
+        self.lifetime = lifetime
+        self.config = config
+        self.listeners = list(listeners)
+        self.addresses: list[Address] = [address_of(lis) for lis in self.listeners]
+        self.connections: set[Connection] = set()
+        self.inline = chain.nonblocking
+        self._ids = itertools.count(1)
+        self._listen_scope = trio.CancelScope()
+        self._connections_scope = trio.CancelScope()
+        self._one_at_a_time = (
+            trio.Lock() if chain.concurrency is Concurrency.SERIALIZE_CONNECTIONS else None
+        )
+        self.shutting_down = False
+
+    @property
+    def uris(self) -> list[str]:
+        """One URI per listening address, for the default export."""
+        return [a.uri() for a in self.addresses]
+
+    def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, drain connections, cancel what is left after ``grace`` seconds."""
+        if grace is None:
+            grace = self.config.shutdown_timeout
+        deadline = trio.current_time() + grace
+        if not self.shutting_down:
+            self.shutting_down = True
+            log.info("shutting down: %d connections, %.1fs grace", len(self.connections), grace)
+        self._listen_scope.cancel()
+        self._connections_scope.deadline = min(self._connections_scope.deadline, deadline)
+        for conn in list(self.connections):
+            conn.drain()
+
+    async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept and serve clients until :meth:`shutdown`; then wait for connections."""
+        with self._connections_scope:
+            async with trio.open_nursery() as connections:
+                with self._listen_scope:
+                    async with trio.open_nursery() as accepting:
+                        for listener in self.listeners:
+                            accepting.start_soon(self._accept_loop, listener, connections)
+                        task_status.started(self)
+                for listener in self.listeners:
+                    await listener.aclose()
+
+    async def _accept_loop(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                # EMFILE and friends: keep serving the clients we have, retry shortly.
+                log.error("accept on %s failed: %s", address_of(listener), e)
+                await trio.sleep(0.1)
+                continue
+            limit = self.config.max_connections
+            if limit is not None and len(self.connections) >= limit:
+                log.warning("refusing a client: %d connections is the limit", limit)
+                await stream.aclose()
+                continue
+            connections.start_soon(self.handle_stream, stream)
+
+    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one client on ``stream`` (also used for ``-s`` and socket activation)."""
+        conn = Connection(self, stream, next(self._ids))
+        self.connections.add(conn)
+        if self.shutting_down:
+            conn.drain()
+        try:
+            if self._one_at_a_time is not None:
+                async with self._one_at_a_time:
+                    await conn.run()
+            else:
+                await conn.run()
+        finally:
+            self.connections.discard(conn)
+
+
+def as_chain(target: Chain | Plugin) -> Chain:
+    return target if isinstance(target, Chain) else Chain(target)
+
+
+async def serve(
+    target: Chain | Plugin,
+    listeners: Sequence[trio.SocketListener],
+    config: ServerConfig | None = None,
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``target`` (a chain, or a bare plugin) on ``listeners`` until cancelled.
+
+    Use ``server = await nursery.start(serve, ...)``: it returns once every listener
+    accepts clients and the chain's lifetime has started (export lists are ready).
+    Cancelling the surrounding scope shuts down gracefully: in-flight requests get
+    ``config.shutdown_timeout`` seconds, then lifetime contexts close and ``serve``
+    returns (re-raising the cancellation).
+    """
+    chain = as_chain(target)
+    config = config or ServerConfig()
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(_run_shielded, chain, listeners, config, nursery)
+        task_status.started(server)
+        try:
+            await trio.sleep_forever()
+        finally:
+            server.shutdown()
+
+
+async def _run_shielded(
+    chain: Chain,
+    listeners: Sequence[trio.SocketListener],
+    config: ServerConfig,
+    parent: trio.Nursery,
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The server's body. Start-up can be cancelled; once serving, it is shielded so
+    that outside cancellation becomes a graceful shutdown (started by ``serve``)."""
+    try:
+        async with open_lifetime(chain) as lifetime:
+            server = Server(chain, lifetime, config, listeners)
+            with trio.CancelScope(shield=True):
+                await server.run(task_status=task_status)
+    finally:
+        parent.cancel_scope.cancel()
+
+
+__all__ = ["Server", "as_chain", "serve"]
