@@ -1,0 +1,171 @@
+"""Helpers shared by the tests: run the real ``trionbd`` command, real clients, files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from trionbd.chain import Chain, Plugin
+from trionbd.server import Server, ServerConfig, open_unix_listener, serve
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+SYSTEM_PYTHON = "/usr/bin/python3"
+"""Debian's Python: the only one where ``import nbd`` (python3-libnbd) and nbdsh work."""
+START_TIMEOUT = 30.0
+
+
+def have(program: str) -> bool:
+    return shutil.which(program) is not None
+
+
+@contextlib.contextmanager
+def short_tmpdir() -> Iterator[Path]:
+    """A short directory under /tmp (Unix socket paths must stay under 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="tnbd", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class Running:
+    """A ``trionbd`` process started by :func:`trionbd_process`."""
+
+    proc: subprocess.Popen[str]
+    uri: str
+    socket: str
+    stderr_path: Path
+
+    def uri_for(self, export: str) -> str:
+        """The URI of a named export on the same socket."""
+        from urllib.parse import quote
+
+        return f"nbd+unix:///{quote(export, safe='/')}?socket={quote(self.socket, safe='/')}"
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def trionbd_process(*args: str, env: dict[str, str] | None = None) -> Iterator[Running]:
+    """Run ``trionbd -f --print-uri -U SOCK ARGS...`` until the block ends.
+
+    Waits until the server prints its URI (it is then listening). At the end the
+    process gets SIGTERM and must exit with status 0 within 20 s; its stderr must not
+    contain a Python traceback.
+    """
+    with short_tmpdir() as tmp:
+        sock = str(tmp / "sock")
+        stderr_path = tmp / "stderr"
+        cmd = [PYTHON, "-m", "trionbd", "-f", "--print-uri", "-U", sock, *args]
+        with open(stderr_path, "w") as err:
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=ROOT
+            )
+        try:
+            assert proc.stdout is not None
+            uri = _read_line(proc, START_TIMEOUT)
+            if not uri:
+                proc.wait(10)
+                raise AssertionError(
+                    f"trionbd did not start (status {proc.returncode}): {cmd}\n"
+                    + stderr_path.read_text()
+                )
+            running = Running(proc, uri.strip(), sock, stderr_path)
+            yield running
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    raise AssertionError("trionbd did not exit within 20 s of SIGTERM") from None
+        text = stderr_path.read_text(errors="replace")
+        assert "Traceback" not in text, text
+        assert proc.returncode == 0, f"trionbd exited with {proc.returncode}:\n{text}"
+
+
+def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The first line of stdout, or "" if the process exits or the timeout passes."""
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    deadline = time.monotonic() + timeout
+    buf = ""
+    while time.monotonic() < deadline:
+        chunk = proc.stdout.readline()
+        if chunk:
+            buf += chunk
+            if buf.endswith("\n"):
+                return buf
+        elif proc.poll() is not None:
+            return buf
+        else:
+            time.sleep(0.02)
+    return buf
+
+
+def run(cmd: Sequence[str], timeout: float = 120, check: bool = True, **kw: object) -> str:
+    """Run a command; return its stdout; raise with its stderr on failure."""
+    result = subprocess.run(
+        list(cmd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **kw,  # type: ignore[call-overload]
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{cmd} failed with {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
+    return str(result.stdout)
+
+
+def nbdsh(uri: str, script: str, timeout: float = 120) -> str:
+    """Run a Python ``script`` in nbdsh connected to ``uri`` (``h`` is the handle)."""
+    return run(["nbdsh", "-u", uri, "-c", script], timeout=timeout)
+
+
+def libnbd_python(script: str, timeout: float = 120) -> str:
+    """Run a script with Debian's Python, where ``import nbd`` works."""
+    return run([SYSTEM_PYTHON, "-c", script], timeout=timeout)
+
+
+def random_file(path: Path, size: int, seed: int = 1) -> bytes:
+    """Write ``size`` pseudo-random bytes to ``path`` and return them."""
+    import random
+
+    data = random.Random(seed).randbytes(size)
+    path.write_bytes(data)
+    return data
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    target: Chain | Plugin, config: ServerConfig | None = None
+) -> AsyncIterator[Server]:
+    """Serve ``target`` in-process on a Unix socket; yields the ``Server``."""
+    with short_tmpdir() as tmp:
+        listener = await open_unix_listener(str(tmp / "sock"))
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(serve, target, [listener], config)
+            try:
+                yield server
+            finally:
+                nursery.cancel_scope.cancel()
