@@ -138,8 +138,11 @@ def run(cmd: Sequence[str], timeout: float = 120, check: bool = True, **kw: obje
 
 
 def nbdsh(uri: str, script: str, timeout: float = 120) -> str:
-    """Run a Python ``script`` in nbdsh connected to ``uri`` (``h`` is the handle)."""
-    return run(["nbdsh", "-u", uri, "-c", script], timeout=timeout)
+    """Run a Python ``script`` in nbdsh connected to ``uri`` (``h`` is the handle).
+
+    Runs nbdsh's module with Debian's Python: the ``nbdsh`` wrapper script starts
+    whatever ``python3`` comes first on PATH, which may lack the ``nbd`` module."""
+    return run([SYSTEM_PYTHON, "-m", "nbd", "-u", uri, "-c", script], timeout=timeout)
 
 
 def libnbd_python(script: str, timeout: float = 120) -> str:
