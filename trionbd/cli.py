@@ -244,14 +244,15 @@ async def open_listeners(opts: Options, cleanup: list[str]) -> list[trio.SocketL
 
 
 async def serve_main(chain: Chain, opts: Options) -> None:
-    """Listen, serve until SIGINT/SIGTERM, then shut down gracefully."""
+    """Listen, serve until SIGINT/SIGTERM, then shut down gracefully. SIGUSR1 asks every
+    layer for a report (``report()``) and serving goes on."""
     cleanup: list[str] = []
     try:
         try:
             listeners = await open_listeners(opts, cleanup)
         except OSError as e:
             raise StartupError(f"cannot listen: {e}") from e
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as signals:
             async with trio.open_nursery() as nursery:
                 server: Server = await nursery.start(serve, chain, listeners, opts.config)
                 for address in server.addresses:
@@ -279,13 +280,26 @@ def remove_quietly(path: str) -> None:
 async def _watch_signals(
     signals: AsyncIterator[int], server: Server, scope: trio.CancelScope
 ) -> None:
-    """First signal: graceful shutdown. Second: cut the grace period short."""
+    """SIGUSR1: every layer reports. First SIGINT/SIGTERM: graceful shutdown. Second: cut
+    the grace period short."""
     count = 0
     async for signum in signals:
+        if signum == signal.SIGUSR1:
+            await report(server.chain)
+            continue
         count += 1
         log.info("%s received", signal.Signals(signum).name)
         server.shutdown(0 if count > 1 else None)
         scope.cancel()
+
+
+async def report(chain: Chain) -> None:
+    """Call ``report()`` of every layer, client side first; failures are logged."""
+    for layer in reversed(chain.layers):
+        try:
+            await layer.target.report()
+        except Exception as e:
+            log.error("%s: report failed: %s", layer.name, e)
 
 
 def write_pidfile(path: str) -> None:

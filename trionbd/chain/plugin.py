@@ -72,6 +72,10 @@ class Plugin:
     async def cleanup(self) -> None:
         """Called once after the last client, before lifetime contexts are closed."""
 
+    async def report(self) -> None:
+        """Called when the operator asks for a report (SIGUSR1 on the command line),
+        in the server's Trio thread, any number of times. Default: nothing."""
+
     def unload(self) -> None:
         """Called once at the very end, after Trio has stopped."""
 
