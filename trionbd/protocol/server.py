@@ -193,13 +193,12 @@ class ServerConnection:
     def _need(self, what: str) -> _NeedData | ConnectionClosed:
         if not self._eof:
             return NEED_DATA
-        if self.buffered == 0 and not self._discard:
-            self.phase = Phase.CLOSED
-            return ConnectionClosed()
+        where = self._where()
         self.phase = Phase.CLOSED
+        if self.buffered == 0 and not self._discard:
+            return ConnectionClosed()
         raise RemoteProtocolError(
-            f"client closed the connection in {self._where()}: expected {what}, "
-            f"got {self.buffered} bytes"
+            f"client closed the connection in {where}: expected {what}, got {self.buffered} bytes"
         )
 
     def _where(self) -> str:
