@@ -539,7 +539,9 @@ class ServerConnection:
             return Err.EINVAL, f"unknown command {command}"
         cmd = Cmd(command)
         verb = _VERB[cmd]
-        if flags & ~_ALLOWED_FLAGS[cmd]:
+        # int(): ``~`` of an IntFlag complements only its defined members, so unknown
+        # bits (0x8000) would slip through.
+        if flags & ~int(_ALLOWED_FLAGS[cmd]):
             return Err.EINVAL, f"flags 0x{flags:04x} not valid for {verb} requests"
         if flags & CmdFlag.FUA and not tflags & TransmissionFlag.SEND_FUA:
             return Err.EINVAL, "FUA flag used but not advertised"
