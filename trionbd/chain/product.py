@@ -63,12 +63,14 @@ class BuildOnce(Generic[K, V]):
     """A per-key cache of values built by an async function, at most once per key.
 
     Concurrent callers for the same key wait for the one build. A build that raises
-    ``NBDError`` is remembered too (a corrupt archive stays corrupt); other exceptions,
-    including cancellation, are not, and the next caller tries again.
+    ``NBDError`` is remembered too (a corrupt archive stays corrupt) unless
+    ``remember_errors`` is false (a server that was down may be back); other exceptions,
+    including cancellation, are never remembered, and the next caller tries again.
     """
 
-    def __init__(self, build: Callable[[K], Awaitable[V]]):
+    def __init__(self, build: Callable[[K], Awaitable[V]], *, remember_errors: bool = True):
         self._build = build
+        self._remember_errors = remember_errors
         self._done: dict[K, V | NBDError] = {}
         self._running: dict[K, trio.Event] = {}
 
@@ -87,6 +89,8 @@ class BuildOnce(Generic[K, V]):
         try:
             self._done[key] = await self._build(key)
         except NBDError as e:
+            if not self._remember_errors:
+                raise
             self._done[key] = e
         finally:
             del self._running[key]
