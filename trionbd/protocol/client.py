@@ -4,12 +4,15 @@ Used by the ``nbd`` plugin to proxy another server and by the tests to talk to o
 The caller sends the bytes returned by :meth:`ClientConnection.option` and
 :meth:`ClientConnection.request`, feeds what the server sends to
 :meth:`ClientConnection.receive_data`, and takes events out of
-:meth:`ClientConnection.next_event`.
+:meth:`ClientConnection.next_event`. The ``parse_*`` functions decode the payloads of
+option replies (``OptionReply.payload``).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from . import wire
 from .constants import (
@@ -22,10 +25,12 @@ from .constants import (
     ClientFlag,
     Cmd,
     HandshakeFlag,
+    Info,
     Opt,
     Rep,
     ReplyFlag,
     ReplyType,
+    TransmissionFlag,
 )
 from .errors import LocalProtocolError, RemoteProtocolError
 from .events import (
@@ -43,7 +48,17 @@ from .events import (
     SimpleReply,
     _NeedData,
 )
-from .wire import CHUNK_HEADER, GREETING, OPTION_REPLY_HEADER, SIMPLE_REPLY, U32, U64
+from .wire import (
+    CHUNK_HEADER,
+    GREETING,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    OPTION_REPLY_HEADER,
+    SIMPLE_REPLY,
+    U16,
+    U32,
+    U64,
+)
 
 ClientEvent = Greeting | OptionReply | ExportNameReply | ReplyEvent | ConnectionClosed
 
@@ -75,7 +90,7 @@ class ClientConnection:
         self._reads: dict[int, int] = {}
         """cookie -> length of in-flight READ requests (to size simple replies)."""
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the server; ``b""`` means it closed the connection."""
         if not data:
             self._eof = True
@@ -291,3 +306,79 @@ def _parse_chunk(kind: int, cookie: int, payload: bytes, done: bool) -> ReplyEve
         # Unknown error types still fail the request (spec); keep the connection.
         return ErrorChunk(cookie, 5, f"unknown error chunk type {kind}", None, done)
     raise RemoteProtocolError(f"unknown structured reply chunk type {kind}")
+
+
+# --- option reply payloads ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    """What a server said about an export: its ``NBD_REP_INFO`` replies to INFO/GO, or
+    the raw reply to EXPORT_NAME (which carries only size and flags)."""
+
+    name: str
+    """The canonical name (``NBD_INFO_NAME``), else the name that was asked for."""
+    size: int
+    flags: TransmissionFlag
+    description: str | None = None
+    block_size: tuple[int, int, int] | None = None
+    """(minimum, preferred, maximum payload) from ``NBD_INFO_BLOCK_SIZE``, if sent."""
+
+
+def parse_info_replies(name: str, payloads: Iterable[bytes]) -> ExportInfo:
+    """Combine the payloads of the ``NBD_REP_INFO`` replies to INFO/GO for ``name``.
+
+    Unknown info types are ignored (spec); a missing ``NBD_INFO_EXPORT`` or a payload of
+    the wrong size raises ``RemoteProtocolError``.
+    """
+    export: tuple[int, int] | None = None
+    canonical = name
+    description: str | None = None
+    block_size: tuple[int, int, int] | None = None
+    for payload in payloads:
+        if len(payload) < 2:
+            raise RemoteProtocolError(f"NBD_REP_INFO of {len(payload)} bytes; at least 2 expected")
+        (kind,) = U16.unpack_from(payload)
+        if kind == Info.EXPORT:
+            if len(payload) != INFO_EXPORT.size:
+                raise RemoteProtocolError(f"NBD_INFO_EXPORT of {len(payload)} bytes; 12 expected")
+            export = INFO_EXPORT.unpack(payload)[1:]
+        elif kind == Info.NAME:
+            canonical = payload[2:].decode("utf-8", "replace")
+        elif kind == Info.DESCRIPTION:
+            description = payload[2:].decode("utf-8", "replace")
+        elif kind == Info.BLOCK_SIZE:
+            if len(payload) != INFO_BLOCK_SIZE.size:
+                raise RemoteProtocolError(
+                    f"NBD_INFO_BLOCK_SIZE of {len(payload)} bytes; 14 expected"
+                )
+            _, minimum, preferred, maximum = INFO_BLOCK_SIZE.unpack(payload)
+            block_size = (minimum, preferred, maximum)
+    if export is None:
+        raise RemoteProtocolError(f"export {name!r} acknowledged without NBD_INFO_EXPORT")
+    size, flags = export
+    if not flags & TransmissionFlag.HAS_FLAGS:
+        raise RemoteProtocolError(f"transmission flags 0x{flags:04x} lack HAS_FLAGS")
+    return ExportInfo(canonical, size, TransmissionFlag(flags), description, block_size)
+
+
+def parse_server_reply(payload: bytes) -> tuple[str, str]:
+    """``(name, description)`` from an ``NBD_REP_SERVER`` payload (LIST)."""
+    if len(payload) < 4:
+        raise RemoteProtocolError(f"NBD_REP_SERVER of {len(payload)} bytes; at least 4 expected")
+    (length,) = U32.unpack_from(payload)
+    if length > len(payload) - 4:
+        raise RemoteProtocolError(
+            f"NBD_REP_SERVER names a {length}-byte export in a {len(payload)}-byte reply"
+        )
+    name = payload[4 : 4 + length].decode("utf-8", "replace")
+    return name, payload[4 + length :].decode("utf-8", "replace")
+
+
+def parse_meta_context_reply(payload: bytes) -> tuple[int, str]:
+    """``(context id, name)`` from an ``NBD_REP_META_CONTEXT`` payload."""
+    if len(payload) < 5:
+        raise RemoteProtocolError(
+            f"NBD_REP_META_CONTEXT of {len(payload)} bytes; at least 5 expected"
+        )
+    return U32.unpack_from(payload)[0], payload[4:].decode("utf-8", "replace")
