@@ -177,10 +177,16 @@ class Connection:
                 with trio.CancelScope(shield=True):
                     with trio.move_on_after(self.config.shutdown_timeout):
                         await ctx.close()
-        except RemoteProtocolError as e:
-            log.warning("conn %d: protocol error: %s; closing", self.id, e)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
-            self.debug("connection lost: %s", e)
+        # except*: errors raised while requests are in flight arrive wrapped in the
+        # request nursery's ExceptionGroup. Whatever goes wrong, only this client is lost.
+        except* RemoteProtocolError as group:
+            for e in group.exceptions:
+                log.warning("conn %d: protocol error: %s; closing", self.id, e)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as group:
+            self.debug("connection lost: %s", "; ".join(map(str, group.exceptions)))
+        except* Exception as group:
+            for e in group.exceptions:
+                log.error("conn %d: internal error; closing", self.id, exc_info=e)
         finally:
             await self.transport.aclose()
 
