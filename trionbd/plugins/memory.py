@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from typing import Any
 
 from ..chain import Extent, Param, Plugin, Sparse, parse_size
@@ -21,6 +22,8 @@ from ..protocol.constants import State
 
 PAGE = 32 * 1024
 """Allocation unit (bytes)."""
+MAX_EXTENTS = 4096
+"""Extents returned per block status call (clients ask again for the rest)."""
 
 
 class MemoryPlugin(Plugin):
@@ -34,6 +37,8 @@ class MemoryPlugin(Plugin):
     def __init__(self, size: int):
         self.size = size
         self.pages: dict[int, bytearray] = {}
+        self.allocated: list[int] = []
+        """Sorted indexes of ``pages``: block status skips holes of any size at once."""
 
     async def get_size(self, h: Any) -> int:
         return self.size
@@ -84,6 +89,7 @@ class MemoryPlugin(Plugin):
             page = pages.get(index)
             if page is None:
                 page = pages[index] = bytearray(PAGE)
+                insort(self.allocated, index)
             page[start : start + n] = view[pos : pos + n]
             pos += n
 
@@ -103,6 +109,7 @@ class MemoryPlugin(Plugin):
             if page is not None:
                 if n == PAGE:
                     del self.pages[index]
+                    del self.allocated[bisect_left(self.allocated, index)]
                 else:
                     page[start : start + n] = bytes(n)
             pos += n
@@ -111,19 +118,25 @@ class MemoryPlugin(Plugin):
         return True
 
     async def extents(self, h: Any, count: int, offset: int, flags: int) -> list[Extent]:
-        if not self.pages:
-            return [Extent(offset, count, State.HOLE | State.ZERO)]
+        """Runs of allocated pages are data; everything between them is one hole."""
+        allocated = self.allocated
         out: list[Extent] = []
         pos = offset
         end = offset + count
-        while pos < end:
-            index, start = divmod(pos, PAGE)
-            n = min(PAGE - start, end - pos)
-            state = 0 if index in self.pages else State.HOLE | State.ZERO
-            out.append(Extent(pos, n, state))
-            pos += n
-            if len(out) >= 4096:
-                break
+        i = bisect_left(allocated, pos // PAGE)
+        while pos < end and len(out) < MAX_EXTENTS:
+            if i < len(allocated) and allocated[i] == pos // PAGE:
+                last = allocated[i]
+                i += 1
+                while i < len(allocated) and allocated[i] == last + 1 and last * PAGE < end:
+                    last = allocated[i]
+                    i += 1
+                stop = min(end, (last + 1) * PAGE)
+                out.append(Extent(pos, stop - pos, 0))
+            else:
+                stop = end if i == len(allocated) else min(end, allocated[i] * PAGE)
+                out.append(Extent(pos, stop - pos, State.HOLE | State.ZERO))
+            pos = stop
         return out
 
 
