@@ -185,8 +185,8 @@ class Connection:
         except* (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as group:
             self.debug("connection lost: %s", "; ".join(map(str, group.exceptions)))
         except* Exception as group:
-            for e in group.exceptions:
-                log.error("conn %d: internal error; closing", self.id, exc_info=e)
+            for error in group.exceptions:
+                log.error("conn %d: internal error; closing", self.id, exc_info=error)
         finally:
             await self.transport.aclose()
 
