@@ -32,6 +32,7 @@ from trionbd.protocol import (
     wire,
 )
 from trionbd.protocol.client import ClientPhase
+from trionbd.protocol.constants import REPLY_MAGIC, STRUCTURED_REPLY_MAGIC
 
 MiB = 1 << 20
 GREETING = bytes.fromhex("4e42444d41474943 49484156454f5054 0003")
@@ -176,7 +177,7 @@ def test_ack_with_payload_and_bad_reply_magic() -> None:
 def test_option_reply_too_large() -> None:
     conn = negotiating()
     conn.option(Opt.LIST)
-    conn.receive_data(struct.pack(">QIII", wire.REPLY_MAGIC, Opt.LIST, Rep.SERVER, 1 << 30))
+    conn.receive_data(struct.pack(">QIII", REPLY_MAGIC, Opt.LIST, Rep.SERVER, 1 << 30))
     with pytest.raises(RemoteProtocolError, match="too large"):
         conn.next_event()
 
@@ -267,16 +268,14 @@ def test_structured_chunks() -> None:
 
 def test_unknown_error_chunk_type_fails_the_request_only() -> None:
     conn = transmitting()
-    chunk = struct.pack(">IHHQI", wire.STRUCTURED_REPLY_MAGIC, 1, 0x8123, 4, 6) + b"\0" * 6
+    chunk = struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 0x8123, 4, 6) + b"\0" * 6
     [event] = events(conn, chunk + wire.none_chunk(5))[:1]
     assert isinstance(event, ErrorChunk) and event.error == Err.EIO
     assert "0x8123" in event.message or "33059" in event.message
 
 
 def _chunk(kind: int, payload: bytes, flags: int = 1) -> bytes:
-    return struct.pack(">IHHQI", wire.STRUCTURED_REPLY_MAGIC, flags, kind, 1, len(payload)) + (
-        payload
-    )
+    return struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, flags, kind, 1, len(payload)) + (payload)
 
 
 @pytest.mark.parametrize(
@@ -295,7 +294,7 @@ def _chunk(kind: int, payload: bytes, flags: int = 1) -> bytes:
         (_chunk(0x8001, b"\0\0\0\0\0\0"), "error value 0"),
         (_chunk(3, b""), "unknown structured reply chunk type 3"),
         (
-            struct.pack(">IHHQI", wire.STRUCTURED_REPLY_MAGIC, 1, 1, 1, 0xFFFFFFFF),
+            struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 1, 1, 0xFFFFFFFF),
             "chunk of 4294967295 bytes is too large",
         ),
     ],

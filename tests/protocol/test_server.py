@@ -40,12 +40,14 @@ from trionbd.protocol import (
 )
 from trionbd.protocol.constants import (
     BASE_ALLOCATION,
+    IHAVEOPT,
     MAX_DISCARDED_WRITE,
     MAX_OPTION_LENGTH,
     MAX_OPTION_PAYLOAD_KEPT,
     MAX_OPTIONS,
     MAX_REQUEST,
     MAX_STRING,
+    REPLY_MAGIC,
 )
 
 MiB = 1 << 20
@@ -297,7 +299,7 @@ def test_export_name_too_long_closes() -> None:
 
 def test_huge_export_name_closes_without_waiting_for_the_payload() -> None:
     conn = negotiating()
-    conn.receive_data(struct.pack(">QII", wire.IHAVEOPT, Opt.EXPORT_NAME, 1 << 20))
+    conn.receive_data(struct.pack(">QII", IHAVEOPT, Opt.EXPORT_NAME, 1 << 20))
     with pytest.raises(RemoteProtocolError, match="export name of 1048576 bytes"):
         conn.next_event()
 
@@ -721,7 +723,7 @@ def test_options_not_implemented_are_unknown(option: int) -> None:
 def test_huge_unknown_option_is_discarded_without_being_buffered() -> None:
     conn = negotiating()
     length = MAX_OPTION_LENGTH  # the largest accepted: 64 MiB
-    conn.receive_data(struct.pack(">QII", wire.IHAVEOPT, 1234, length) + b"\xbb" * 1000)
+    conn.receive_data(struct.pack(">QII", IHAVEOPT, 1234, length) + b"\xbb" * 1000)
     assert conn.next_event() is NEED_DATA
     assert conn.buffered == 0
     chunk = b"\xcc" * MiB
@@ -738,7 +740,7 @@ def test_huge_unknown_option_is_discarded_without_being_buffered() -> None:
 
 def test_option_longer_than_64_mib_closes() -> None:
     conn = negotiating()
-    conn.receive_data(struct.pack(">QII", wire.IHAVEOPT, 1234, MAX_OPTION_LENGTH + 1))
+    conn.receive_data(struct.pack(">QII", IHAVEOPT, 1234, MAX_OPTION_LENGTH + 1))
     with pytest.raises(RemoteProtocolError, match="the limit is 67108864 bytes"):
         conn.next_event()
 
@@ -746,7 +748,7 @@ def test_option_longer_than_64_mib_closes() -> None:
 def test_known_option_with_an_oversized_payload_is_too_big() -> None:
     conn = negotiating()
     length = MAX_OPTION_PAYLOAD_KEPT + 1
-    conn.receive_data(struct.pack(">QII", wire.IHAVEOPT, Opt.GO, length) + b"\0" * 10)
+    conn.receive_data(struct.pack(">QII", IHAVEOPT, Opt.GO, length) + b"\0" * 10)
     assert conn.next_event() is NEED_DATA
     assert conn.buffered == 0
     conn.receive_data(b"\0" * (length - 10))
@@ -1172,7 +1174,7 @@ def _split_option_replies(data: bytes) -> list[tuple[int, int, bytes]]:
     pos = 0
     while pos < len(data):
         magic, option, reply, length = struct.unpack_from(">QIII", data, pos)
-        assert magic == wire.REPLY_MAGIC
+        assert magic == REPLY_MAGIC
         out.append((option, reply, data[pos + 20 : pos + 20 + length]))
         pos += 20 + length
     return out
