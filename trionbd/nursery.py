@@ -27,7 +27,7 @@ from typing import Any
 import trio
 
 from .chain.errors import NBDError, StartupError
-from .chain.next import Chain, Layer, Next
+from .chain.next import Chain, Layer, Next, as_async
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,9 @@ class Lifetime:
             try:
                 if layer.is_filter:
                     assert layer.below is not None
-                    await target.after_fork(self, layer.below)  # type: ignore[call-arg]
+                    await as_async(target.after_fork)(self, layer.below)
                 else:
-                    await target.after_fork(self)  # type: ignore[call-arg]
+                    await as_async(target.after_fork)(self)
             except StartupError:
                 raise
             except Exception as e:
@@ -177,7 +177,7 @@ class Lifetime:
             for layer in reversed(self.chain.layers):
                 with trio.move_on_after(self.close_timeout):
                     try:
-                        await layer.target.cleanup()
+                        await as_async(layer.target.cleanup, abandon_on_cancel=True)()
                     except Exception as e:
                         log.error("%s: cleanup failed: %s", layer.name, e)
             for ctx in reversed(self.contexts):

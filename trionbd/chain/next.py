@@ -44,13 +44,19 @@ _ZEROES = bytes(EMULATION_CHUNK)
 AnyFn = Callable[..., Awaitable[Any]]
 
 
-def as_async(fn: Callable[..., Any]) -> AnyFn:
-    """``fn`` itself if it is ``async def``; else a wrapper running it in a worker thread."""
+def as_async(fn: Callable[..., Any], *, abandon_on_cancel: bool = False) -> AnyFn:
+    """``fn`` itself if it is ``async def``; else a wrapper running it in a worker thread.
+
+    With ``abandon_on_cancel`` a cancelled caller stops waiting for the thread (used for
+    closing, which must respect its deadline); otherwise cancellation waits for it.
+    """
     if inspect.iscoroutinefunction(fn):
         return fn
 
     async def in_thread(*args: Any) -> Any:
-        return await trio.to_thread.run_sync(functools.partial(fn, *args))
+        return await trio.to_thread.run_sync(
+            functools.partial(fn, *args), abandon_on_cancel=abandon_on_cancel
+        )
 
     return in_thread
 
@@ -148,8 +154,8 @@ class Next:
         if lock is None and target.concurrency <= Concurrency.SERIALIZE_REQUESTS:
             lock = trio.Lock()
 
-        def bind(name: str) -> AnyFn:
-            fn = as_async(getattr(target, name))
+        def bind(name: str, abandon_on_cancel: bool = False) -> AnyFn:
+            fn = as_async(getattr(target, name), abandon_on_cancel=abandon_on_cancel)
             call = functools.partial(fn, *prefix)
             if lock is None:
                 return call
@@ -212,9 +218,9 @@ class Next:
         self.closed = True
         try:
             if self.layer.is_filter:
-                await self._call("close")()
+                await self._call("close", True)()
             else:
-                await as_async(self.layer.target.close)(self.handle)
+                await as_async(self.layer.target.close, abandon_on_cancel=True)(self.handle)
         finally:
             if self.below is not None:
                 await self.below.close()
