@@ -382,6 +382,39 @@ async def test_meta_bg_descriptors(tmp_path: Path) -> None:
     assert max(inos) > per_block * max(ipg, 1), "no inode beyond the first meta group"
 
 
+EXOTIC = {
+    "bigalloc-1k": ("ext4", "-O", "bigalloc", "-C", "16384"),
+    "bigalloc-meta_bg-1k": ("ext4", "-O", "bigalloc,meta_bg,^resize_inode", "-C", "4096"),
+    "64k-blocks": ("ext4", "-b", "65536"),
+    "csum_seed-sparse_super2-large_dir": (
+        "ext4", "-O", "metadata_csum_seed,sparse_super2,large_dir",
+    ),
+    "1024-byte-inodes": ("ext4", "-I", "1024"),
+    "128-byte-inodes": ("ext2", "-I", "128"),
+    "revision-0": ("ext2", "-r", "0"),
+    "casefold": ("ext4", "-O", "casefold"),
+    "flex_bg-meta_bg": ("ext4", "-O", "meta_bg,^resize_inode", "-G", "4"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("config", list(EXOTIC))
+async def test_less_common_layouts(config: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    build_fuzz_tree(src)
+    fstype, *options = EXOTIC[config]
+    image = tmp_path / "x.img"
+    run(MKE2FS, "-q", "-F", "-t", fstype, *options, "-d", src, image, "64M")
+    run(E2FSCK, "-fyD", image, ok=(0, 1))
+    fs = await Image.load(image).open()
+    expected = source_files(src)
+    listed = {path: inode async for path, inode in fs.iter_files()}
+    assert sorted(listed) == sorted(expected)
+    for path, inode in listed.items():
+        assert await fs.read(inode.ino, 0, 1 << 20) == expected[path].read_bytes()
+    assert await fs.lookup("/slow") == await fs.lookup("/d/sub/f0")
+    assert await fs.lookup("/big/n_0077") == listed["/big/n_0077"].ino
+
+
 # ------------------------------------------------------------------------------ inline data
 
 
@@ -565,6 +598,32 @@ async def test_htree_lookup_reads_few_blocks(
     assert sorted(listing) == sorted(names)
     for name in names[::7]:
         assert await fs.lookup(f"/bigdir/{name}") == listing[name]
+
+
+async def test_htree_hash_collision_continues_into_next_leaf(
+    htree_image: Callable[[str], Path],
+) -> None:
+    """Mark the second leaf as a collision continuation of the first (hash | 1) for one
+    name's hash: the lookup must read the first leaf, miss, and go on to the second."""
+    image = htree_image("ext2-4k-tea")
+    root = bmap(image, "/bigdir", 0, 4096)
+    img = Image.load(image)
+    seed = struct.unpack_from("<4I", img.data, 1024 + 0xEC)
+    count = struct.unpack_from("<H", img.data, root + 0x22)[0]
+    entries = [struct.unpack_from("<II", img.data, root + 0x20 + 8 * i) for i in range(count)]
+    lo, hi = entries[1][0], entries[2][0]
+    in_leaf1 = [(h, n) for n in bigdir_names() if lo <= (h := dx_hash(n.encode(), 2, seed)[0]) < hi]
+    h, name = max(in_leaf1)
+    struct.pack_into("<I", img.data, root + 0x28, h | 1)
+    fs = await img.open()
+    img.reads.clear()
+    assert await fs.lookup(f"/bigdir/{name}") > 0
+    leaf_reads = [r for r in img.reads if r[1] == 4096]
+    assert len(leaf_reads) >= 3  # root (or cached), the first leaf, then the continuation
+    struct.pack_into("<I", img.data, root + 0x28, h + 2)  # no collision bit: not found
+    fs = await img.open()
+    with pytest.raises(Ext2NotFound):
+        await fs.lookup(f"/bigdir/{name}")
 
 
 def test_dx_hash_matches_debugfs(tmp_path: Path) -> None:

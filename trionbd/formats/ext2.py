@@ -12,8 +12,10 @@ Guarantees:
 * Every problem with the image raises :class:`~trionbd.formats.FormatError` (or one of the
   subclasses below) whose message names the structure, the inode number, the block or
   byte offset and, for an unsupported feature, the feature's name.  Nothing else escapes
-  from parsing (a failing ``pread`` itself propagates unchanged).  No read is ever issued
-  outside ``[0, size)``.
+  from parsing (a failing ``pread`` itself propagates unchanged; a negative offset or
+  length passed to :meth:`FileMap.lookup` or :meth:`Ext2FS.read` is a ValueError).  No
+  read is ever issued outside ``[0, size)``, and corrupt pointers cannot make the reader
+  loop: tree depths are bounded and directory cycles are detected.
 * Features that change how data must be read and that this reader does not implement
   (unknown INCOMPAT bits, compression, encryption, ``dirdata``, a journal that still
   needs recovery unless explicitly allowed) are refused at :meth:`Ext2FS.open` with
@@ -28,7 +30,14 @@ Guarantees:
   extent tree or block map with one ``pread`` per physically contiguous run.  Metadata is
   cached in bounded LRU caches, so memory stays bounded on any image.
 * A lookup in a hash-indexed directory reads the htree root, its interior nodes and the
-  leaf (or leaves, on a hash collision) it needs, never the whole directory.
+  leaf (or leaves, on a hash collision) it needs, never the whole directory.  Linear
+  directories are scanned, and small ones (:data:`DIR_CACHE_MAX_BYTES`) remembered.
+
+Limitations: the journal is never replayed (a ``needs_recovery`` image opened with
+``allow_needs_recovery=True`` shows the pre-journal state); extended attributes other than
+the in-inode ``system.data`` are not read; in a casefolded directory a name is found only
+by its exact bytes (linear scan, no Unicode folding); SipHash-indexed directories
+(casefold + encrypt) are scanned linearly.
 
 The reader is plain ``async def`` code with no Trio imports and no threads.
 
@@ -1044,7 +1053,7 @@ class Ext2FS:
         per_block = bs // ds
         dblock = g // per_block
         meta_bg = bool(self._incompat & Incompat.META_BG)
-        gdt_start = self._first_data_block + 1
+        gdt_start = SUPERBLOCK_OFFSET // bs + 1  # the block after the superblock's
         if not meta_bg or dblock < self._first_meta_bg:
             # The classic contiguous table right after the superblock: read it in chunks.
             total = -(-self.groups_count // per_block)
@@ -1065,6 +1074,8 @@ class Ext2FS:
         else:
             g0 = dblock * per_block
             desc_block = self._group_first_block(g0) + (1 if self._has_super(g0) else 0)
+            if g0 == 0 and bs == 1024 and self._first_data_block == 0:
+                desc_block += 1  # 1 KiB bigalloc: block 0 is the boot block, 1 the superblock
             raw = await self._block(desc_block, f"meta_bg group descriptor block {desc_block}")
             off_in = (g % per_block) * ds
         desc = raw[off_in : off_in + ds]
