@@ -1178,3 +1178,10 @@ def _split_option_replies(data: bytes) -> list[tuple[int, int, bytes]]:
         out.append((option, reply, data[pos + 20 : pos + 20 + length]))
         pos += 20 + length
     return out
+
+
+def test_list_refuses_a_name_that_is_not_utf8() -> None:
+    conn = negotiating()
+    name = b"\xff.img".decode("utf-8", "surrogateescape")  # as os.scandir gives it
+    with pytest.raises(LocalProtocolError, match="not valid UTF-8"):
+        conn.reply_server(Opt.LIST, name)

@@ -376,8 +376,16 @@ class ServerConnection:
         return self.reply(option, reply, wire.clip_message(message))
 
     def reply_server(self, option: int, name: str, description: str = "") -> bytes:
-        """One ``NBD_REP_SERVER`` entry of a LIST answer."""
-        if len(name.encode()) > MAX_STRING:
+        """One ``NBD_REP_SERVER`` entry of a LIST answer.
+
+        Raises ``LocalProtocolError`` for a name no client could ask for: longer than
+        MAX_STRING bytes, or not encodable as UTF-8 (e.g. a file name that is not UTF-8).
+        """
+        try:
+            raw = name.encode()
+        except UnicodeEncodeError:
+            raise LocalProtocolError(f"export name {name!r} is not valid UTF-8") from None
+        if len(raw) > MAX_STRING:
             raise LocalProtocolError(
                 f"export name longer than {MAX_STRING} bytes: {name[:64]!r}..."
             )
