@@ -352,6 +352,8 @@ def clip_extents(
         if e.length <= 0 or e_end <= pos:
             continue
         if e.offset > pos:
+            if req_one and out:
+                break  # the one extent is complete; what lies beyond does not matter
             raise NBDError(
                 errno.EIO,
                 f"{layer}: extents leave a gap at offset {pos} (next extent starts at {e.offset})",
@@ -360,15 +362,15 @@ def clip_extents(
         if out and out[-1].flags == e.flags:
             last = out[-1]
             out[-1] = Extent(last.offset, stop - last.offset, last.flags)
+        elif req_one and out:
+            break  # the one extent, merged with its equal neighbours (as nbdkit does)
         else:
             out.append(Extent(pos, stop - pos, e.flags))
         pos = stop
-        if pos >= end or (req_one and out):
+        if pos >= end:
             break
     if not out:
         raise NBDError(errno.EIO, f"{layer}: no extents returned for offset {offset}")
-    if req_one:
-        del out[1:]
     return out
 
 
