@@ -6,8 +6,9 @@ named by its file name (``nbdinfo --list`` shows them); the default export is th
 first name in sorted order.
 
 Reads and writes use pread/pwrite on the file; block status comes from
-SEEK_DATA/SEEK_HOLE; trim punches holes; zeroing uses FALLOC_FL_ZERO_RANGE or punches
-holes (falling back to writing zeroes); flush is fdatasync; cache is
+SEEK_DATA/SEEK_HOLE; trim punches holes; zeroing punches holes too unless the client
+asks for allocated zeroes (NO_HOLE), then uses FALLOC_FL_ZERO_RANGE, falling back to
+writing zeroes (or, with FAST_ZERO, failing at once); flush is fdatasync; cache is
 posix_fadvise(WILLNEED). The export is read-only when the file is not writable or with
 ``-r``. All clients share the page cache, so multi-conn is advertised.
 
@@ -221,13 +222,15 @@ class FilePlugin(Plugin):
 
     async def zero(self, h: Handle, count: int, offset: int, flags: int) -> None:
         done = False
-        if h.can_zero_range and not h.is_block:
-            done = await self._try_fallocate(h, FALLOC_FL_ZERO_RANGE, count, offset)
-            h.can_zero_range = done
-        if not done and not flags & CmdFlag.NO_HOLE and h.can_punch and not h.is_block:
+        # Punch first when allowed: ZERO_RANGE keeps the blocks allocated (as unwritten
+        # extents), so sparse copies (nbdcopy) would not stay sparse.
+        if not flags & CmdFlag.NO_HOLE and h.can_punch and not h.is_block:
             mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
             done = await self._try_fallocate(h, mode, count, offset)
             h.can_punch = done
+        if not done and h.can_zero_range and not h.is_block:
+            done = await self._try_fallocate(h, FALLOC_FL_ZERO_RANGE, count, offset)
+            h.can_zero_range = done
         if not done:
             if flags & CmdFlag.FAST_ZERO:
                 raise NBDError(errno.ENOTSUP, "file: zeroing this file is not faster than writing")
