@@ -115,10 +115,15 @@ class LifetimeContext(Next):
 class Lifetime:
     """The after_fork..unload scope of one chain. Create it with :func:`open_lifetime`."""
 
-    def __init__(self, chain: Chain, nursery: trio.Nursery, close_timeout: float):
+    def __init__(
+        self, chain: Chain, nursery: trio.Nursery, close_timeout: float, readonly: bool = False
+    ):
         self.chain = chain
         self.nursery = nursery
         """For background tasks that must live until unload."""
+        self.readonly = readonly
+        """The server opens every export read-only (``-r``); known at start-up, so a
+        filter can decide then what it allows (ext2: a journal that needs recovery)."""
         self.close_timeout = close_timeout
         self.contexts: list[LifetimeContext] = []
         """Open lifetime contexts, in order of opening."""
@@ -186,11 +191,12 @@ class Lifetime:
 
 @asynccontextmanager
 async def open_lifetime(
-    chain: Chain, *, close_timeout: float = CLOSE_TIMEOUT
+    chain: Chain, *, close_timeout: float = CLOSE_TIMEOUT, readonly: bool = False
 ) -> AsyncIterator[Lifetime]:
-    """Run ``after_fork`` of every layer, yield the lifetime, and tear it down on exit."""
+    """Run ``after_fork`` of every layer, yield the lifetime, and tear it down on exit.
+    ``readonly`` tells the layers that the server serves every export read-only."""
     async with trio.open_nursery() as nursery:
-        lifetime = Lifetime(chain, nursery, close_timeout)
+        lifetime = Lifetime(chain, nursery, close_timeout, readonly)
         try:
             await lifetime._start()
             yield lifetime

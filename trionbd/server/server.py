@@ -161,7 +161,7 @@ async def _run_shielded(
     """The server's body. Start-up can be cancelled; once serving, it is shielded so
     that outside cancellation becomes a graceful shutdown (started by ``serve``)."""
     try:
-        async with open_lifetime(chain) as lifetime:
+        async with open_lifetime(chain, readonly=config.readonly) as lifetime:
             server = Server(chain, lifetime, config, listeners)
             with trio.CancelScope(shield=True):
                 await server.run(task_status=task_status)
