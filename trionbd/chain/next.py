@@ -92,9 +92,20 @@ class Layer:
         self.global_lock = (
             trio.Lock() if target.concurrency <= Concurrency.SERIALIZE_ALL_REQUESTS else None
         )
+        self._callbacks: dict[tuple[str, bool], AnyFn] = {}
 
     def __repr__(self) -> str:
         return f"<Layer {self.name}>"
+
+    def callback(self, name: str, abandon_on_cancel: bool = False) -> AnyFn:
+        """The target's callback ``name`` as an async function (see :func:`as_async`),
+        made once per layer: every open binds about twenty of them."""
+        key = (name, abandon_on_cancel)
+        fn = self._callbacks.get(key)
+        if fn is None:
+            fn = as_async(getattr(self.target, name), abandon_on_cancel=abandon_on_cancel)
+            self._callbacks[key] = fn
+        return fn
 
     async def list_exports(self, readonly: bool, is_tls: bool) -> Iterable[Export]:
         if isinstance(self.target, Filter):
@@ -155,8 +166,7 @@ class Next:
             lock = trio.Lock()
 
         def bind(name: str, abandon_on_cancel: bool = False) -> AnyFn:
-            fn = as_async(getattr(target, name), abandon_on_cancel=abandon_on_cancel)
-            call = functools.partial(fn, *prefix)
+            call = functools.partial(layer.callback(name, abandon_on_cancel), *prefix)
             if lock is None:
                 return call
 
@@ -220,7 +230,7 @@ class Next:
             if self.layer.is_filter:
                 await self._call("close", True)()
             else:
-                await as_async(self.layer.target.close, abandon_on_cancel=True)(self.handle)
+                await self.layer.callback("close", True)(self.handle)
         finally:
             if self.below is not None:
                 await self.below.close()
