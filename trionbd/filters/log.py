@@ -61,11 +61,11 @@ Example:
 
 from __future__ import annotations
 
-import datetime
 import errno
 import logging
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, TypeVar
@@ -160,6 +160,9 @@ class LogFilter(Filter):
         self.stream: IO[str] | None = None
         self._list_ids = 0
         self._write_failed = False
+        self._second = -1
+        self._date = ""
+        """The timestamp's date and time for ``_second`` (a Unix time)."""
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -203,8 +206,11 @@ class LogFilter(Filter):
         thread, so concurrent requests never mix their lines. Writing inline is
         deliberate: a log line is a page-cache write."""
         assert self.stream is not None, "log: used before after_fork"
-        now = datetime.datetime.now(datetime.UTC)
-        parts = [now.strftime("%Y-%m-%d %H:%M:%S.%f")]
+        seconds, ns = divmod(time.time_ns(), 1_000_000_000)
+        if seconds != self._second:  # formatting the date costs more than the rest
+            self._second = seconds
+            self._date = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+        parts = [f"{self._date}.{ns // 1000:06d}"]
         if conn is not None:
             parts.append(f"connection={conn.number}")
         parts.append(f"...{act}" if kind == _LEAVE else act)
