@@ -1185,3 +1185,15 @@ def test_list_refuses_a_name_that_is_not_utf8() -> None:
     name = b"\xff.img".decode("utf-8", "surrogateescape")  # as os.scandir gives it
     with pytest.raises(LocalProtocolError, match="not valid UTF-8"):
         conn.reply_server(Opt.LIST, name)
+
+
+def test_validation_order_read_only_then_range_then_flags() -> None:
+    """nbdkit's order (docs/nbd-protocol.md 4.8): the first failure wins."""
+    conn = transmitting(flags=TF.HAS_FLAGS | TF.READ_ONLY)
+    assert bad(conn, req(Cmd.WRITE, 0, 1, CmdFlag.FUA) + b"x").error == Err.EPERM
+    assert bad(conn, req(Cmd.WRITE_ZEROES, 0, 1, CmdFlag.FAST_ZERO)).error == Err.EPERM
+    conn = transmitting()
+    assert bad(conn, req(Cmd.WRITE, MiB, 1, 0x8000) + b"x").error == Err.ENOSPC
+    assert bad(conn, req(Cmd.READ, MiB, 1, CmdFlag.NO_HOLE)).error == Err.EINVAL
+    event = bad(conn, req(Cmd.READ, MiB, 1, CmdFlag.NO_HOLE))
+    assert "beyond the end" in event.message

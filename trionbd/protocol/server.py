@@ -541,11 +541,29 @@ class ServerConnection:
         return Request(cookie, command, flags, offset, length)
 
     def _check(self, command: int, flags: int, offset: int, length: int) -> tuple[Err, str] | None:
-        """Validate a request against the export; ``None`` when it may be served."""
+        """Validate a request against the export; ``None`` when it may be served.
+
+        The first failure wins, in nbdkit's order: read-only, range, unknown command,
+        flags, size, unadvertised command (so a FUA write to a read-only export is EPERM).
+        """
         tflags = self.export_flags
-        if command not in _ALLOWED_FLAGS:
+        cmd = Cmd(command) if command in _ALLOWED_FLAGS else None
+        if cmd in _WRITES and tflags & TransmissionFlag.READ_ONLY:
+            return Err.EPERM, f"{_VERB[cmd]} refused: the export is read-only"
+        if cmd is Cmd.FLUSH:
+            if offset or length:
+                return (
+                    Err.EINVAL,
+                    f"flush with offset {offset} and length {length} (both must be 0)",
+                )
+        elif cmd is not None and offset + length > self.export_size:
+            err = Err.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Err.EINVAL
+            return err, (
+                f"{_VERB[cmd]} of {length} bytes at offset {offset} is beyond the end of the "
+                f"export (size {self.export_size})"
+            )
+        if cmd is None:
             return Err.EINVAL, f"unknown command {command}"
-        cmd = Cmd(command)
         verb = _VERB[cmd]
         # int(): ``~`` of an IntFlag complements only its defined members, so unknown
         # bits (0x8000) would slip through.
@@ -557,20 +575,6 @@ class ServerConnection:
             return Err.EINVAL, "DF flag used without structured replies"
         if flags & CmdFlag.FAST_ZERO and not tflags & TransmissionFlag.SEND_FAST_ZERO:
             return Err.EINVAL, "FAST_ZERO flag used but not advertised"
-        if cmd in _WRITES and tflags & TransmissionFlag.READ_ONLY:
-            return Err.EPERM, f"{verb} refused: the export is read-only"
-        if cmd is Cmd.FLUSH:
-            if offset or length:
-                return (
-                    Err.EINVAL,
-                    f"flush with offset {offset} and length {length} (both must be 0)",
-                )
-        elif offset + length > self.export_size:
-            err = Err.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Err.EINVAL
-            return err, (
-                f"{verb} of {length} bytes at offset {offset} is beyond the end of the export "
-                f"(size {self.export_size})"
-            )
         if length > MAX_REQUEST and cmd in (Cmd.READ, Cmd.WRITE):
             return Err.EINVAL, f"{verb} of {length} bytes exceeds the limit of {MAX_REQUEST} bytes"
         needed = _NEEDS.get(cmd)
