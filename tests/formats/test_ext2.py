@@ -1019,3 +1019,38 @@ async def test_pread_counts_when_listing(build: Callable[[str], Path]) -> None:
         count += 1
     assert count >= 20
     assert len(img.reads) < count
+
+
+async def test_listing_skips_damaged_entries_with_on_error(build: Callable[[str], Path]) -> None:
+    """With on_error, a corrupt inode or directory is reported and skipped; the rest of the
+    tree is listed.  Without it, the listing fails at the first damage."""
+    image = build("ext4-4k")
+    inode_offset = imap(image, "/hello.txt", 4096)
+    dir_offset = bmap(image, "/d1/d2", 0, 4096)
+    img = Image.load(image)
+    img.flip(inode_offset + 0x10)  # i_mtime: the inode checksum no longer matches
+    img.flip(dir_offset + 24 + 8)  # a name in /d1/d2: the block checksum no longer matches
+    fs = await img.open()
+    with pytest.raises(Ext2ChecksumError):
+        async for _ in fs.iter_files():
+            pass
+    errors: list[tuple[str, FormatError]] = []
+    listed = [p async for p, _ in fs.iter_files(lambda p, e: errors.append((p, e)))]
+    # root's files first, then its subdirectories; /d1/hard is the same damaged inode
+    assert [p for p, _ in errors] == ["/hello.txt", "/d1/hard", "/d1/d2"]
+    assert all(isinstance(e, Ext2ChecksumError) for _, e in errors)
+    intact = [p async for p, _ in (await Image.load(image).open()).iter_files()]
+    lost = {"/hello.txt", "/d1/hard", "/d1/d2/hard2", "/d1/d2/d3/deep.bin"}
+    assert listed == [p for p in intact if p not in lost]
+
+
+async def test_check_group_descriptors_reads_every_group(build: Callable[[str], Path]) -> None:
+    image = build("ext4-1k")  # 32 MiB in 1 KiB blocks: 4 groups; 64-byte descriptors at 2048
+    img = Image.load(image)
+    fs = await img.open()
+    assert fs.groups_count == 4
+    await fs.check_group_descriptors()
+    img.flip(2048 + 3 * 64 + 0x0C)  # group 3's free block count
+    fs = await img.open()  # the root inode lives in group 0: opening does not notice
+    with pytest.raises(Ext2ChecksumError, match="group descriptor 3 at byte offset 2240"):
+        await fs.check_group_descriptors()

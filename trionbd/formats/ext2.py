@@ -57,7 +57,7 @@ import struct
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import Generic, TypeVar
@@ -1113,6 +1113,13 @@ class Ext2FS:
         self._check_block(table, self._itable_blocks, f"{where}: inode table")
         return _Group(table, flags, unused)
 
+    async def check_group_descriptors(self) -> None:
+        """Read and validate every group descriptor (checksum, inode table location);
+        raise FormatError for the first damaged one.  Lookups read only the descriptors
+        they need: this finds damage anywhere in the table at once."""
+        for g in range(self.groups_count):
+            await self._group(g)
+
     # ---------------------------------------------------------------- inodes
 
     async def inode(self, ino: int) -> Inode:
@@ -1863,32 +1870,52 @@ class Ext2FS:
             names.append(comp)
         return stack[-1]
 
-    async def iter_files(self) -> AsyncIterator[tuple[str, Inode]]:
+    async def iter_files(
+        self, on_error: Callable[[str, FormatError], None] | None = None
+    ) -> AsyncIterator[tuple[str, Inode]]:
         """Every regular file as ``(absolute path, inode)``, depth first, names sorted.
 
         A hard-linked file appears once per path.  Symbolic links are not followed.
         Directories are read whole (in large preads) and their inodes fetched in
-        inode-table chunks.  A directory reachable twice raises FormatError.
+        inode-table chunks.  A damaged directory or inode (or a directory reachable
+        twice) raises FormatError; with ``on_error`` it is passed to
+        ``on_error(path, error)`` instead and skipped (a directory with everything below
+        it), and the rest of the tree is still listed.
         """
+
+        def skip(path: str, error: FormatError) -> None:
+            if on_error is None:
+                raise error
+            on_error(path, error)
+
         root = await self.inode(ROOT_INO)
         visited = {ROOT_INO}
         stack: list[tuple[str, Inode]] = [("", root)]
         while stack:
             prefix, directory = stack.pop()
-            entries = await self._dir_raw_entries(directory)
+            try:
+                entries = await self._dir_raw_entries(directory)
+            except FormatError as e:
+                skip(prefix or "/", e)
+                continue
             entries.sort()
             subdirs: list[tuple[str, Inode]] = []
             for name, d_ino, ftype in entries:
                 if name in (b".", b"..") or ftype not in (FT_UNKNOWN, FT_REG, FT_DIR):
                     continue
-                child = await self.inode(d_ino)
                 path = prefix + "/" + name.decode("utf-8", "surrogateescape")
+                try:
+                    child = await self.inode(d_ino)
+                except FormatError as e:
+                    skip(path, e)
+                    continue
                 if child.is_reg:
                     yield path, child
                 elif child.is_dir:
                     if d_ino in visited:
-                        raise FormatError(f"directory inode {d_ino} is reachable twice "
-                                          f"(again as {path!r}): directory cycle")  # fmt: skip
+                        cycle = f"directory inode {d_ino} is reachable twice (again as {path!r})"
+                        skip(path, FormatError(f"{cycle}: directory cycle"))
+                        continue
                     visited.add(d_ino)
                     subdirs.append((path, child))
             stack.extend(reversed(subdirs))
