@@ -29,7 +29,7 @@ from . import __version__
 from .chain import Chain, ConfigError, Filter, Plugin, StartupError
 from .chain.params import describe_params
 from .chain.registry import builtin_names, entry_point_names, load, manual, summary
-from .protocol.constants import DEFAULT_PORT
+from .protocol.constants import DEFAULT_PORT, HandshakeFlag
 from .server import (
     Server,
     ServerConfig,
@@ -141,6 +141,11 @@ def _parse(
     )
     if mask_handshake is not None:
         config.handshake_flags &= mask_handshake
+        if not config.handshake_flags & HandshakeFlag.FIXED_NEWSTYLE:
+            raise ConfigError(
+                f"--mask-handshake={mask_handshake} drops FIXED_NEWSTYLE (bit 0), the only "
+                "handshake trionbd speaks: no client could connect"
+            )
     return Options(
         plugin=plugin,
         params=list(params),
@@ -257,10 +262,11 @@ async def serve_main(chain: Chain, opts: Options) -> None:
                 server: Server = await nursery.start(serve, chain, listeners, opts.config)
                 for address in server.addresses:
                     log.info("listening on %s", address.uri(opts.exportname))
-                if opts.print_uri and server.addresses:
-                    print(server.addresses[0].uri(opts.exportname), flush=True)
+                # The pidfile first: whoever waited for the printed URI finds it too.
                 if opts.pidfile:
                     write_pidfile(opts.pidfile)
+                if opts.print_uri and server.addresses:
+                    print(server.addresses[0].uri(opts.exportname), flush=True)
                 nursery.start_soon(_watch_signals, signals, server, nursery.cancel_scope)
     finally:
         for path in cleanup:
