@@ -1,0 +1,286 @@
+"""The ``trionbd`` command line: nbdkit's syntax, help, errors (exit 2, one line),
+``-U -``, bundled flags, ``--filter`` anywhere, the pidfile, ``python -m trionbd``.
+
+Parsing is tested in process (``parse_args``/``build_chain``); what needs a process
+(exit codes, sockets, signals, files) runs the real command.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import PYTHON, ROOT, run, short_tmpdir, trionbd_process
+from trionbd import cli
+from trionbd.chain import ConfigError, Filter, Param
+from trionbd.cli import build_chain, help_text, parse_args
+from trionbd.plugins.memory import MemoryPlugin
+from trionbd.protocol.constants import HandshakeFlag
+
+TAG = "tests.test_cli:Tag"
+
+
+class Tag(Filter):
+    """tag: a do-nothing filter with one parameter, for routing tests."""
+
+    name = "tag"
+    params = (Param("tag", "any text"), Param("size", "shadows the plugin's size=", str))
+
+    def __init__(self, tag: str = "", size: str = "") -> None:
+        self.tag = tag
+        self.size = size
+
+
+def trionbd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "trionbd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+# --- help and version ----------------------------------------------------------------------------
+
+
+def test_help_lists_options_plugins_and_filters() -> None:
+    result = trionbd("--help")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("usage: trionbd [OPTIONS] PLUGIN")
+    for option in ("-U, --unix", "-r, --readonly", "--filter", "-P, --pidfile"):
+        assert option in out
+    plugins = out.split("Plugins")[1].split("Filters")[0]
+    for line in (
+        "file           serve a file or block device, or every regular file in a directory.",
+        "memory         a sparse RAM disk.",
+        "null           a disk that reads as zeroes and throws writes away.",
+        "pattern        a read-only disk where every 8-byte word holds its own offset.",
+    ):
+        assert line in plugins
+
+
+def test_plugin_help_is_its_manual_and_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.run(["file", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("file: serve a file or block device")
+    assert "Parameters of file:" in out
+    for param in ("file=STRING", "dir=STRING", "cache=DEFAULT|NONE"):
+        assert param in out
+    assert cli.run(["--help", "memory"]) == 0
+    assert capsys.readouterr().out.startswith("memory: a sparse RAM disk.")
+
+
+def test_filter_help() -> None:
+    opts = parse_args([f"--filter={TAG}", "--help"])
+    assert not isinstance(opts, str)
+    text = help_text(opts)
+    assert "Parameters of tag:" in text and "tag=STRING" in text
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_version(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.run([flag]) == 0
+    assert capsys.readouterr().out == "trionbd 0.1.0\n"
+
+
+def test_console_script_and_python_m_are_the_same_command() -> None:
+    script = Path(PYTHON).parent / "trionbd"
+    assert run([str(script), "-V"]) == trionbd("-V").stdout == "trionbd 0.1.0\n"
+
+
+# --- errors: exit 2 and one line naming the culprit ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nosuch"], "trionbd: unknown plugin 'nosuch' (known: file, memory,"),
+        (["--filter=nosuch", "memory", "1M"], "trionbd: unknown filter 'nosuch' (known: "),
+        (["memory", "1M", "colour=blue"], "unknown parameter 'colour' (not a parameter of memory)"),
+        (["memory", "size=big"], "trionbd: memory: bad value for size=big: 'big' is not a size"),
+        (["memory", "8E"], "larger than the maximum size 9223372036854775807"),
+        (["memory"], "trionbd: memory: parameter 'size' is required"),
+        (["memory", "1M", "2M"], "trionbd: unexpected argument '2M' (parameters are key=value)"),
+        (["memory", "1M", "size=2M"], "parameter 'size' given more than once"),
+        (["--bogus", "memory", "1M"], "trionbd: Unknown option: --bogus"),
+        (["-p", "abc", "memory", "1M"], 'Invalid value for -p: unable to convert "abc" into int'),
+        (["file", "cache=maybe", "x"], "trionbd: file: bad value for cache=maybe: 'maybe' is not"),
+        (["file", "/nonexistent/disk.img"], "trionbd: file: /nonexistent/disk.img: No such file"),
+        ([], "trionbd: no plugin given (try: trionbd --help)"),
+        (["--mask-handshake=2", "memory", "1M"], "drops FIXED_NEWSTYLE (bit 0)"),
+        (["--filter=os:getcwd", "memory", "1M"], "'os:getcwd' is not a trionbd filter class"),
+    ],
+)
+def test_bad_command_lines_exit_2_with_one_line(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.run(args) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert message in err
+
+
+def test_exit_status_2_from_the_real_command() -> None:
+    result = trionbd("memory", "1M", "colour=blue")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == ("trionbd: unknown parameter 'colour' (not a parameter of memory)\n")
+
+
+def test_cannot_listen_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.run(["-U", "/nonexistent/dir/sock", "memory", "1M"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("trionbd: cannot listen: ") and err.count("\n") == 1
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+def parsed(*args: str):  # type: ignore[no-untyped-def]
+    opts = parse_args(list(args))
+    assert not isinstance(opts, str)
+    return opts
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-U", "-", "memory", "1M"],
+        ["memory", "1M", "-U", "-"],
+        ["-U-", "memory", "1M"],
+        ["-fU", "-", "memory", "1M"],
+        ["--unix", "-", "memory", "1M"],
+    ],
+)
+def test_unix_dash_means_a_private_socket(args: list[str]) -> None:
+    opts = parsed(*args)
+    assert (opts.unix, opts.plugin, opts.params) == ("-", "memory", ["1M"])
+
+
+@pytest.mark.parametrize("bundle", ["-fr", "-rf", "-rfv"])
+def test_bundled_short_flags(bundle: str) -> None:
+    opts = parsed(bundle, "memory", "1M")
+    assert opts.config.readonly
+    assert opts.verbose == ("v" in bundle)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--filter=" + TAG, "--filter", TAG, "memory", "1M"],
+        ["--filter=" + TAG, "memory", "1M", "--filter=" + TAG],
+        ["memory", "--filter", TAG, "1M", "--filter=" + TAG],
+        ["memory", "1M", "--filter=" + TAG, "--filter=" + TAG],
+    ],
+)
+def test_filters_before_and_after_the_plugin(args: list[str]) -> None:
+    opts = parsed(*args)
+    assert (opts.plugin, opts.params, opts.filters) == ("memory", ["1M"], [TAG, TAG])
+
+
+def test_parameters_go_to_the_first_filter_declaring_them_else_the_plugin() -> None:
+    opts = parsed("--filter=" + TAG, "memory", "4M", "size=1M", "tag=near", "--filter=" + TAG)
+    chain = build_chain(opts)
+    near, far = chain.filters
+    assert isinstance(near, Tag) and isinstance(far, Tag)
+    # The first filter named is the one closest to the client, and it declares size= too.
+    assert chain.top.target is near
+    assert (near.tag, near.size, far.tag, far.size) == ("near", "1M", "", "")
+    # The magic parameter (a bare word) always belongs to the plugin.
+    assert isinstance(chain.plugin, MemoryPlugin) and chain.plugin.size == 4 << 20
+
+
+def test_options_become_server_configuration() -> None:
+    opts = parsed("--no-sr", "--no-mc", "--mask-handshake", "1", "--handshake-timeout", "0",
+                  "--shutdown-timeout", "1.5", "--max-connections", "3", "-e", "disk",
+                  "-p", "10900", "-i", "::1", "memory", "1M")  # fmt: skip
+    c = opts.config
+    assert not c.structured_replies and not c.meta_contexts
+    assert c.handshake_flags == HandshakeFlag.FIXED_NEWSTYLE
+    assert c.handshake_timeout is None  # 0 = no timeout
+    assert (c.shutdown_timeout, c.max_connections) == (1.5, 3)
+    assert (opts.exportname, opts.port, opts.ipaddr) == ("disk", 10900, "::1")
+
+
+def test_parse_errors_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="Unknown option: --nope"):
+        parse_args(["--nope"])
+
+
+# --- the real process ---------------------------------------------------------------------------
+
+
+def test_private_socket_with_unix_dash_is_removed_at_exit() -> None:
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "trionbd", "-f", "--print-uri", "-U", "-", "memory", "1M"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        uri = proc.stdout.readline().strip()
+        assert uri.startswith("nbd+unix:///?socket=/")
+        socket_path = Path(uri.split("socket=", 1)[1])
+        assert socket_path.is_socket()
+        assert run(["nbdinfo", "--size", uri]).strip() == str(1 << 20)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert not socket_path.exists() and not socket_path.parent.exists()
+
+
+def test_pidfile_is_written_once_listening_and_removed_at_exit() -> None:
+    with short_tmpdir() as tmp:
+        pidfile = tmp / "trionbd.pid"
+        with trionbd_process("-P", str(pidfile), "-e", "x", "memory", "1M") as server:
+            # The URI is printed once the server listens; the pidfile is there by then.
+            assert pidfile.read_text() == f"{server.proc.pid}\n"
+            assert server.uri.endswith("/x?socket=" + server.socket)
+            assert run(["nbdinfo", "--size", server.uri_for("")]).strip() == str(1 << 20)
+        assert not pidfile.exists()
+        assert not Path(server.socket).exists()
+
+
+def test_pidfile_without_print_uri_means_listening() -> None:
+    with short_tmpdir() as tmp:
+        pidfile, sock = tmp / "pid", tmp / "sock"
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "trionbd", "-U", str(sock), "-P", str(pidfile), "memory", "1M"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not pidfile.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert pidfile.read_text() == f"{proc.pid}\n"
+            # Written once listening: a client connects right away.
+            assert run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"]).strip() == "1048576"
+        finally:
+            os.kill(proc.pid, signal.SIGTERM)
+            _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert not pidfile.exists()
+
+
+def test_read_only_and_bundles_reach_the_server() -> None:
+    with short_tmpdir() as tmp:
+        sock = tmp / "sock"
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "trionbd", "-frU", str(sock), "--print-uri", "memory", "1M"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            uri = proc.stdout.readline().strip()
+            assert run(["nbdinfo", "--is", "readonly", uri]) == ""
+        finally:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
