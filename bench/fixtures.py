@@ -1,0 +1,132 @@
+"""The data the servers serve, built once per run in a private directory (tmpfs by default).
+
+Every fixture is built on first use, so ``--only`` builds only what its workloads need.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tarfile
+from functools import cached_property
+from pathlib import Path
+
+MiB = 1 << 20
+CHUNK = 4 * MiB
+MEMBER_NAME = "data/member.img"
+"""Where the member lives in the tar archive and (with a leading /) in the ext4 image."""
+SMALL_FILES = {"README": 1000, "data/notes.txt": 5000}
+"""Small files stored before the member, so it does not start at offset 0 of its container."""
+FILES_PER_DIR = 1000
+"""The many-file ext4 image puts this many files in each directory."""
+
+
+def write_random(path: Path, size: int) -> None:
+    """Fill ``path`` with ``size`` random bytes (no holes: every block is real data)."""
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(CHUNK, left)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def preread(path: Path) -> None:
+    """Read the whole file once, so the page cache holds it before anything is timed."""
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(CHUNK)
+        while f.readinto(buf):
+            pass
+
+
+def mke2fs(image: Path, source: Path, size: int, inodes: int | None = None) -> None:
+    """Make an ext4 image of ``size`` bytes holding the tree ``source`` (mke2fs -d)."""
+    cmd = ["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(source), "-E", "root_owner=0:0"]
+    if inodes is not None:
+        cmd += ["-N", str(inodes)]
+    cmd += [str(image), f"{size // 1024}k"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()}")
+
+
+class Fixtures:
+    """Paths of the data files, each created when first asked for."""
+
+    def __init__(
+        self, root: Path, file_size: int, member_size: int, tar_members: int, ext4_files: int
+    ) -> None:
+        self.root = root
+        self.file_size = file_size
+        self.member_size = member_size
+        self.tar_members = tar_members
+        self.ext4_files = ext4_files
+
+    @cached_property
+    def file(self) -> Path:
+        """The plain data file of ``file_size`` random bytes (workloads 1-4, 6, 8)."""
+        path = self.root / "data.img"
+        write_random(path, self.file_size)
+        return path
+
+    @cached_property
+    def member(self) -> Path:
+        """A plain file with exactly the bytes of the tar member and the ext4 file."""
+        path = self.root / "member.img"
+        write_random(path, self.member_size)
+        return path
+
+    def _tree_with_member(self) -> Path:
+        tree = self.root / "member-tree"
+        if not tree.exists():
+            for name, size in SMALL_FILES.items():
+                (tree / name).parent.mkdir(parents=True, exist_ok=True)
+                (tree / name).write_bytes(b"x" * size)
+            os.link(self.member, tree / MEMBER_NAME)
+        return tree
+
+    @cached_property
+    def archive(self) -> Path:
+        """A tar archive: small files, then the member at ``MEMBER_NAME``."""
+        path = self.root / "archive.tar"
+        tree = self._tree_with_member()
+        with tarfile.open(path, "w") as tar:
+            for name in [*SMALL_FILES, MEMBER_NAME]:
+                tar.add(tree / name, arcname=name)
+        return path
+
+    @cached_property
+    def image(self) -> Path:
+        """An ext4 image holding the small files and the member at ``/MEMBER_NAME``."""
+        path = self.root / "image.ext4"
+        mke2fs(path, self._tree_with_member(), self.member_size + 64 * MiB)
+        return path
+
+    @cached_property
+    def many_tar(self) -> tuple[Path, list[str]]:
+        """A tar archive of ``tar_members`` small members, and their names."""
+        path = self.root / "many.tar"
+        names = [f"m{i // FILES_PER_DIR:03}/member{i:06}.txt" for i in range(self.tar_members)]
+        with tarfile.open(path, "w") as tar:
+            for i, name in enumerate(names):
+                data = f"member {i}\n".encode()
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return path, names
+
+    @cached_property
+    def many_ext4(self) -> tuple[Path, list[str]]:
+        """An ext4 image of ``ext4_files`` small files (in directories), and their paths."""
+        path = self.root / "many.ext4"
+        tree = self.root / "many-tree"
+        names = [f"d{i // FILES_PER_DIR:03}/file{i:06}.txt" for i in range(self.ext4_files)]
+        for i, name in enumerate(names):
+            if i % FILES_PER_DIR == 0:
+                (tree / name).parent.mkdir(parents=True)
+            (tree / name).write_bytes(f"file {i}\n".encode())
+        # One 4 KiB block per file, plus room for inode tables and the journal.
+        size = self.ext4_files * 4096 * 5 // 4 + 64 * MiB
+        mke2fs(path, tree, size, inodes=self.ext4_files + 1024)
+        return path, ["/" + name for name in names]

@@ -1,0 +1,292 @@
+"""Side-by-side benchmark of trionbd, nbdkit and qemu-nbd on the same data (bench/README.md).
+
+    .venv/bin/python bench/run.py [--quick] [--reps N] [--only NAME ...]
+                                  [--servers NAME ...] [--json OUT] [--data-dir DIR]
+    .venv/bin/python bench/run.py --markdown RESULTS_JSON > bench/RESULTS.md
+
+Prints a table of medians and ratios; ``--json`` keeps everything (machine, versions,
+exact commands, every sample). Exit status 1 if any sample failed, 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import report
+from fixtures import Fixtures, preread
+from servers import SERVERS, BenchError, Target, command, running, trionbd_has_filter, versions
+from workloads import FULL, QUICK, Row, Settings, Workload, workloads
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENTS = ("fio", "nbdcopy", "nbdinfo", "mke2fs", "nbdkit", "qemu-nbd")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench/run.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="small files, short runs (< 1 min)")
+    p.add_argument("--reps", type=int, help="repetitions per server (default 3, quick 1)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these workloads")
+    p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    p.add_argument("--json", type=Path, metavar="OUT", help="write all results here")
+    p.add_argument("--markdown", type=Path, metavar="JSON", help="print RESULTS.md from JSON")
+    p.add_argument(
+        "--data-dir", type=Path, help="where to build the data (default /dev/shm, else /tmp)"
+    )
+    p.add_argument(
+        "--trionbd",
+        default=str(Path(sys.executable).parent / "trionbd"),
+        help="the trionbd command (default: next to this Python)",
+    )
+    return p.parse_args(argv)
+
+
+def machine() -> dict[str, Any]:
+    """CPU, cores, RAM, kernel and where the data lives."""
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line),
+        platform.processor(),
+    )
+    meminfo = Path("/proc/meminfo").read_text().split()
+    mem_kib = int(meminfo[meminfo.index("MemTotal:") + 1])
+    os_release = dict(
+        line.split("=", 1)
+        for line in Path("/etc/os-release").read_text().splitlines()
+        if "=" in line
+    )
+    return {
+        "cpu": model,
+        "logical cpus": os.cpu_count(),
+        "virtual machine": "hypervisor" in cpuinfo.split(),
+        "ram": f"{mem_kib / (1 << 20):.1f} GiB",
+        "kernel": platform.release(),
+        "os": os_release.get("PRETTY_NAME", "?").strip('"'),
+    }
+
+
+def fs_type(path: Path) -> str:
+    """The file system type of the mount holding ``path``."""
+    best = ("", "?")
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mount, kind, *_ = line.split()
+        inside = str(path) == mount or str(path).startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) > len(best[0]):
+            best = (mount, kind)
+    return best[1]
+
+
+def check_tools(trionbd: str) -> None:
+    missing = [tool for tool in CLIENTS if shutil.which(tool) is None]
+    if not Path(trionbd).exists():
+        missing.append(trionbd)
+    if missing:
+        sys.exit(f"bench: missing programs: {', '.join(missing)}")
+    probe = subprocess.run(
+        ["/usr/bin/python3", "-c", "import nbd"], capture_output=True, check=False
+    )
+    if probe.returncode != 0:
+        sys.exit("bench: /usr/bin/python3 cannot import nbd (install python3-libnbd)")
+
+
+class Runner:
+    """Runs the samples of each workload, interleaving the servers, and keeps the results."""
+
+    def __init__(self, settings: Settings, servers: list[str], trionbd: str) -> None:
+        self.settings = settings
+        self.servers = servers
+        self.trionbd = trionbd
+        self.samples: list[dict[str, Any]] = []
+        self.filters = {name: trionbd_has_filter(trionbd, name) for name in ("tar", "ext2")}
+
+    def skip_reason(self, row: Row) -> str | None:
+        if row.requires is not None and not self.filters[row.requires]:
+            return f"trionbd {row.requires} filter not available"
+        return None
+
+    def run(self, wl: Workload) -> dict[str, Any]:
+        """Run every sample of a workload; return its description for the JSON."""
+        rows = []
+        active: list[tuple[Row, dict[str, Target]]] = []
+        for row in wl.rows:
+            skipped = self.skip_reason(row)
+            if skipped is None:
+                log(f"{wl.name}: preparing data for {row.label or wl.name}")
+                targets = row.targets()
+                for target in targets.values():
+                    preread(target.path)
+                active.append((row, targets))
+                cells = {
+                    s: "run"
+                    if s in targets and s in self.servers
+                    else report.NA
+                    if s in row.na
+                    else report.NOT_RUN
+                    for s in SERVERS
+                }
+            else:
+                log(f"{wl.name}: {row.label or wl.name}: skipped: {skipped}")
+                cells = dict.fromkeys(SERVERS, "")
+            rows.append({"label": row.label, "skipped": skipped, "cells": cells})
+        for rep in range(1, self.settings.reps + 1):
+            for row, targets in active:
+                for server in self.servers:
+                    if server in targets:
+                        self.sample(wl, row, server, targets[server], rep)
+        return {
+            "name": wl.name,
+            "title": wl.title,
+            "description": wl.description,
+            "metrics": [vars(m) for m in wl.metrics],
+            "rows": rows,
+            "ratio": wl.ratio,
+        }
+
+    def sample(self, wl: Workload, row: Row, server: str, target: Target, rep: int) -> None:
+        s = self.settings
+        record: dict[str, Any] = {
+            "seq": len(self.samples) + 1,
+            "workload": wl.name,
+            "row": row.label,
+            "server": server,
+            "rep": rep,
+            "server_command": None,
+            "client_command": None,
+            "metrics": {},
+            "server_exit": None,
+            "error": None,
+        }
+        self.samples.append(record)
+        timeout = s.list_timeout if row.many else s.start_timeout
+
+        def cmd_for(sock: str) -> list[str]:
+            cmd = command(server, target, sock, self.trionbd)
+            assert cmd is not None, (server, target)
+            record["server_command"] = shlex.join(cmd)
+            return cmd
+
+        try:
+            with running(server, cmd_for, timeout) as srv:
+                try:
+                    measured = wl.measure(srv, target, s)
+                except BenchError as e:
+                    if srv.proc.poll() is not None:  # the client failed because the server died
+                        srv.check_alive()
+                    raise e
+                record["client_command"] = shlex.join(measured.client)
+                record["metrics"] = measured.metrics
+            record["server_exit"] = srv.exit_status
+            if srv.exit_status != 0:
+                log(f"  warning: {server} exited with status {srv.exit_status} after SIGTERM")
+        except BenchError as e:
+            record["error"] = str(e)
+        where = f"[{record['seq']}] {wl.name} {row.label} {server} rep {rep}".replace("  ", " ")
+        if record["error"]:
+            log(f"{where}: ERROR: {record['error']}")
+        else:
+            log(f"{where}: " + ", ".join(f"{k}={v:.6g}" for k, v in record["metrics"].items()))
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(f"bench: stopped by {signal.Signals(signum).name}")
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.markdown:
+        sys.stdout.write(report.markdown(json.loads(args.markdown.read_text())))
+        return 0
+    check_tools(args.trionbd)
+    # SIGTERM unwinds like ^C, so servers are stopped and the data is removed.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _exit_on_signal)
+    try:
+        return run(args, argv)
+    except BenchError as e:
+        log(f"bench: {e}")
+        return 1
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the selected workloads; print the table; write the JSON if asked."""
+    settings = QUICK if args.quick else FULL
+    if args.reps is not None:
+        if args.reps < 1:
+            sys.exit("bench: --reps must be at least 1")
+        settings = Settings(**{**vars(settings), "reps": args.reps})
+    parent = args.data_dir or (Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path("/tmp"))
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "schema": 1,
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join([".venv/bin/python", "bench/run.py", *argv]),
+        "machine": machine(),
+        "versions": versions(args.trionbd, ROOT),
+        "settings": {
+            "quick": args.quick,
+            **vars(settings),
+            "servers": args.servers,
+            "server_lifetime": "Each sample starts a fresh server process (same for all "
+            "three) on a Unix socket in a private directory under /tmp and stops it after.",
+            "data_dir": str(parent),
+            "data_fs": fs_type(parent),
+        },
+        "load_average_start": os.getloadavg(),
+        "workloads": [],
+        "samples": [],
+    }
+    data_dir = Path(tempfile.mkdtemp(prefix="trionbd-bench-", dir=parent))
+    results["settings"]["data_path"] = str(data_dir)
+    try:
+        fx = Fixtures(
+            data_dir,
+            settings.file_size,
+            settings.member_size,
+            settings.tar_members,
+            settings.ext4_files,
+        )
+        every = workloads(fx, settings)
+        names = [wl.name for wl in every]
+        unknown = sorted(set(args.only or []) - set(names))
+        if unknown:
+            log(f"bench: unknown workload(s) {', '.join(unknown)}; known: {', '.join(names)}")
+            return 2
+        runner = Runner(settings, args.servers, args.trionbd)
+        results["samples"] = runner.samples
+        for wl in every:
+            if args.only is None or wl.name in args.only:
+                results["workloads"].append(runner.run(wl))
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    results["duration_s"] = time.monotonic() - started
+    results["load_average_end"] = os.getloadavg()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        log(f"results written to {args.json}")
+    print("\n".join(report.table(results)))
+    errs = report.errors(results)
+    if errs:
+        print("\nErrors:\n" + "\n".join(errs))
+    return 1 if errs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,288 @@
+"""The three servers under test: their command lines, start-up, and guaranteed shutdown.
+
+Every sample starts a fresh server process on a Unix socket in a private temporary
+directory and stops it afterwards (SIGTERM, then SIGKILL after ``STOP_TIMEOUT``). The
+servers also get SIGKILL from the kernel if the harness dies (PR_SET_PDEATHSIG), so
+nothing stays running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import quote
+
+SERVERS = ("trionbd", "nbdkit", "qemu-nbd")
+QEMU_NBD_OPTIONS = ("-f", "raw", "-t", "--cache=writeback", "--aio=threads", "--shared=1024")
+"""qemu-nbd: raw format, persistent (-t), page cache and a thread pool like the other two,
+and up to 1024 clients (--shared > 1 also makes it advertise multi-conn)."""
+SAMPLE_DIR_PARENT = "/tmp"
+SAMPLE_DIR_PREFIX = "tnbd-bench-"
+"""Each sample's private directory (socket, server log, fio output) is made here.
+/tmp keeps socket paths short (they must stay under 108 bytes)."""
+STOP_TIMEOUT = 10.0
+"""Seconds a server gets to exit after SIGTERM before it is killed."""
+POLL_INTERVAL = 0.002
+"""Seconds between connection attempts while a server starts."""
+PROBE_TIMEOUT = 30.0
+"""Seconds for a version or filter probe (``--version``, ``--filter=NAME --help``)."""
+PR_SET_PDEATHSIG = 1
+
+
+class BenchError(Exception):
+    """A server or client failed; the message says which and why (shown in the results)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a server serves: a plain file, a tar member, or a file in an ext2/3/4 image.
+
+    ``entry`` is the tar member or the absolute path in the image; None asks the filter
+    to offer every member or file as a named export.
+    """
+
+    kind: Literal["file", "tar", "ext2"]
+    path: Path
+    entry: str | None = None
+    size: int = 0
+    """Bytes of the export (of the one served file or member)."""
+    exports: tuple[str, ...] = ()
+    """Names that must be listed when ``entry`` is None."""
+
+
+def command(server: str, target: Target, sock: str, trionbd: str) -> list[str] | None:
+    """The command line serving ``target`` on ``sock``; None if ``server`` cannot serve it."""
+    path = str(target.path)
+    if server == "qemu-nbd":
+        if target.kind != "file":
+            return None
+        return ["qemu-nbd", "-k", sock, *QEMU_NBD_OPTIONS, path]
+    if target.kind == "file":
+        chain = ["file", path]
+    else:
+        key = "tar-entry" if target.kind == "tar" else "ext2file"
+        params = [] if target.entry is None else [f"{key}={target.entry}"]
+        if server == "nbdkit" and not params:
+            return None  # nbdkit's tar and ext2 filters serve one named file only
+        chain = ["file", path, f"--filter={target.kind}", *params]
+    if server == "trionbd":
+        return [trionbd, "-f", "-U", sock, *chain]
+    if server == "nbdkit":
+        # nbdkit wants its options before the plugin name.
+        filters = [word for word in chain if word.startswith("--filter=")]
+        rest = [word for word in chain if not word.startswith("--filter=")]
+        return ["nbdkit", "-f", "-U", sock, *filters, *rest]
+    raise ValueError(f"unknown server {server!r}")
+
+
+def unix_uri(sock: str, export: str = "") -> str:
+    return f"nbd+unix:///{quote(export, safe='/')}?socket={quote(sock, safe='/')}"
+
+
+@dataclass
+class Running:
+    """A started server that accepts connections."""
+
+    name: str
+    command: list[str]
+    proc: subprocess.Popen[bytes]
+    socket: str
+    workdir: Path
+    accept_s: float
+    """Seconds from starting the process until its socket accepted a connection."""
+    exit_status: int | None = None
+    """Set once stopped: 0 is a clean exit after SIGTERM; -9 means it had to be killed."""
+
+    @property
+    def uri(self) -> str:
+        return unix_uri(self.socket)
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "server.log"
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        """Raise BenchError if the server has exited (it must serve until stopped)."""
+        status = self.proc.poll()
+        if status is not None:
+            raise BenchError(
+                f"{self.name} exited with status {status}; command: "
+                f"{shlex.join(self.command)}\n{self.log_tail()}"
+            )
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the harness dies."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def running(
+    name: str, cmd_for: Callable[[str], list[str]], start_timeout: float
+) -> Iterator[Running]:
+    """Start a server, wait until its socket accepts, yield it, and always stop it.
+
+    ``cmd_for(sock)`` gives the command line for a socket path. Raises BenchError with
+    the server's log if it exits early or does not accept within ``start_timeout``.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=SAMPLE_DIR_PREFIX, dir=SAMPLE_DIR_PARENT))
+    sock = str(workdir / "sock")
+    cmd = cmd_for(sock)
+    proc: subprocess.Popen[bytes] | None = None
+    server: Running | None = None
+    try:
+        with open(workdir / "server.log", "wb") as log:
+            start = time.monotonic()
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # ^C at the terminal reaches only the harness
+                preexec_fn=_die_with_parent,
+            )
+        server = Running(name, cmd, proc, sock, workdir, 0.0)
+        server.accept_s = _wait_accepting(server, start, start_timeout)
+        yield server
+        server.check_alive()
+    finally:
+        if proc is not None:
+            status = stop(proc)
+            if server is not None:
+                server.exit_status = status
+        for path in workdir.iterdir():
+            path.unlink()
+        workdir.rmdir()
+
+
+def _wait_accepting(server: Running, start: float, timeout: float) -> float:
+    while True:
+        server.check_alive()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(server.socket)
+            except (FileNotFoundError, ConnectionRefusedError):
+                pass
+            else:
+                return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise BenchError(
+                f"{server.name} did not accept connections on {server.socket} within "
+                f"{timeout:g} s; command: {shlex.join(server.command)}\n{server.log_tail()}"
+            )
+        time.sleep(POLL_INTERVAL)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, then SIGKILL after ``STOP_TIMEOUT`` seconds; reaps it; its exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def run_client(cmd: Sequence[str], timeout: float, stdin: bytes | None = None) -> str:
+    """Run a client to completion; return its stdout. On failure or timeout raise
+    BenchError with its output; a timed-out client's whole process group is killed."""
+    proc = subprocess.Popen(
+        list(cmd),
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+    try:
+        out, err = proc.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise BenchError(
+            f"{cmd[0]} did not finish within {timeout:g} s: {shlex.join(cmd)}"
+        ) from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.returncode != 0:
+        text = (err or out).decode(errors="replace").strip()
+        raise BenchError(f"{shlex.join(cmd)} failed with status {proc.returncode}: {text}")
+    return out.decode(errors="replace")
+
+
+def trionbd_has_filter(trionbd: str, name: str) -> bool:
+    """Whether ``trionbd --filter=NAME --help`` works (the filter exists)."""
+    cmd = [trionbd, f"--filter={name}", "--help"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, timeout=PROBE_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{shlex.join(cmd)} did not finish within {PROBE_TIMEOUT:g} s") from None
+    return result.returncode == 0
+
+
+def versions(trionbd: str, root: Path) -> dict[str, str]:
+    """Versions of the servers and clients, and the trionbd source commit."""
+
+    def first_line(*cmd: str) -> str:
+        try:
+            result = subprocess.run(cmd, capture_output=True, timeout=PROBE_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"unavailable ({e})"
+        text = (result.stdout or result.stderr).decode(errors="replace").strip()
+        return text.splitlines()[0] if text else "unavailable (no output)"
+
+    commit = first_line("git", "-C", str(root), "rev-parse", "HEAD")
+    dirty = subprocess.run(
+        ["git", "-C", str(root), "status", "--porcelain", "--", "trionbd"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "trionbd": first_line(trionbd, "--version"),
+        "trionbd_commit": commit + (" (with uncommitted changes in trionbd/)" if dirty else ""),
+        "nbdkit": first_line("nbdkit", "--version"),
+        "qemu-nbd": first_line("qemu-nbd", "--version"),
+        "fio": first_line("fio", "--version"),
+        "nbdcopy": first_line("nbdcopy", "--version"),
+        "nbdinfo": first_line("nbdinfo", "--version"),
+        "libnbd (python3-libnbd)": first_line(
+            "/usr/bin/python3", "-c", "import nbd; print(nbd.NBD().get_version())"
+        ),
+        "trionbd python": first_line(
+            trionbd_python(trionbd), "-c", "import sys; print(sys.version.split()[0])"
+        ),
+    }
+
+
+def trionbd_python(trionbd: str) -> str:
+    """The interpreter of the trionbd script (its #! line)."""
+    with open(trionbd, "rb") as f:
+        line = f.readline().decode(errors="replace").strip()
+    return line[2:].split()[0] if line.startswith("#!") else "python3"

@@ -1,0 +1,468 @@
+"""What is measured: the workloads, their rows (what each server serves) and measurements.
+
+A workload has rows (e.g. "tar member" and "plain copy of the member") and metrics (e.g.
+IOPS). Each sample serves one row's target with one freshly started server and measures
+it with the same client command for every server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fixtures import MEMBER_NAME, Fixtures
+from servers import BenchError, Running, Target, run_client
+
+MiB = 1 << 20
+GiB = 1 << 30
+SYSTEM_PYTHON = "/usr/bin/python3"
+"""Debian's Python: the one with ``import nbd`` (python3-libnbd)."""
+DRIVER = str(Path(__file__).resolve().parent / "nbd_driver.py")
+CLIENT_SLACK = 60.0
+"""Seconds a client may take beyond its planned run time before it counts as hung."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes, durations and repetitions of one run (``--quick`` picks the small set)."""
+
+    reps: int
+    file_size: int
+    member_size: int
+    fio_runtime: float
+    fio_ramp: float
+    conn_seconds: float
+    clients: int
+    tar_members: int
+    ext4_files: int
+    settle: float
+    """Seconds to let a server settle before reading its memory use."""
+    start_timeout: float = 30.0
+    """Seconds a server may take to accept connections (plain files)."""
+    list_timeout: float = 900.0
+    """Seconds for start-up or a listing of the many-member tar / many-file ext4 image."""
+
+
+FULL = Settings(
+    reps=3,
+    file_size=1 * GiB,
+    member_size=256 * MiB,
+    fio_runtime=10.0,
+    fio_ramp=1.0,
+    conn_seconds=5.0,
+    clients=200,
+    tar_members=10_000,
+    ext4_files=100_000,
+    settle=1.0,
+)
+QUICK = Settings(
+    reps=1,
+    file_size=64 * MiB,
+    member_size=16 * MiB,
+    fio_runtime=0.5,
+    fio_ramp=0.2,
+    conn_seconds=0.5,
+    clients=200,
+    tar_members=1000,
+    ext4_files=1000,
+    settle=0.2,
+    list_timeout=60.0,
+)
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+
+
+@dataclass(frozen=True)
+class Measured:
+    metrics: dict[str, float]
+    client: list[str]
+    """The client command that produced the numbers."""
+
+
+Measure = Callable[[Running, Target, Settings], Measured]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One thing every server serves. ``targets`` is called only if the row runs (it
+    builds the data); servers in ``na`` cannot serve it, the others without a target are
+    not run for it. ``requires`` names a trionbd filter the row needs."""
+
+    label: str
+    targets: Callable[[], dict[str, Target]]
+    na: tuple[str, ...] = ()
+    requires: str | None = None
+    many: bool = False
+    """Start-up may take long (a listing of thousands of names): use ``list_timeout``."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    title: str
+    description: str
+    metrics: tuple[Metric, ...]
+    rows: tuple[Row, ...]
+    measure: Measure
+    ratio: tuple[str, str] | None = None
+    """Two row labels: the table adds a row of their ratio per server."""
+
+
+IOPS = Metric("iops", "IOPS", "IOPS", True)
+MIB_S = Metric("mib_s", "MiB/s", "MiB/s", True)
+
+
+def _ms(seconds: float) -> str:
+    return f"{round(seconds * 1000)}ms"
+
+
+def fio(rw: str, bs: str, iodepth: int) -> Measure:
+    """fio with libnbd (``ioengine=nbd``), one job, time based; numbers from its JSON."""
+
+    def measure(server: Running, target: Target, s: Settings) -> Measured:
+        out = server.workdir / "fio.json"
+        cmd = [
+            "fio",
+            "--name=bench",
+            "--ioengine=nbd",
+            f"--uri={server.uri}",
+            f"--rw={rw}",
+            f"--bs={bs}",
+            f"--iodepth={iodepth}",
+            "--numjobs=1",
+            "--time_based",
+            f"--runtime={_ms(s.fio_runtime)}",
+            f"--ramp_time={_ms(s.fio_ramp)}",
+            "--output-format=json",
+            f"--output={out}",
+        ]
+        run_client(cmd, s.fio_runtime + s.fio_ramp + CLIENT_SLACK)
+        job = json.loads(out.read_text())["jobs"][0]
+        if job["error"]:
+            raise BenchError(f"fio reported error {job['error']} against {server.name}")
+        side = job["write" if "write" in rw else "read"]
+        if not side["io_bytes"]:
+            raise BenchError(f"fio did no I/O against {server.name}")
+        clat = side["clat_ns"]["percentile"]
+        return Measured(
+            {
+                "iops": side["iops"],
+                "mib_s": side["bw_bytes"] / MiB,
+                "lat_mean_us": side["lat_ns"]["mean"] / 1000,
+                "clat_p50_us": clat["50.000000"] / 1000,
+                "clat_p99_us": clat["99.000000"] / 1000,
+                "io_bytes": side["io_bytes"],
+                "runtime_ms": side["runtime"],
+            },
+            cmd,
+        )
+
+    return measure
+
+
+def nbdcopy(connections: int) -> Measure:
+    """Copy the whole export to ``null:`` with nbdcopy; wall-clock time of the copy."""
+
+    def measure(server: Running, target: Target, s: Settings) -> Measured:
+        # Checks the size and opens the export once before the clock starts, so lazy
+        # set-up in a server (say, scanning an archive) is not part of the copy.
+        info = json.loads(run_client(["nbdinfo", "--json", server.uri], CLIENT_SLACK))
+        size = info["exports"][0]["export-size"]
+        if size != target.size:
+            raise BenchError(f"{server.name} serves {size} bytes, expected {target.size}")
+        cmd = ["nbdcopy", f"--connections={connections}", server.uri, "null:"]
+        start = time.monotonic()
+        run_client(cmd, 600.0)
+        seconds = time.monotonic() - start
+        metrics = {"mib_s": target.size / MiB / seconds, "seconds": seconds}
+        if connections > 1:
+            metrics["multi_conn"] = float(info["exports"][0]["can_multi_conn"])
+        return Measured(metrics, cmd)
+
+    return measure
+
+
+def connections(server: Running, target: Target, s: Settings) -> Measured:
+    """Connect, handshake, read 4 KiB, disconnect, in a loop (nbd_driver.py)."""
+    cmd = [SYSTEM_PYTHON, DRIVER, "connect-loop", server.uri, str(s.conn_seconds)]
+    result = json.loads(run_client(cmd, s.conn_seconds + CLIENT_SLACK))
+    return Measured(
+        {
+            "conn_s": result["connections"] / result["seconds"],
+            "connections": result["connections"],
+        },
+        cmd,
+    )
+
+
+def _normal(name: str) -> str:
+    return name.lstrip("/")
+
+
+def listing(server: Running, target: Target, s: Settings) -> Measured:
+    """Start-up (until the socket accepts) plus ``nbdinfo --list``; checks the names."""
+    cmd = ["nbdinfo", "--list", "--json", server.uri]
+    start = time.monotonic()
+    out = run_client(cmd, s.list_timeout)
+    list_s = time.monotonic() - start
+    names = {_normal(e["export-name"]) for e in json.loads(out)["exports"]}
+    missing = sorted({_normal(name) for name in target.exports} - names)
+    if missing:
+        raise BenchError(
+            f"{server.name}: nbdinfo --list lacks {len(missing)} of {len(target.exports)} "
+            f"expected exports, e.g. {missing[:3]}"
+        )
+    return Measured(
+        {
+            "total_s": server.accept_s + list_s,
+            "accept_s": server.accept_s,
+            "list_s": list_s,
+            "exports": len(names),
+        },
+        cmd,
+    )
+
+
+def _status(pid: int) -> dict[str, float]:
+    """VmRSS (MiB) and thread count of a process, from /proc/PID/status."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.split()[0] if value.split() else ""
+    return {"rss_mib": int(fields["VmRSS"]) / 1024, "threads": int(fields["Threads"])}
+
+
+def memory(server: Running, target: Target, s: Settings) -> Measured:
+    """RSS of the idle server, then with ``clients`` connections that finished the
+    handshake (held open by one nbd_driver.py process)."""
+    time.sleep(s.settle)
+    idle = _status(server.proc.pid)
+    cmd = [SYSTEM_PYTHON, DRIVER, "hold", server.uri, str(s.clients)]
+    driver = subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert driver.stdin is not None and driver.stdout is not None
+    try:
+        ready, _, _ = select.select([driver.stdout], [], [], 120.0)
+        line = driver.stdout.readline() if ready else b""
+        if not line:
+            driver.kill()
+            err = driver.communicate()[1].decode(errors="replace").strip()
+            raise BenchError(
+                f"{s.clients} clients could not connect to {server.name} within 120 s: {err}"
+            )
+        held = json.loads(line)
+        time.sleep(s.settle)
+        server.check_alive()
+        busy = _status(server.proc.pid)
+        driver.stdin.write(b"done\n")
+        driver.stdin.close()
+        driver.wait(60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    return Measured(
+        {
+            "rss_idle_mib": idle["rss_mib"],
+            "rss_clients_mib": busy["rss_mib"],
+            "threads_idle": idle["threads"],
+            "threads_clients": busy["threads"],
+            "connect_all_s": held["connect_s"],
+        },
+        cmd,
+    )
+
+
+ALL = ("trionbd", "nbdkit", "qemu-nbd")
+FILTER_SERVERS = ("trionbd", "nbdkit")
+
+
+def workloads(fx: Fixtures, s: Settings) -> list[Workload]:
+    """Every workload, in the order they run. Rows build their data only when run."""
+
+    def plain(servers: tuple[str, ...] = ALL) -> Callable[[], dict[str, Target]]:
+        return lambda: {name: Target("file", fx.file, size=s.file_size) for name in servers}
+
+    def member_plain() -> dict[str, Target]:
+        return {n: Target("file", fx.member, size=s.member_size) for n in FILTER_SERVERS}
+
+    def tar_member() -> dict[str, Target]:
+        t = Target("tar", fx.archive, MEMBER_NAME, size=s.member_size)
+        return dict.fromkeys(FILTER_SERVERS, t)
+
+    def ext2_member() -> dict[str, Target]:
+        t = Target("ext2", fx.image, "/" + MEMBER_NAME, size=s.member_size)
+        return dict.fromkeys(FILTER_SERVERS, t)
+
+    def many_tar() -> dict[str, Target]:
+        path, names = fx.many_tar
+        return {"trionbd": Target("tar", path, None, exports=tuple(names))}
+
+    def many_ext4() -> dict[str, Target]:
+        path, names = fx.many_ext4
+        return {"trionbd": Target("ext2", path, None, exports=tuple(names))}
+
+    size = _size(s.file_size)
+    msize = _size(s.member_size)
+    file_row = Row("", plain())
+    randread = fio("randread", "4k", 32)
+    copy1 = nbdcopy(1)
+
+    def member_rows(kind: str, member: Callable[[], dict[str, Target]]) -> tuple[Row, ...]:
+        what = "tar member" if kind == "tar" else "file in ext4 image"
+        return (
+            Row(what, member, na=("qemu-nbd",), requires=kind),
+            Row("plain copy", member_plain, requires=kind),
+        )
+
+    tar_ratio = ("tar member", "plain copy")
+    ext2_ratio = ("file in ext4 image", "plain copy")
+    return [
+        Workload(
+            "randread-4k",
+            f"4k random read, iodepth 32 (fio, {size} file)",
+            "Per-request cost: small reads, many in flight on one connection.",
+            (IOPS,),
+            (file_row,),
+            randread,
+        ),
+        Workload(
+            "seqread-256k",
+            f"256 KiB sequential read, iodepth 8 (fio, {size} file)",
+            "Bulk throughput of large reads on one connection.",
+            (MIB_S,),
+            (file_row,),
+            fio("read", "256k", 8),
+        ),
+        Workload(
+            "randwrite-4k",
+            f"4k random write, iodepth 32 (fio, {size} file)",
+            "Per-request cost of small writes (no flush).",
+            (IOPS,),
+            (file_row,),
+            fio("randwrite", "4k", 32),
+        ),
+        Workload(
+            "nbdcopy",
+            f"nbdcopy {size} to null:, 1 connection",
+            "Whole-export sequential copy with nbdcopy's default requests (64 x 256 KiB).",
+            (MIB_S,),
+            (file_row,),
+            copy1,
+        ),
+        Workload(
+            "nbdcopy-multiconn",
+            f"nbdcopy {size} to null:, 4 connections (multi-conn)",
+            "The same copy over 4 connections, if the server advertises multi-conn.",
+            (MIB_S,),
+            (file_row,),
+            nbdcopy(4),
+        ),
+        Workload(
+            "tar-randread-4k",
+            f"tar filter: 4k random read, iodepth 32 ({msize} member)",
+            "The tar filter's per-request cost on top of the file plugin.",
+            (IOPS,),
+            member_rows("tar", tar_member),
+            randread,
+            ratio=tar_ratio,
+        ),
+        Workload(
+            "tar-nbdcopy",
+            f"tar filter: nbdcopy to null:, 1 connection ({msize} member)",
+            "The tar filter's throughput on top of the file plugin.",
+            (MIB_S,),
+            member_rows("tar", tar_member),
+            copy1,
+            ratio=tar_ratio,
+        ),
+        Workload(
+            "ext2-randread-4k",
+            f"ext2 filter: 4k random read, iodepth 32 ({msize} file)",
+            "The ext2 filter's per-request cost (block mapping) on top of the file plugin.",
+            (IOPS,),
+            member_rows("ext2", ext2_member),
+            randread,
+            ratio=ext2_ratio,
+        ),
+        Workload(
+            "ext2-nbdcopy",
+            f"ext2 filter: nbdcopy to null:, 1 connection ({msize} file)",
+            "The ext2 filter's throughput on top of the file plugin.",
+            (MIB_S,),
+            member_rows("ext2", ext2_member),
+            copy1,
+            ratio=ext2_ratio,
+        ),
+        Workload(
+            "connections",
+            "connections per second (connect, handshake, 4 KiB read, disconnect)",
+            f"One libnbd client in a loop for {s.conn_seconds:g} s (bench/nbd_driver.py).",
+            (Metric("conn_s", "conn/s", "conn/s", True),),
+            (file_row,),
+            connections,
+        ),
+        Workload(
+            "startup-list",
+            "start-up: until the socket accepts + nbdinfo --list",
+            "Time from starting the server until its socket accepts a connection, plus "
+            "`nbdinfo --list --json` (which also opens every listed export); every expected "
+            "name must be listed.",
+            (
+                Metric("total_s", "start-up + list, s", "s", False),
+                Metric("list_s", "nbdinfo --list alone, s", "s", False),
+            ),
+            (
+                Row("plain file", plain()),
+                Row(
+                    f"tar of {s.tar_members:,} members, every member listed",
+                    many_tar,
+                    na=("nbdkit", "qemu-nbd"),
+                    requires="tar",
+                    many=True,
+                ),
+                Row(
+                    f"ext4 image of {s.ext4_files:,} files, every file listed",
+                    many_ext4,
+                    na=("nbdkit", "qemu-nbd"),
+                    requires="ext2",
+                    many=True,
+                ),
+            ),
+            listing,
+        ),
+        Workload(
+            "memory",
+            f"memory: server RSS idle and with {s.clients} connected clients",
+            f"VmRSS of the server process after start-up, then with {s.clients} connections "
+            "that finished the handshake (one libnbd process holds them).",
+            (
+                Metric("rss_idle_mib", "RSS idle, MiB", "MiB", False),
+                Metric("rss_clients_mib", f"RSS, {s.clients} clients, MiB", "MiB", False),
+            ),
+            (file_row,),
+            memory,
+        ),
+    ]
+
+
+def _size(n: int) -> str:
+    return f"{n // GiB} GiB" if n >= GiB and n % GiB == 0 else f"{n // MiB} MiB"
