@@ -101,6 +101,38 @@ def trionbd_process(*args: str, env: dict[str, str] | None = None) -> Iterator[R
         assert proc.returncode == 0, f"trionbd exited with {proc.returncode}:\n{text}"
 
 
+@contextlib.contextmanager
+def nbdkit_process(*args: str) -> Iterator[Running]:
+    """Run the reference server, ``nbdkit -f -U SOCK ARGS...``, until the block ends.
+
+    Waits until its pidfile appears (it is then listening). At the end it gets SIGTERM
+    unless the test already stopped it; its exit status is not checked (tests kill it).
+    """
+    with short_tmpdir() as tmp:
+        sock = str(tmp / "sock")
+        pidfile = tmp / "pid"
+        stderr_path = tmp / "stderr"
+        cmd = ["nbdkit", "-f", "-U", sock, "-P", str(pidfile), *args]
+        with open(stderr_path, "w") as err:
+            proc = subprocess.Popen(cmd, stdout=err, stderr=err, text=True)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while not pidfile.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"nbdkit did not start: {cmd}\n{stderr_path.read_text()}")
+                time.sleep(0.02)
+            running = Running(proc, f"nbd+unix:///?socket={sock}", sock, stderr_path)
+            yield running
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
 def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     """The first line of stdout, or "" if the process exits or the timeout passes."""
     assert proc.stdout is not None
