@@ -1,0 +1,954 @@
+"""An async NBD client on Trio, built on the sans-IO :class:`~trionbd.protocol.ClientConnection`.
+
+Connect, negotiate and enter transmission in one call, then use the client inside
+``async with`` (which runs its reader task and disconnects at the end)::
+
+    import trionbd.client
+
+    async with await trionbd.client.connect_unix("/tmp/sock", export="disk") as nbd:
+        data = await nbd.pread(4096, 0)
+        await nbd.pwrite(b"x" * 512, 8192, trionbd.client.CmdFlag.FUA)
+
+Any number of tasks may issue requests on one client at the same time: they are
+pipelined on the connection and each caller gets its own reply. To keep a client
+longer than one ``async with`` block, run its reader in a nursery you own and close it
+yourself (the ``nbd`` plugin does this with the lifetime nursery)::
+
+    client = await trionbd.client.connect_uri("nbd://server/disk")
+    await nursery.start(client.run)
+    ...
+    await client.aclose()          # run() returns
+
+Export lists and export details come from the handshake (option) phase::
+
+    async with await trionbd.client.handshake(await trionbd.client.open_stream(addr)) as h:
+        exports = await h.list_exports()
+        details = await h.info("disk")
+
+Negotiation: fixed newstyle only; structured replies and the ``base:allocation`` meta
+context are requested; ``NBD_OPT_GO`` (asking for the canonical name, description and
+block sizes) falls back to ``NBD_OPT_EXPORT_NAME`` when the server answers
+``NBD_REP_ERR_UNSUP``. No TLS, no extended headers.
+
+Errors are :class:`~trionbd.chain.NBDError` subclasses carrying a host ``errno``:
+
+* :class:`RequestError` — the server answered one request with an error (``.error`` is
+  the NBD error value, ``.message`` the server's message); the connection stays usable.
+* :class:`OptionError` — the server refused an option (no such export, ...).
+* :class:`ConnectionFailed` (``EIO``) — the connection could not be made or is gone:
+  every request in flight and every later one raises it, promptly.
+
+The client sends requests as given and does not check them against the export's
+flags; the server judges them (and says why in its error message).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
+from dataclasses import dataclass, field
+from enum import IntEnum
+from types import TracebackType
+from typing import Self
+
+import trio
+
+from .chain.errors import NBDError
+from .chain.types import BlockSize, Export, Extent, Sparse
+from .protocol import wire
+from .protocol.client import (
+    ClientConnection,
+    ClientEvent,
+    ClientPhase,
+    ExportInfo,
+    parse_info_replies,
+    parse_meta_context_reply,
+    parse_server_reply,
+)
+from .protocol.constants import (
+    BASE_ALLOCATION,
+    DEFAULT_PORT,
+    Cmd,
+    CmdFlag,
+    Err,
+    Info,
+    Opt,
+    Rep,
+    TransmissionFlag,
+)
+from .protocol.errors import ProtocolError, RemoteProtocolError
+from .protocol.events import (
+    BlockStatusChunk,
+    ConnectionClosed,
+    DataChunk,
+    ErrorChunk,
+    ExportNameReply,
+    Greeting,
+    HoleChunk,
+    OptionReply,
+    SimpleReply,
+    _NeedData,
+)
+from .server.listeners import Address
+from .server.transport import Buffer, Transport
+
+__all__ = [
+    "Address",
+    "Client",
+    "CmdFlag",
+    "ConnectionFailed",
+    "ExportInfo",
+    "Handshake",
+    "OptionError",
+    "RequestError",
+    "TransmissionFlag",
+    "connect",
+    "connect_tcp",
+    "connect_unix",
+    "connect_uri",
+    "handshake",
+    "open_stream",
+    "parse_uri",
+]
+
+CLOSE_TIMEOUT = 5.0
+"""Seconds :meth:`Client.aclose` waits for in-flight requests before cutting the connection."""
+ABORT_TIMEOUT = 1.0
+"""Seconds :meth:`Handshake.aclose` waits for the server's ACK to ``NBD_OPT_ABORT``."""
+INFO_REQUESTS = (Info.NAME, Info.DESCRIPTION, Info.BLOCK_SIZE)
+"""What INFO and GO ask the server for (``NBD_INFO_EXPORT`` always comes)."""
+
+_ERRNO: dict[int, int] = {
+    Err.EPERM: errno.EPERM,
+    Err.EIO: errno.EIO,
+    Err.ENOMEM: errno.ENOMEM,
+    Err.EINVAL: errno.EINVAL,
+    Err.ENOSPC: errno.ENOSPC,
+    Err.EOVERFLOW: errno.EOVERFLOW,
+    Err.ENOTSUP: errno.ENOTSUP,
+    Err.ESHUTDOWN: errno.ESHUTDOWN,
+}
+_OPTION_ERRNO: dict[int, int] = {
+    Rep.ERR_UNKNOWN: errno.ENOENT,
+    Rep.ERR_POLICY: errno.EPERM,
+    Rep.ERR_TLS_REQD: errno.EPERM,
+    Rep.ERR_INVALID: errno.EINVAL,
+    Rep.ERR_SHUTDOWN: errno.ESHUTDOWN,
+    Rep.ERR_UNSUP: errno.ENOTSUP,
+    Rep.ERR_PLATFORM: errno.ENOTSUP,
+}
+_STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+class RequestError(NBDError):
+    """The server answered a request with an error. The connection stays usable.
+
+    ``error`` is the NBD error value (``Err``), ``errno`` the matching host errno
+    (unknown values count as ``EINVAL``, as the spec says), ``message`` the server's
+    message (or the error's name when it sent none), ``offset`` the offset an
+    ``NBD_REPLY_TYPE_ERROR_OFFSET`` chunk pointed at.
+    """
+
+    def __init__(self, error: int, message: str, offset: int | None = None):
+        super().__init__(_ERRNO.get(error, errno.EINVAL), message or _name(Err, error))
+        self.error = error
+        self.offset = offset
+
+
+class OptionError(NBDError):
+    """The server refused an option of the handshake (``reply`` is its ``Rep`` error).
+
+    ``NBD_REP_ERR_UNKNOWN`` (no such export) maps to ``ENOENT``, policy and TLS refusals
+    to ``EPERM``, ``ERR_INVALID`` to ``EINVAL``, ``ERR_SHUTDOWN`` to ``ESHUTDOWN``.
+    The connection stays in the handshake: another option may follow.
+    """
+
+    def __init__(self, option: int, reply: int, message: str):
+        text = f"{_name(Opt, option)} refused with {_name(Rep, reply)}"
+        text += f": {message}" if message else ""
+        super().__init__(_OPTION_ERRNO.get(reply, errno.EIO), text)
+        self.option = option
+        self.reply = reply
+        self.server_message = message
+
+
+class ConnectionFailed(NBDError):
+    """The connection could not be made, broke, or was closed (``errno`` is ``EIO``)."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.EIO, message)
+
+
+def _name(kind: type[IntEnum], value: int) -> str:
+    try:
+        return kind(value).name
+    except ValueError:
+        return str(value)
+
+
+@contextmanager
+def _failures(peer: str, doing: str) -> Iterator[None]:
+    """Turn stream and protocol errors into ``ConnectionFailed`` naming the peer."""
+    try:
+        yield
+    except ProtocolError as e:
+        raise ConnectionFailed(f"{peer}: protocol error while {doing}: {e}") from e
+    except _STREAM_ERRORS as e:
+        raise ConnectionFailed(f"{peer}: connection failed while {doing}: {_describe(e)}") from e
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
+
+
+# --- addresses ---------------------------------------------------------------------------
+
+
+def parse_uri(uri: str) -> tuple[Address, str]:
+    """The address and export name of an ``nbd://`` or ``nbd+unix://`` URI.
+
+    ``nbd://HOST[:PORT]/EXPORT`` (port 10809 by default, IPv6 hosts in brackets) and
+    ``nbd+unix:///EXPORT?socket=PATH``. The export name is the path without its first
+    ``/``, percent-decoded. Raises ``ValueError`` saying what is wrong.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.lower()
+    export = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    if scheme in ("nbds", "nbds+unix", "nbds+vsock"):
+        raise ValueError(f"{uri!r}: TLS ({scheme}://) is not supported by this client")
+    if scheme == "nbd+unix":
+        sockets = query.get("socket", [])
+        if len(sockets) != 1 or not sockets[0]:
+            raise ValueError(f"{uri!r}: nbd+unix:// needs exactly one socket=PATH")
+        if parts.netloc:
+            raise ValueError(f"{uri!r}: nbd+unix:// takes no host (use nbd+unix:///EXPORT)")
+        return Address(unix_path=sockets[0]), export
+    if scheme in ("nbd", "nbd+tcp"):
+        if not parts.hostname:
+            raise ValueError(f"{uri!r}: nbd:// needs a host")
+        try:
+            port = parts.port or DEFAULT_PORT
+        except ValueError:
+            raise ValueError(f"{uri!r}: bad port") from None
+        return Address(host=parts.hostname, port=port), export
+    raise ValueError(f"{uri!r}: not an NBD URI (nbd://HOST/EXPORT or nbd+unix:///EXPORT?socket=P)")
+
+
+async def open_stream(address: Address) -> trio.SocketStream:
+    """A socket connected to ``address`` (Unix or TCP); ``ConnectionFailed`` if it fails."""
+    try:
+        if address.unix_path is not None:
+            return await trio.open_unix_socket(address.unix_path)
+        assert address.host is not None
+        return await trio.open_tcp_stream(address.host, address.port or DEFAULT_PORT)
+    except OSError as e:
+        raise ConnectionFailed(f"cannot connect to {address}: {_describe(e)}") from e
+
+
+# --- handshake ---------------------------------------------------------------------------
+
+
+class Handshake:
+    """A connection in the handshake (option) phase: list exports, ask about one, or
+    enter transmission with :meth:`go`.
+
+    Options are sent one at a time (the protocol allows no pipelining here). Use it as
+    an async context manager, or call :meth:`aclose`: unless :meth:`go` succeeded, that
+    sends ``NBD_OPT_ABORT`` and closes the stream.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, peer: str):
+        self.peer = peer
+        self._transport = Transport(stream)
+        self._proto = ClientConnection()
+        self._finished = False
+
+    @property
+    def structured(self) -> bool:
+        """Whether the server accepted structured replies."""
+        return self._proto.structured
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _start(self, structured_replies: bool) -> None:
+        with _failures(self.peer, "reading the greeting"):
+            event = await self._event()
+            if not isinstance(event, Greeting):
+                raise ConnectionFailed(f"{self.peer}: closed the connection before its greeting")
+            await self._transport.send([self._proto.client_flags()])
+        if structured_replies:
+            try:
+                await self._option(Opt.STRUCTURED_REPLY)
+            except OptionError:
+                pass  # simple replies only; the client copes
+
+    async def _event(self) -> ClientEvent:
+        proto = self._proto
+        while True:
+            event = proto.next_event()
+            if not isinstance(event, _NeedData):
+                return event
+            proto.receive_data(await self._transport.receive())
+
+    async def _option(self, option: Opt, payload: bytes = b"") -> list[OptionReply]:
+        """Send one option; return its non-final replies; raise ``OptionError`` on refusal."""
+        if self._finished:
+            raise ConnectionFailed(f"{self.peer}: the handshake is over")
+        with _failures(self.peer, f"negotiating {option.name}"):
+            await self._transport.send([self._proto.option(option, payload)])
+            replies: list[OptionReply] = []
+            while True:
+                event = await self._event()
+                if not isinstance(event, OptionReply):
+                    raise ConnectionFailed(
+                        f"{self.peer}: closed the connection during {option.name}"
+                    )
+                if event.reply == Rep.ACK:
+                    return replies
+                if event.reply & (1 << 31):
+                    message = event.payload.decode("utf-8", "replace")
+                    raise OptionError(option, event.reply, message)
+                replies.append(event)
+
+    async def list_exports(self) -> list[Export]:
+        """The server's export list (``NBD_OPT_LIST``): names and descriptions."""
+        replies = await self._option(Opt.LIST)
+        with _failures(self.peer, "reading the export list"):
+            return [
+                Export(*parse_server_reply(r.payload)) for r in replies if r.reply == Rep.SERVER
+            ]
+
+    async def info(self, export: str = "") -> ExportInfo:
+        """What the server says about ``export`` (``NBD_OPT_INFO``); the handshake goes on.
+
+        ``""`` is the default export; ``.name`` is its canonical name if the server says.
+        """
+        replies = await self._option(Opt.INFO, wire.name_and_infos(export, INFO_REQUESTS))
+        with _failures(self.peer, f"reading INFO of {export!r}"):
+            return parse_info_replies(export, [r.payload for r in replies if r.reply == Rep.INFO])
+
+    async def go(self, export: str = "", *, base_allocation: bool = True) -> Client:
+        """Enter transmission with ``export``; the stream now belongs to the returned client.
+
+        With ``base_allocation`` (and structured replies), ``base:allocation`` is selected
+        first so that :meth:`Client.block_status` works if the server offers it. A server
+        answering GO with ``ERR_UNSUP`` gets ``NBD_OPT_EXPORT_NAME`` instead (it closes
+        the connection if it refuses that: ``ConnectionFailed``).
+        """
+        context_id = None
+        if base_allocation and self.structured:
+            payload = wire.name_and_queries(export, [BASE_ALLOCATION])
+            try:
+                replies = await self._option(Opt.SET_META_CONTEXT, payload)
+            except OptionError:
+                replies = []  # no meta contexts on this server
+            with _failures(self.peer, "reading meta contexts"):
+                for reply in replies:
+                    if reply.reply == Rep.META_CONTEXT:
+                        cid, name = parse_meta_context_reply(reply.payload)
+                        if name == BASE_ALLOCATION:
+                            context_id = cid
+        try:
+            replies = await self._option(Opt.GO, wire.name_and_infos(export, INFO_REQUESTS))
+            with _failures(self.peer, f"reading GO replies for {export!r}"):
+                info = parse_info_replies(
+                    export, [r.payload for r in replies if r.reply == Rep.INFO]
+                )
+        except OptionError as e:
+            if e.reply != Rep.ERR_UNSUP:
+                raise
+            info = await self._export_name(export)
+        self._finished = True
+        return Client(self._transport, self._proto, info, context_id, self.peer)
+
+    async def _export_name(self, export: str) -> ExportInfo:
+        with _failures(self.peer, f"negotiating EXPORT_NAME {export!r}"):
+            await self._transport.send([self._proto.option(Opt.EXPORT_NAME, export.encode())])
+            event = await self._event()
+        if not isinstance(event, ExportNameReply):
+            raise ConnectionFailed(
+                f"{self.peer}: closed the connection after EXPORT_NAME {export!r} "
+                "(no such export, or the server refused it)"
+            )
+        return ExportInfo(export, event.size, TransmissionFlag(event.flags))
+
+    async def aclose(self) -> None:
+        """Abort the handshake (unless :meth:`go` succeeded) and close the stream."""
+        if self._finished:
+            return
+        self._finished = True
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(ABORT_TIMEOUT):
+                try:
+                    if self._proto.phase is ClientPhase.OPTIONS:
+                        await self._transport.send([self._proto.option(Opt.ABORT)])
+                        await self._event()  # the ACK; the server closes after it
+                except (ProtocolError, *_STREAM_ERRORS):
+                    pass
+            await self._transport.aclose()
+
+
+async def handshake(
+    stream: trio.abc.Stream, *, structured_replies: bool = True, peer: str = "NBD server"
+) -> Handshake:
+    """Read the greeting on ``stream``, send the client flags and (by default) ask for
+    structured replies. The stream belongs to the result (closed if this fails)."""
+    h = Handshake(stream, peer)
+    try:
+        await h._start(structured_replies)
+    except BaseException:
+        await h.aclose()
+        raise
+    return h
+
+
+# --- connecting --------------------------------------------------------------------------
+
+
+async def connect(
+    stream: trio.abc.Stream,
+    export: str = "",
+    *,
+    structured_replies: bool = True,
+    base_allocation: bool = True,
+    peer: str = "NBD server",
+) -> Client:
+    """Negotiate ``export`` on an open ``stream`` and return the client in transmission.
+
+    The stream belongs to the client (it is closed if negotiation fails). ``peer``
+    names the server in error messages.
+    """
+    h = await handshake(stream, structured_replies=structured_replies, peer=peer)
+    try:
+        return await h.go(export, base_allocation=base_allocation)
+    except BaseException:
+        await h.aclose()
+        raise
+
+
+async def connect_unix(
+    path: str, export: str = "", *, structured_replies: bool = True, base_allocation: bool = True
+) -> Client:
+    """Connect to a server on a Unix socket and negotiate ``export``."""
+    address = Address(unix_path=path)
+    return await connect(
+        await open_stream(address),
+        export,
+        structured_replies=structured_replies,
+        base_allocation=base_allocation,
+        peer=str(address),
+    )
+
+
+async def connect_tcp(
+    host: str,
+    port: int = DEFAULT_PORT,
+    export: str = "",
+    *,
+    structured_replies: bool = True,
+    base_allocation: bool = True,
+) -> Client:
+    """Connect to a server over TCP and negotiate ``export``."""
+    address = Address(host=host, port=port)
+    return await connect(
+        await open_stream(address),
+        export,
+        structured_replies=structured_replies,
+        base_allocation=base_allocation,
+        peer=str(address),
+    )
+
+
+async def connect_uri(
+    uri: str, *, structured_replies: bool = True, base_allocation: bool = True
+) -> Client:
+    """Connect to the server and export an ``nbd://`` or ``nbd+unix://`` URI names
+    (``ValueError`` for a bad URI)."""
+    address, export = parse_uri(uri)
+    return await connect(
+        await open_stream(address),
+        export,
+        structured_replies=structured_replies,
+        base_allocation=base_allocation,
+        peer=str(address),
+    )
+
+
+# --- transmission ------------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    """One request in flight and what its reply has said so far."""
+
+    cookie: int
+    command: int
+    flags: int
+    offset: int
+    length: int
+    data: bytes = b""
+    done: trio.Event = field(default_factory=trio.Event)
+    error: NBDError | None = None
+    buf: bytes | bytearray | None = None
+    received: int = 0
+    holes: list[tuple[int, int]] = field(default_factory=list)
+    extents: list[tuple[int, int]] | None = None
+
+
+class Client:
+    """A connection in transmission. Obtain one from :func:`connect` and friends.
+
+    Requests may be issued from many tasks at once; they are pipelined (the server
+    sees them all in flight) and matched to replies by cookie. The client must be
+    running: use ``async with client:`` or ``await nursery.start(client.run)``.
+    Cancelling a request is safe: the connection stays usable and the late reply is
+    discarded.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        proto: ClientConnection,
+        info: ExportInfo,
+        context_id: int | None,
+        peer: str,
+    ):
+        self.info = info
+        """What the server said about the export (name, size, flags, ...)."""
+        self.peer = peer
+        self._transport = transport
+        self._proto = proto
+        self._context_id = context_id
+        self._cookies = itertools.count(1)
+        self._pending: dict[int, _Request] = {}
+        self._outbox, self._inbox = trio.open_memory_channel[_Request](0)
+        self._failure: str | None = None
+        self._started = False
+        self._running = False
+        self._closing = False
+        self._idle: trio.Event | None = None
+        self._stack: AsyncExitStack | None = None
+
+    def __repr__(self) -> str:
+        return f"<Client {self.peer} export={self.export_name!r}>"
+
+    # --- what was negotiated -------------------------------------------------------------
+
+    @property
+    def export_name(self) -> str:
+        return self.info.name
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    @property
+    def flags(self) -> TransmissionFlag:
+        return self.info.flags
+
+    @property
+    def description(self) -> str | None:
+        return self.info.description
+
+    @property
+    def block_size(self) -> BlockSize | None:
+        """The server's block size constraints, if it sent them (obey them)."""
+        return BlockSize(*self.info.block_size) if self.info.block_size else None
+
+    @property
+    def structured(self) -> bool:
+        """Whether structured replies were negotiated."""
+        return self._proto.structured
+
+    @property
+    def can_block_status(self) -> bool:
+        """Whether ``base:allocation`` was negotiated (needed by :meth:`block_status`)."""
+        return self._context_id is not None
+
+    @property
+    def is_read_only(self) -> bool:
+        return bool(self.flags & TransmissionFlag.READ_ONLY)
+
+    @property
+    def can_flush(self) -> bool:
+        return bool(self.flags & TransmissionFlag.SEND_FLUSH)
+
+    @property
+    def can_fua(self) -> bool:
+        return bool(self.flags & TransmissionFlag.SEND_FUA)
+
+    @property
+    def is_rotational(self) -> bool:
+        return bool(self.flags & TransmissionFlag.ROTATIONAL)
+
+    @property
+    def can_trim(self) -> bool:
+        return bool(self.flags & TransmissionFlag.SEND_TRIM)
+
+    @property
+    def can_zero(self) -> bool:
+        return bool(self.flags & TransmissionFlag.SEND_WRITE_ZEROES)
+
+    @property
+    def can_df(self) -> bool:
+        return bool(self.flags & TransmissionFlag.SEND_DF)
+
+    @property
+    def can_multi_conn(self) -> bool:
+        return bool(self.flags & TransmissionFlag.CAN_MULTI_CONN)
+
+    @property
+    def can_cache(self) -> bool:
+        return bool(self.flags & TransmissionFlag.SEND_CACHE)
+
+    @property
+    def can_fast_zero(self) -> bool:
+        return bool(self.flags & TransmissionFlag.SEND_FAST_ZERO)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent (or being sent) whose reply has not fully arrived."""
+        return len(self._pending)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the connection is no longer usable (``None`` while it is)."""
+        return self._failure
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Send requests and dispatch replies until the connection ends.
+
+        Start it with ``await nursery.start(client.run)``. It returns (without raising)
+        once the connection is over: after :meth:`aclose`/:meth:`disconnect`, when the
+        server goes away, or when it breaks the protocol. Every request still waiting
+        then raises ``ConnectionFailed``. Cancelling it cuts the connection the same way.
+        """
+        if self._started:
+            raise RuntimeError(f"{self!r}: run() was already started")
+        self._started = True
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_loop)
+                self._running = True
+                task_status.started()
+                await self._read_loop()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._running = False
+            self._fail(f"{self.peer}: the client stopped")
+            await self._transport.aclose()
+
+    async def __aenter__(self) -> Self:
+        """Run the client in a nursery of its own until the block ends, then disconnect."""
+        async with AsyncExitStack() as stack:
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            stack.push_async_callback(self.aclose)
+            await nursery.start(self.run)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        assert self._stack is not None
+        try:
+            return await self._stack.__aexit__(kind, e, tb)
+        except BaseExceptionGroup as group:
+            # The reader task raises nothing: give the body's exception back unwrapped.
+            if e is None or group.exceptions != (e,):
+                raise
+            context, cause = e.__context__, e.__cause__
+            try:
+                raise e from cause
+            finally:
+                e.__context__ = context
+
+    async def disconnect(self) -> None:
+        """Disconnect cleanly: refuse new requests, wait for those in flight, send
+        ``NBD_CMD_DISC`` and close the connection."""
+        if self._closing:
+            return
+        self._closing = True
+        bye = f"{self.peer}: the client disconnected"
+        try:
+            while self._pending and self._failure is None:
+                self._idle = trio.Event()
+                await self._idle.wait()
+            if self._failure is not None:
+                return  # the connection is already gone
+            self._fail(bye)
+            disc = _Request(0, Cmd.DISC, 0, 0, 0)
+            if self._running:
+                try:
+                    await self._outbox.send(disc)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                else:
+                    await disc.done.wait()
+            else:
+                with _failures(self.peer, "disconnecting"):
+                    await self._transport.send([self._frame(disc)])
+        finally:
+            self._fail(bye)
+            await self._transport.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection, cleanly if the server lets us within ``CLOSE_TIMEOUT``
+        seconds (see :meth:`disconnect`), else by cutting it. Never raises for a
+        connection that is already gone; safe to call twice."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                try:
+                    await self.disconnect()
+                except ConnectionFailed:
+                    pass
+            self._fail(f"{self.peer}: the client disconnected")
+            await self._transport.aclose()
+
+    # --- requests ------------------------------------------------------------------------
+
+    async def pread(self, count: int, offset: int, flags: int = 0) -> bytes:
+        """Read ``count`` bytes at ``offset``. When the server sent holes, the result is a
+        :class:`~trionbd.chain.Sparse` (plain ``bytes`` that also knows its holes)."""
+        req = await self._submit(Cmd.READ, flags, offset, count)
+        data = req.buf if req.buf is not None else bytes(count)
+        if req.holes:
+            return Sparse(bytes(data), tuple(_merge(req.holes)))
+        return data if type(data) is bytes else bytes(data)
+
+    async def pwrite(self, buf: bytes, offset: int, flags: int = 0) -> None:
+        """Write ``buf`` at ``offset`` (``CmdFlag.FUA`` for a durable write)."""
+        await self._submit(Cmd.WRITE, flags, offset, len(buf), bytes(buf))
+
+    async def flush(self, flags: int = 0) -> None:
+        await self._submit(Cmd.FLUSH, flags, 0, 0)
+
+    async def trim(self, count: int, offset: int, flags: int = 0) -> None:
+        await self._submit(Cmd.TRIM, flags, offset, count)
+
+    async def zero(self, count: int, offset: int, flags: int = 0) -> None:
+        """Write zeroes (``CmdFlag.NO_HOLE``, ``CmdFlag.FAST_ZERO``, ``CmdFlag.FUA``)."""
+        await self._submit(Cmd.WRITE_ZEROES, flags, offset, count)
+
+    async def cache(self, count: int, offset: int, flags: int = 0) -> None:
+        await self._submit(Cmd.CACHE, flags, offset, count)
+
+    async def block_status(self, count: int, offset: int, flags: int = 0) -> list[Extent]:
+        """``base:allocation`` extents from ``offset`` on, as the server reported them
+        (they may cover less than ``count``, or run past it). ``CmdFlag.REQ_ONE`` asks
+        for one extent. Needs :attr:`can_block_status`."""
+        if self._context_id is None:
+            raise NBDError(
+                errno.EINVAL, f"{self.peer}: base:allocation was not negotiated for block status"
+            )
+        req = await self._submit(Cmd.BLOCK_STATUS, flags, offset, count)
+        if not req.extents:
+            raise NBDError(errno.EIO, f"{self.peer}: block status reply without extents")
+        out = []
+        pos = offset
+        for length, state in req.extents:
+            out.append(Extent(pos, length, state))
+            pos += length
+        return out
+
+    async def _submit(
+        self, command: int, flags: int, offset: int, length: int, data: bytes = b""
+    ) -> _Request:
+        if self._failure is not None:
+            raise ConnectionFailed(self._failure)
+        if self._closing:
+            raise ConnectionFailed(f"{self.peer}: the client is disconnecting")
+        if not self._running:
+            raise RuntimeError(
+                f"{self!r} is not running: use 'async with client' or nursery.start(client.run)"
+            )
+        if not (0 <= offset < 1 << 64 and 0 <= length < 1 << 32 and 0 <= flags < 1 << 16):
+            raise NBDError(
+                errno.EINVAL,
+                f"request out of range: offset {offset}, length {length}, flags 0x{flags:x}",
+            )
+        cookie = next(self._cookies)
+        req = _Request(cookie, command, flags, offset, length, data)
+        self._pending[cookie] = req
+        try:
+            await self._outbox.send(req)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._forget(cookie)
+            raise ConnectionFailed(self._failure or f"{self.peer}: the client stopped") from None
+        except BaseException:
+            self._forget(cookie)  # never handed to the writer: nothing was sent
+            raise
+        await req.done.wait()
+        if req.error is not None:
+            raise req.error
+        return req
+
+    def _forget(self, cookie: int) -> None:
+        self._pending.pop(cookie, None)
+        if not self._pending and self._idle is not None:
+            self._idle.set()
+
+    def _frame(self, req: _Request) -> bytes:
+        return self._proto.request(
+            req.cookie, req.command, req.flags, req.offset, req.length, req.data
+        )
+
+    async def _write_loop(self) -> None:
+        """The only task that sends: requests leave in the order they were queued, and
+        a cancelled caller can never leave half a request on the wire."""
+        async with self._inbox:
+            async for req in self._inbox:
+                batch = [req]
+                while True:
+                    try:
+                        batch.append(self._inbox.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                # Requests that failed meanwhile (done already) are skipped; a caller
+                # that gave up before the hand-over never got here. NBD_CMD_DISC goes
+                # out after disconnect() marked the connection as over.
+                frames: list[Buffer] = []
+                for r in batch:
+                    if not r.done.is_set() and self._proto.phase is ClientPhase.TRANSMISSION:
+                        frames.append(self._frame(r))
+                try:
+                    await self._transport.send(frames)
+                except _STREAM_ERRORS as e:
+                    self._fail(f"{self.peer}: connection lost while sending: {_describe(e)}")
+                    return
+                finally:
+                    for r in batch:
+                        if r.command == Cmd.DISC:
+                            r.done.set()  # sent, or never will be: disconnect() goes on
+                if any(r.command == Cmd.DISC for r in batch):
+                    return
+
+    async def _read_loop(self) -> None:
+        proto = self._proto
+        try:
+            while True:
+                if proto.phase is ClientPhase.CLOSED:
+                    return  # after NBD_CMD_DISC
+                event = proto.next_event()
+                if isinstance(event, _NeedData):
+                    proto.receive_data(await self._transport.receive())
+                elif isinstance(event, ConnectionClosed):
+                    self._fail(self._lost("the server closed the connection"))
+                    return
+                else:
+                    self._dispatch(event)
+        except ProtocolError as e:
+            self._fail(self._lost(f"protocol error: {e}"))
+        except _STREAM_ERRORS as e:
+            self._fail(self._lost(_describe(e)))
+
+    def _lost(self, why: str) -> str:
+        n = len(self._pending)
+        in_flight = f" with {n} request{'s' if n != 1 else ''} in flight" if n else ""
+        return f"{self.peer}: connection lost{in_flight}: {why}"
+
+    def _dispatch(self, event: ClientEvent) -> None:
+        cookie = getattr(event, "cookie", None)
+        req = self._pending.get(cookie) if cookie is not None else None
+        if req is None:
+            raise RemoteProtocolError(f"reply for cookie {cookie}, which is not in flight")
+        kind = type(event)
+        if kind is SimpleReply:
+            assert isinstance(event, SimpleReply)
+            if event.error:
+                req.error = RequestError(event.error, "")
+            elif req.command == Cmd.READ:
+                req.buf = event.data
+                req.received = len(event.data)
+            self._complete(req)
+            return
+        if kind is DataChunk:
+            assert isinstance(event, DataChunk)
+            self._place(req, event.offset, len(event.data), event.data)
+        elif kind is HoleChunk:
+            assert isinstance(event, HoleChunk)
+            self._place(req, event.offset, event.length, None)
+        elif kind is BlockStatusChunk:
+            assert isinstance(event, BlockStatusChunk)
+            if req.command != Cmd.BLOCK_STATUS:
+                raise RemoteProtocolError(f"block status chunk for cookie {cookie} ({req.command})")
+            if event.context_id == self._context_id:
+                if req.extents is not None:
+                    raise RemoteProtocolError(f"two base:allocation chunks for cookie {cookie}")
+                req.extents = list(event.extents)
+        elif kind is ErrorChunk:
+            assert isinstance(event, ErrorChunk)
+            if req.error is None:
+                req.error = RequestError(event.error, event.message, event.offset)
+        if getattr(event, "done", False):
+            self._complete(req)
+
+    def _place(self, req: _Request, offset: int, length: int, data: bytes | None) -> None:
+        """Put a data (or hole, ``data is None``) chunk of a READ reply in place."""
+        start = offset - req.offset
+        if req.command != Cmd.READ or start < 0 or start + length > req.length:
+            raise RemoteProtocolError(
+                f"read chunk at offset {offset} (+{length}) outside the request "
+                f"(offset {req.offset}, length {req.length}, command {req.command})"
+            )
+        if req.received + length > req.length:
+            raise RemoteProtocolError(f"read chunks for cookie {req.cookie} overlap")
+        if data is None:
+            req.holes.append((start, length))
+        elif length == req.length:
+            req.buf = data
+        else:
+            if not isinstance(req.buf, bytearray):
+                req.buf = bytearray(req.length)
+            req.buf[start : start + length] = data
+        req.received += length
+
+    def _complete(self, req: _Request) -> None:
+        if req.command == Cmd.READ and req.error is None and req.received != req.length:
+            req.error = NBDError(
+                errno.EIO,
+                f"{self.peer}: read reply covered {req.received} of {req.length} bytes",
+            )
+        del self._pending[req.cookie]
+        req.done.set()
+        if not self._pending and self._idle is not None:
+            self._idle.set()
+
+    def _fail(self, why: str) -> None:
+        """The connection is over: fail every request still waiting."""
+        if self._failure is None:
+            self._failure = why
+        pending = list(self._pending.values())
+        self._pending.clear()
+        for req in pending:
+            req.error = ConnectionFailed(self._failure)
+            req.done.set()
+        if self._idle is not None:
+            self._idle.set()
+
+
+def _merge(holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, length in sorted(holes):
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + length)
+        else:
+            out.append((start, length))
+    return out
