@@ -101,6 +101,11 @@ class ReadaheadFilter(Filter):
     # --- data ----------------------------------------------------------------------------
 
     async def pread(self, next: Next, h: Buffer, count: int, offset: int, flags: int) -> bytes:
+        data, start = h.data, h.start
+        if start <= offset and offset + count <= start + len(data):
+            # A hit needs no lock: it does not wait, and a window being fetched is not
+            # in ``data`` yet.
+            return data[offset - start : offset - start + count]
         async with h.lock:
             parts: list[bytes] = []
             while True:
