@@ -167,7 +167,8 @@ def test_block_status_merges_the_overlay_with_the_layer_below(tmp_path: Path) ->
 
 def test_two_clients_writing_interleaved_sectors_of_the_same_blocks(tmp_path: Path) -> None:
     """Each client writes every other 512-byte sector of the same 2 MiB (so every block
-    gets read-modify-writes from both), many requests in flight, both at once."""
+    gets read-modify-writes from both), many requests in flight, both at once. The delay
+    filter below cow makes each read of an old block wait, so writes pile up meanwhile."""
     path = tmp_path / "disk.img"
     original = random_file(path, 4 * 1024 * KIB)
     before = sha(path)
@@ -185,7 +186,14 @@ while h.aio_in_flight():
     h.poll(-1)
 h.shutdown()
 """
-    with trionbd_process("--filter=cow", "file", str(path), env=cow_env(tmp_path / "t")) as server:
+    with trionbd_process(
+        "--filter=cow",
+        "--filter=delay",
+        "file",
+        str(path),
+        "rdelay=2ms",
+        env=cow_env(tmp_path / "t"),
+    ) as server:
         procs = [
             subprocess.Popen(["/usr/bin/python3", "-c", writer, server.uri, str(p)]) for p in (0, 1)
         ]
