@@ -33,7 +33,12 @@ def write_random(path: Path, size: int) -> None:
 
 
 def preread(path: Path) -> None:
-    """Read the whole file once, so the page cache holds it before anything is timed."""
+    """Read the whole file (or each file of a directory) once, so the page cache holds it
+    before anything is timed."""
+    if path.is_dir():
+        for child in path.iterdir():
+            preread(child)
+        return
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(CHUNK)
         while f.readinto(buf):
@@ -114,6 +119,16 @@ class Fixtures:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+        return path, names
+
+    @cached_property
+    def many_dir(self) -> tuple[Path, list[str]]:
+        """A directory of ``tar_members`` small files (``file dir=``), and their names."""
+        path = self.root / "many-dir"
+        path.mkdir()
+        names = [f"file{i:06}.txt" for i in range(self.tar_members)]
+        for i, name in enumerate(names):
+            (path / name).write_bytes(f"file {i}\n".encode())
         return path, names
 
     @cached_property

@@ -47,19 +47,22 @@ class BenchError(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    """What a server serves: a plain file, a tar member, or a file in an ext2/3/4 image.
+    """What a server serves: a plain file, every file of a directory (``file dir=``), a
+    tar member, or a file in an ext2/3/4 image.
 
     ``entry`` is the tar member or the absolute path in the image; None asks the filter
     to offer every member or file as a named export.
     """
 
-    kind: Literal["file", "tar", "ext2"]
+    kind: Literal["file", "dir", "tar", "ext2"]
     path: Path
     entry: str | None = None
     size: int = 0
     """Bytes of the export (of the one served file or member)."""
     exports: tuple[str, ...] = ()
-    """Names that must be listed when ``entry`` is None."""
+    """Names that must be listed (``dir``, or ``tar``/``ext2`` when ``entry`` is None)."""
+    options: tuple[str, ...] = ()
+    """Server options added before the plugin name."""
 
 
 def command(server: str, target: Target, sock: str, trionbd: str) -> list[str] | None:
@@ -68,9 +71,11 @@ def command(server: str, target: Target, sock: str, trionbd: str) -> list[str] |
     if server == "qemu-nbd":
         if target.kind != "file":
             return None
-        return ["qemu-nbd", "-k", sock, *QEMU_NBD_OPTIONS, path]
+        return ["qemu-nbd", "-k", sock, *QEMU_NBD_OPTIONS, *target.options, path]
     if target.kind == "file":
         chain = ["file", path]
+    elif target.kind == "dir":
+        chain = ["file", f"dir={path}"]
     else:
         key = "tar-entry" if target.kind == "tar" else "ext2file"
         params = [] if target.entry is None else [f"{key}={target.entry}"]
@@ -78,12 +83,12 @@ def command(server: str, target: Target, sock: str, trionbd: str) -> list[str] |
             return None  # nbdkit's tar and ext2 filters serve one named file only
         chain = ["file", path, f"--filter={target.kind}", *params]
     if server == "trionbd":
-        return [trionbd, "-f", "-U", sock, *chain]
+        return [trionbd, "-f", "-U", sock, *target.options, *chain]
     if server == "nbdkit":
         # nbdkit wants its options before the plugin name.
         filters = [word for word in chain if word.startswith("--filter=")]
         rest = [word for word in chain if not word.startswith("--filter=")]
-        return ["nbdkit", "-f", "-U", sock, *filters, *rest]
+        return ["nbdkit", "-f", "-U", sock, *target.options, *filters, *rest]
     raise ValueError(f"unknown server {server!r}")
 
 

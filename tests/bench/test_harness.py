@@ -54,6 +54,14 @@ def test_filter_commands_and_what_cannot_be_served() -> None:
     assert command("trionbd", Target("ext2", Path("/i.ext4")), "/s", "t") == [
         "t", "-f", "-U", "/s", "file", "/i.ext4", "--filter=ext2",
     ]  # fmt: skip
+    many = Target("dir", Path("/d"), options=("--handshake-timeout=0",))
+    assert command("trionbd", many, "/s", "t") == [
+        "t", "-f", "-U", "/s", "--handshake-timeout=0", "file", "dir=/d",
+    ]  # fmt: skip
+    assert command("nbdkit", Target("dir", Path("/d")), "/s", "t") == [
+        "nbdkit", "-f", "-U", "/s", "file", "dir=/d",
+    ]  # fmt: skip
+    assert command("qemu-nbd", many, "/s", "t") is None
     assert command("qemu-nbd", tar, "/s", "t") is None
     assert command("nbdkit", Target("tar", Path("/a.tar")), "/s", "t") is None
 
