@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -41,6 +42,9 @@ from .server import (
 from .server.config import HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT
 
 log = logging.getLogger("trionbd")
+
+_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+"""What the part before ``=`` must look like for a word to be ``key=value`` (as nbdkit)."""
 
 
 @dataclass
@@ -182,7 +186,7 @@ def build_chain(opts: Options) -> Chain:
     magic_seen = False
     for word in opts.params:
         key, sep, value = word.partition("=")
-        if not sep:
+        if not sep or not _KEY.fullmatch(key):  # a URI with "=" is a magic value (nbdkit)
             if magic_seen or plugin_cls.magic_param is None:
                 raise ConfigError(f"unexpected argument {word!r} (parameters are key=value)")
             magic_seen = True
