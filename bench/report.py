@@ -132,12 +132,15 @@ def _placeholders(cmd: str, data_path: str) -> str:
 
 
 def errors(results: Results) -> list[str]:
-    return [
-        f"- {s['workload']} / {s['row'] or '-'} / {s['server']} / rep {s['rep']}: "
-        + s["error"].replace("\n", " ")
-        for s in results["samples"]
-        if s["error"] is not None
-    ]
+    """Failed samples, and servers that did not exit cleanly when stopped."""
+    lines = []
+    for s in results["samples"]:
+        where = f"- {s['workload']} / {s['row'] or '-'} / {s['server']} / rep {s['rep']}: "
+        if s["error"] is not None:
+            lines.append(where + s["error"].replace("\n", " "))
+        elif s["server_exit"] != 0:
+            lines.append(where + f"{s['server']} exited with status {s['server_exit']} on SIGTERM")
+    return lines
 
 
 def markdown(results: Results) -> str:

@@ -122,6 +122,12 @@ class Runner:
             return f"trionbd {row.requires} filter not available"
         return None
 
+    def cell_state(self, server: str, row: Row, targets: dict[str, Target]) -> str:
+        """ "run", or why the server has no number in this row (n/a or not run)."""
+        if server in targets and server in self.servers:
+            return "run"
+        return report.NA if server in row.na else report.NOT_RUN
+
     def run(self, wl: Workload) -> dict[str, Any]:
         """Run every sample of a workload; return its description for the JSON."""
         rows = []
@@ -134,14 +140,7 @@ class Runner:
                 for target in targets.values():
                     preread(target.path)
                 active.append((row, targets))
-                cells = {
-                    s: "run"
-                    if s in targets and s in self.servers
-                    else report.NA
-                    if s in row.na
-                    else report.NOT_RUN
-                    for s in SERVERS
-                }
+                cells = {s: self.cell_state(s, row, targets) for s in SERVERS}
             else:
                 log(f"{wl.name}: {row.label or wl.name}: skipped: {skipped}")
                 cells = dict.fromkeys(SERVERS, "")
@@ -187,10 +186,9 @@ class Runner:
             with running(server, cmd_for, timeout) as srv:
                 try:
                     measured = wl.measure(srv, target, s)
-                except BenchError as e:
-                    if srv.proc.poll() is not None:  # the client failed because the server died
-                        srv.check_alive()
-                    raise e
+                except BenchError:
+                    srv.check_alive()  # if the server died, that is the error to report
+                    raise
                 record["client_command"] = shlex.join(measured.client)
                 record["metrics"] = measured.metrics
             record["server_exit"] = srv.exit_status
@@ -198,6 +196,8 @@ class Runner:
                 log(f"  warning: {server} exited with status {srv.exit_status} after SIGTERM")
         except BenchError as e:
             record["error"] = str(e)
+        except Exception as e:  # a surprise in one sample must not lose the whole run
+            record["error"] = f"{type(e).__name__}: {e}"
         where = f"[{record['seq']}] {wl.name} {row.label} {server} rep {rep}".replace("  ", " ")
         if record["error"]:
             log(f"{where}: ERROR: {record['error']}")

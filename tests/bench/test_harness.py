@@ -76,6 +76,7 @@ def _sample(row: str, server: str, rep: int, value: float | None) -> dict[str, A
         "server_command": "x",
         "client_command": "y",
         "metrics": {} if value is None else {"iops": value},
+        "server_exit": 0,
         "error": "boom" if value is None else None,
     }
 
