@@ -1,0 +1,402 @@
+"""The nbd plugin: trionbd proxying nbdkit and another trionbd, driven by real clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.support import (
+    PYTHON,
+    ROOT,
+    SYSTEM_PYTHON,
+    Running,
+    libnbd_python,
+    nbdkit_process,
+    random_file,
+    run,
+    trionbd_process,
+)
+
+MiB = 1024 * 1024
+
+
+@contextmanager
+def upstream(kind: str, *args: str) -> Iterator[Running]:
+    """An upstream server: ``nbdkit ARGS`` or ``trionbd ARGS``."""
+    start = nbdkit_process if kind == "nbdkit" else trionbd_process
+    with start(*args) as server:
+        yield server
+
+
+@contextmanager
+def proxy(up: Running, *args: str) -> Iterator[Running]:
+    """trionbd proxying ``up`` (``trionbd ARGS nbd socket=UP``)."""
+    with trionbd_process(*args, "nbd", f"socket={up.socket}") as server:
+        yield server
+
+
+CAPS = textwrap.dedent(
+    """
+    import json, nbd, sys
+    h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.connect_uri(sys.argv[1])
+    caps = {name: getattr(h, name)() for name in (
+        "is_read_only", "can_flush", "can_fua", "can_trim", "can_zero", "can_fast_zero",
+        "can_cache", "can_multi_conn", "can_df", "is_rotational", "get_size")}
+    caps["base:allocation"] = h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    caps["block_size"] = [h.get_block_size(k) for k in (
+        nbd.SIZE_MINIMUM, nbd.SIZE_PREFERRED, nbd.SIZE_MAXIMUM)]
+    print(json.dumps(caps))
+    h.shutdown()
+    """
+)
+
+
+def caps(uri: str) -> dict[str, object]:
+    return dict(json.loads(run([SYSTEM_PYTHON, "-c", CAPS, uri])))
+
+
+# --- data, byte for byte -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["nbdkit", "trionbd"])
+def test_nbdcopy_both_ways_through_the_proxy(kind: str, tmp_path: Path) -> None:
+    data = random_file(tmp_path / "in.img", 24 * MiB + 512)
+    with upstream(kind, "memory", str(32 * MiB)) as up, proxy(up) as px:
+        run(["nbdcopy", str(tmp_path / "in.img"), px.uri])
+        run(["nbdcopy", px.uri, str(tmp_path / "back.img")])
+        run(["nbdcopy", up.uri, str(tmp_path / "direct.img")])
+    back = (tmp_path / "back.img").read_bytes()
+    direct = (tmp_path / "direct.img").read_bytes()
+    assert back[: len(data)] == data and back[len(data) :] == bytes(8 * MiB - 512)
+    assert direct == back  # what went through the proxy is what the upstream holds
+
+
+def test_nbdkit_file_with_holes_reads_and_maps_the_same(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(16 * MiB)
+        for offset in (0, 5 * MiB, 11 * MiB + 65536):
+            f.seek(offset)
+            f.write(os.urandom(MiB))
+    with nbdkit_process("file", str(disk)) as up, proxy(up) as px:
+        run(["nbdcopy", px.uri, str(tmp_path / "copy.img")])
+        map_direct = run(["nbdinfo", "--map", up.uri])
+        map_proxy = run(["nbdinfo", "--map", px.uri])
+    assert (tmp_path / "copy.img").read_bytes() == disk.read_bytes()
+    assert map_proxy == map_direct
+    assert "hole" in map_proxy and "data" in map_proxy
+
+
+NBDSH_COMMANDS = textwrap.dedent(
+    """
+    import nbd, os, sys
+    h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.connect_uri(sys.argv[1])
+    data = bytes(range(256)) * 4096  # 1 MiB
+    h.pwrite(data, 0, nbd.CMD_FLAG_FUA)
+    assert h.pread(len(data), 0) == data
+    h.flush()
+    if h.can_cache():
+        h.cache(65536, 0)
+        print("cached")
+    h.trim(65536, 0)
+    h.zero(65536, 131072, nbd.CMD_FLAG_NO_HOLE)
+    h.zero(65536, 262144, nbd.CMD_FLAG_FAST_ZERO)
+    expect = bytearray(data)
+    for start in (0, 131072, 262144):
+        expect[start:start + 65536] = bytes(65536)
+    assert h.pread(len(data), 0) == expect
+    try:
+        h.pread(4096, h.get_size())
+    except nbd.Error as e:
+        print("range-error", e.errno)
+    h.shutdown()
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["nbdkit", "trionbd"])
+def test_nbdsh_every_command_through_the_proxy(kind: str, tmp_path: Path) -> None:
+    with upstream(kind, "memory", str(8 * MiB)) as up, proxy(up) as px:
+        out = run([SYSTEM_PYTHON, "-c", NBDSH_COMMANDS, px.uri])
+        run(["nbdcopy", up.uri, str(tmp_path / "direct.img")])
+        map_direct = run(["nbdinfo", "--map", up.uri])
+        map_proxy = run(["nbdinfo", "--map", px.uri])
+    assert "range-error EINVAL" in out
+    assert ("cached" in out) == (kind == "nbdkit")  # trionbd's memory plugin has no cache
+    assert map_proxy == map_direct and "hole" in map_proxy and "data" in map_proxy
+    expect = bytearray(bytes(range(256)) * 4096)
+    for start in (0, 131072, 262144):
+        expect[start : start + 65536] = bytes(65536)
+    direct = (tmp_path / "direct.img").read_bytes()
+    assert direct[:MiB] == expect and direct[MiB:] == bytes(7 * MiB)
+
+
+def test_upstream_error_codes_reach_the_client() -> None:
+    script = textwrap.dedent(
+        """
+        import nbd, sys
+        h = nbd.NBD()
+        h.connect_uri(sys.argv[1])
+        for what, call in (("write", lambda: h.pwrite(b"x" * 512, 0)),
+                           ("read-past-end", lambda: h.pread(512, h.get_size()))):
+            try:
+                call()
+            except nbd.Error as e:
+                print(what, e.errno)
+        """
+    )
+    with upstream(
+        "nbdkit", "--filter=error", "memory", "1M", "error-pwrite=ENOSPC", "error-pwrite-rate=1"
+    ) as up:
+        with proxy(up) as px:
+            out = run([SYSTEM_PYTHON, "-c", script, px.uri])
+    assert "write ENOSPC" in out
+    assert "read-past-end EINVAL" in out
+
+
+# --- export names ----------------------------------------------------------------------------
+
+
+def test_list_shows_the_upstreams_exports_and_each_can_be_read(tmp_path: Path) -> None:
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    files = {name: random_file(exports / name, size, seed=size) for name, size in
+             (("alpha.img", 3 * MiB), ("beta.img", MiB + 512), ("gamma.raw", 4096))}  # fmt: skip
+    with upstream("trionbd", "file", f"dir={exports}") as up, proxy(up) as px:
+        listed_direct = json.loads(run(["nbdinfo", "--list", "--json", up.uri]))
+        listed = json.loads(run(["nbdinfo", "--list", "--json", px.uri]))
+        names = [e["export-name"] for e in listed["exports"]]
+        assert names == sorted(files) == [e["export-name"] for e in listed_direct["exports"]]
+        for export in listed["exports"]:
+            assert export["export-size"] == len(files[export["export-name"]])
+        for name, data in files.items():
+            run(["nbdcopy", px.uri_for(name), str(tmp_path / name)])
+            assert (tmp_path / name).read_bytes() == data
+        # The default export is the upstream's default, under its real name.
+        info = json.loads(run(["nbdinfo", "--json", px.uri]))
+        assert info["exports"][0]["export-name"] == "alpha.img"
+        missing = subprocess.run(["nbdinfo", px.uri_for("nope.img")], capture_output=True)
+        assert missing.returncode != 0
+        assert px.proc.poll() is None
+
+
+def test_a_fixed_export_serves_every_name(tmp_path: Path) -> None:
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    random_file(exports / "a.img", 4096, seed=1)
+    b = random_file(exports / "b.img", 8192, seed=2)
+    with upstream("trionbd", "file", f"dir={exports}") as up:
+        with trionbd_process("nbd", f"socket={up.socket}", "export=b.img") as px:
+            listed = json.loads(run(["nbdinfo", "--list", "--json", px.uri]))
+            assert [e["export-name"] for e in listed["exports"]] == ["b.img"]
+            for name in ("", "a.img", "anything"):
+                run(["nbdcopy", px.uri_for(name), str(tmp_path / "out.img")])
+                assert (tmp_path / "out.img").read_bytes() == b
+        uri = f"nbd+unix:///a.img?socket={up.socket}"
+        with trionbd_process("nbd", uri) as px:  # uri is the magic parameter
+            assert int(run(["nbdinfo", "--size", px.uri]).strip()) == 4096
+
+
+# --- capabilities ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["memory", "4M"],
+        ["-r", "memory", "4M"],
+        ["--filter=nozero", "memory", "4M"],
+        ["--filter=nozero", "memory", "4M", "zeromode=plugin", "fastzeromode=none"],
+        ["--filter=noextents", "memory", "4M"],
+        [
+            "eval",
+            "get_size=echo 4M",
+            "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
+            "is_rotational=exit 0",
+        ],
+        ["--filter=multi-conn", "memory", "4M", "multi-conn-mode=disable"],
+        ["--filter=nocache", "memory", "4M", "cachemode=none"],
+        [
+            "--filter=blocksize-policy",
+            "memory",
+            "4M",
+            "blocksize-minimum=512",
+            "blocksize-preferred=65536",
+            "blocksize-maximum=1M",
+        ],
+        ["pattern", "4M"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_capabilities_are_passed_through_honestly(args: list[str]) -> None:
+    with nbdkit_process(*args) as up, proxy(up) as px:
+        direct, proxied = caps(up.uri), caps(px.uri)
+    if direct["block_size"] == [0, 0, 0]:
+        # The upstream sent no NBD_INFO_BLOCK_SIZE; trionbd always advertises the defaults.
+        direct["block_size"] = [1, 4096, 32 * MiB]
+    assert proxied == direct
+
+
+def test_read_only_upstream_means_read_only_proxy() -> None:
+    script = textwrap.dedent(
+        """
+        import nbd, sys
+        h = nbd.NBD()
+        h.connect_uri(sys.argv[1])
+        print("read-only", h.is_read_only())
+        try:
+            h.pwrite(b"x", 0)
+        except nbd.Error as e:
+            print("write", e.errno)
+        """
+    )
+    with nbdkit_process("-r", "memory", "1M") as up, proxy(up) as px:
+        out = libnbd_python(script.replace("sys.argv[1]", repr(px.uri)))
+    assert "read-only True" in out and "write EPERM" in out
+
+
+def test_upstream_without_structured_replies(tmp_path: Path) -> None:
+    data = random_file(tmp_path / "in.img", 3 * MiB)
+    with nbdkit_process("--no-sr", "memory", "3M") as up, proxy(up) as px:
+        run(["nbdcopy", str(tmp_path / "in.img"), px.uri])
+        run(["nbdcopy", px.uri, str(tmp_path / "out.img")])
+        mapped = run(["nbdinfo", "--map", px.uri]).split()
+    assert (tmp_path / "out.img").read_bytes() == data
+    # Without structured replies the upstream cannot report holes: all of it is data.
+    assert mapped == ["0", str(3 * MiB), "0", "data"]
+
+
+# --- upstream failure --------------------------------------------------------------------------
+
+
+READ_LOOP = textwrap.dedent(
+    """
+    import nbd, sys
+    h = nbd.NBD()
+    h.connect_uri(sys.argv[1])
+    i = 0
+    while True:
+        print("reading", i, flush=True)
+        try:
+            h.pread(65536, (i * 65536) % h.get_size())
+        except nbd.Error as e:
+            print("error", e.errno, flush=True)
+            break
+        i += 1
+    """
+)
+
+
+def wait_for_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 60) -> list[str]:
+    """Lines of ``proc``'s stdout up to and including the first one starting with prefix."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.strip())
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"no line starting with {prefix!r} from {proc.args}: {lines}")
+
+
+def test_upstream_killed_mid_read(tmp_path: Path) -> None:
+    # Every upstream read takes 2 s; the log shows when one has reached the upstream.
+    log = tmp_path / "upstream.log"
+    args = ("--filter=log", "--filter=delay", "memory", "64M", "rdelay=2", f"logfile={log}")
+    with nbdkit_process(*args) as up:
+        with trionbd_process("-v", "nbd", f"socket={up.socket}") as px:
+            client = subprocess.Popen(
+                [SYSTEM_PYTHON, "-c", READ_LOOP, px.uri], stdout=subprocess.PIPE, text=True
+            )
+            try:
+                wait_for_line(client, "reading 1")
+                deadline = time.monotonic() + 60
+                while "Read id=2 " not in log.read_text() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                up.proc.kill()  # read 1 is now waiting inside the upstream
+                up.proc.wait()
+                lines = wait_for_line(client, "error")
+                assert lines[-1] == "error EIO"
+                assert client.wait(30) == 0
+            finally:
+                if client.poll() is None:
+                    client.kill()
+                    client.wait()
+            assert px.proc.poll() is None  # the proxy is still serving
+            assert "connection lost with 1 request in flight" in px.stderr
+
+            # New clients are refused cleanly while the upstream is gone...
+            refused = subprocess.run(["nbdinfo", px.uri], capture_output=True, text=True)
+            assert refused.returncode != 0
+            assert px.proc.poll() is None
+            # ...and served again once it is back on the same socket.
+            os.unlink(up.socket)
+            size = run(["nbdkit", "-U", up.socket, "memory", "5M", "--run",
+                        f"nbdinfo --size '{px.uri}'"])  # fmt: skip
+            assert size.strip() == str(5 * MiB)
+        # trionbd_process: SIGTERM, then exit status 0 and no traceback are checked.
+
+
+def test_upstream_killed_during_a_large_nbdcopy() -> None:
+    with (
+        nbdkit_process("pattern", "16G") as up,
+        trionbd_process("nbd", f"socket={up.socket}") as px,
+    ):
+        copy = subprocess.Popen(
+            ["nbdcopy", px.uri, "null:"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            time.sleep(1.0)  # copying 16 GiB takes far longer than this
+            assert copy.poll() is None
+            up.proc.send_signal(signal.SIGKILL)
+            up.proc.wait()
+            _, err = copy.communicate(timeout=60)
+        finally:
+            if copy.poll() is None:
+                copy.kill()
+                copy.wait()
+        assert copy.returncode != 0
+        assert "Input/output error" in err, err
+        assert px.proc.poll() is None
+
+
+def test_configuration_errors_exit_with_status_2(tmp_path: Path) -> None:
+    cases = [
+        ([], "exactly one of uri=, socket= or hostname="),
+        (["socket=/x", "hostname=h"], "exactly one of"),
+        (["socket=/x", "port=99"], "port= goes with hostname="),
+        (["hostname=h", "port=70000"], "not a TCP port"),
+        (["nbds://h/x"], "TLS"),
+        (["nbd+unix:///x?socket=/s", "export=y"], "the URI names an export"),
+        (["http://h/"], "not an NBD URI"),
+    ]
+    for params, message in cases:
+        result = subprocess.run(
+            [PYTHON, "-m", "trionbd", "-f", "-U", str(tmp_path / "s"), "nbd", *params],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert result.returncode == 2, (params, result.stderr)
+        assert message in result.stderr, (params, result.stderr)
+        assert "Traceback" not in result.stderr
