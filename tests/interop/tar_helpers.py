@@ -1,0 +1,131 @@
+"""Helpers of the tar filter's tests: source trees, archives made by GNU tar, maps.
+
+Archives are always written by the real ``tar`` (GNU tar); the tests then compare what
+the filter serves with the source files and, after writes, with what GNU tar extracts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from tests.support import run
+
+TAR = "--filter=tar"
+MTIME = 1_700_000_000
+"""Modification time given to every source file (2023-11-14T22:13:20Z)."""
+MTIME_TEXT = "2023-11-14T22:13:20Z"
+KiB = 1024
+MiB = 1024 * 1024
+
+
+def write_tree(root: Path, files: dict[str, bytes], seed: int = 0) -> None:
+    """Create ``files`` (path -> content) under ``root`` with mode 0644 and MTIME."""
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        path.chmod(0o644)
+        os.utime(path, (MTIME, MTIME))
+
+
+def random_bytes(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def make_sparse(path: Path, size: int, data: list[tuple[int, int]], seed: int) -> bytes:
+    """A sparse file of ``size`` bytes with random bytes in the ``data`` ranges (holes
+    elsewhere, as far as the file system allows); returns its content."""
+    rng = random.Random(seed)
+    content = bytearray(size)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in data:
+            chunk = rng.randbytes(length)
+            f.seek(offset)
+            f.write(chunk)
+            content[offset : offset + length] = chunk
+    path.chmod(0o644)
+    os.utime(path, (MTIME, MTIME))
+    return bytes(content)
+
+
+def gnu_tar(archive: Path, src: Path, members: list[str], *options: str) -> Path:
+    """``tar OPTIONS -C SRC -cf ARCHIVE --no-recursion MEMBERS`` (members in that order)."""
+    run(["tar", *options, "-C", str(src), "--no-recursion", "-cf", str(archive), *members])
+    return archive
+
+
+def extract(archive: Path, dest: Path) -> Path:
+    """Extract ``archive`` with GNU tar into ``dest`` (created)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    run(["tar", "-C", str(dest), "-xf", str(archive)])
+    return dest
+
+
+def data_offsets(archive: Path) -> dict[str, int]:
+    """Where each regular member's data starts in ``archive`` (read with the stdlib's
+    tarfile, independently of the filter), by name without a leading ``./``."""
+    with tarfile.open(archive) as tar:
+        return {m.name.removeprefix("./"): m.offset_data for m in tar if m.isreg()}
+
+
+def listing(uri: str) -> list[dict[str, Any]]:
+    """``nbdinfo --list --json``: the exports in the order the server listed them."""
+    exports: list[dict[str, Any]] = json.loads(run(["nbdinfo", "--list", "--json", uri]))["exports"]
+    return exports
+
+
+def read_export(uri: str, tmp: Path) -> bytes:
+    """Every byte of an export, copied by nbdcopy."""
+    out = tmp / "nbdcopy.out"
+    out.unlink(missing_ok=True)
+    run(["nbdcopy", uri, str(out)])
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def seek_map(path: Path) -> list[tuple[int, int, int]]:
+    """``(offset, length, type)`` runs of a file from SEEK_DATA/SEEK_HOLE, with the
+    types of ``nbdinfo --map`` (0 data, 3 hole and zero)."""
+    out: list[tuple[int, int, int]] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                data = size
+            if data > pos:
+                out.append((pos, data - pos, 3))
+                pos = data
+                continue
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            out.append((pos, hole - pos, 0))
+            pos = hole
+    finally:
+        os.close(fd)
+    return merge(out)
+
+
+def nbd_map(uri: str) -> list[tuple[int, int, int]]:
+    """``nbdinfo --map --json`` as merged ``(offset, length, type)`` runs."""
+    runs = json.loads(run(["nbdinfo", "--map", "--json", uri]))
+    return merge([(r["offset"], r["length"], r["type"]) for r in runs])
+
+
+def merge(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    out: list[tuple[int, int, int]] = []
+    for offset, length, kind in runs:
+        if out and out[-1][2] == kind and out[-1][0] + out[-1][1] == offset:
+            out[-1] = (out[-1][0], out[-1][1] + length, kind)
+        else:
+            out.append((offset, length, kind))
+    return out
