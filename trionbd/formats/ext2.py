@@ -1390,6 +1390,8 @@ class Ext2FS:
                 if depth and entries == 0 and not is_root:
                     raise FormatError(f"{where}: empty extent index node")
             wanted = [c for c in children if c[2] < nblocks]
+            if not wanted:  # a leaf root: the common case, no read
+                break
             blocks = await self._read_block_set(
                 [c[0] for c in wanted], f"inode {ino}: extent tree blocks"
             )
