@@ -1,0 +1,430 @@
+"""ext2: serve files stored inside an ext2, ext3 or ext4 file system image.
+
+The layer below is a file system image; the exports are regular files inside it. Their
+bytes are read straight from the image: a request is mapped through the file's extent
+tree or block map (``trionbd.formats.ext2``) and becomes one read of the layer below per
+physically contiguous run, so a file in one extent reads as fast as the image itself.
+
+Names:
+
+* Without ``ext2file`` (or with ``ext2file=exportname``, nbdkit's spelling for the same
+  thing) every regular file is an export named by its absolute path, ``/dir/disk.img``;
+  ``nbdinfo --list`` shows them all with their size and mode, and a client may ask for
+  ``dir/disk.img`` too. Any path that reaches a regular file works, through symbolic
+  links (followed, at most 40 per lookup) and ``..``; a directory, device, FIFO, socket,
+  dangling link or link loop is refused with an error that says what the name is. The
+  default export is the first file listed.
+* With ``ext2file=/PATH`` the one file at PATH is served; the export name goes to the
+  layer below unchanged (nbdkit's meaning) and the export list is that of the layer
+  below.
+* When the layer below lists several images (``file dir=DIR``) the names are
+  ``IMAGE/dir/disk.img`` (``IMAGE//dir/disk.img`` is accepted too); with
+  ``ext2file=/PATH`` they are just ``IMAGE``.
+
+Start-up and damage: the superblock, every group descriptor and (without ``ext2file``)
+every regular file with its inode and extent tree or block map are read once, through
+one context of the layer below that lives until the server exits; inodes and file maps
+are cached. A single image that is not a valid ext2/3/4 file system, or whose
+``ext2file`` is missing, stops the server at start-up (exit status 1, message naming
+the image and the problem). Under ``file dir=`` each image is opened when first needed
+and kept; a damaged one is left out of the list with a warning and a client asking for
+it gets the reason. A damaged inode, directory or extent tree affects only the files
+that use it: they are left out of the list with a warning (so every listed file opens),
+a client asking for one gets the reason, and every other file is served.
+
+Holes and uninitialized extents read as zeroes; block status reports them as holes and
+structured reads send them as hole chunks.
+
+Writes (unless the server is read-only, ``-r``) change the file's existing blocks in
+place; no metadata is ever written, so the image stays consistent (``e2fsck -fn``
+clean). This filter does not allocate blocks, so:
+
+* A write that touches a hole or an uninitialized extent fails with ENOSPC ("block
+  allocation is not supported") and nothing of it is written (the whole request is
+  checked first) — unless the bytes meant for the hole are all zero, which it already
+  reads as.
+* The size is fixed: writes past the end fail with ENOSPC.
+* Zeroing is advertised: allocated blocks are zeroed in place by the layer below, holes
+  already read as zero. With NO_HOLE (the client asks for allocated zeroes) a range
+  touching a hole fails with ENOSPC. Fast zero is advertised when the layer below has it.
+* Trim is not advertised (it would free blocks).
+* Files with inline data (``inline_data``: the bytes live in the inode) and file systems
+  the reader must not write to (unknown read-only-compatible features, marked with
+  errors, ...) are served read-only. A file's modification time is not updated.
+
+A journal that needs recovery (``needs_recovery``: transactions not yet replayed) means
+the file system may be inconsistent: such an image is refused, unless the server is
+read-only (``-r``) and ``ext2-allow-recovery=true`` is given; then it is served as it is
+on disk, without the journal's changes.
+
+Parameters:
+  ext2file=PATH            serve only the file at PATH (absolute, inside the file system)
+  ext2file=exportname      the export name is the path (the same as no ext2file)
+  ext2-allow-recovery=BOOL serve an image whose journal needs recovery (needs -r)
+
+Examples:
+  trionbd file fs.img --filter=ext2
+  trionbd file fs.img --filter=ext2 ext2file=/disk.img
+  trionbd -r file dir=/var/images --filter=ext2
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..chain import (
+    BuildOnce,
+    ConfigError,
+    Export,
+    Extent,
+    Filter,
+    Layer,
+    NBDError,
+    Next,
+    Param,
+    ProductNames,
+    Sparse,
+    StartupError,
+    ZeroMode,
+    parse_bool,
+)
+from ..formats import FormatError
+from ..formats.ext2 import (
+    Ext2FS,
+    Ext2NotFound,
+    Ext2NotRegularFile,
+    Ext2SymlinkLoop,
+    Ext2Unsupported,
+    FileMap,
+    Inode,
+    Segment,
+)
+from ..protocol.constants import CmdFlag, State
+
+if TYPE_CHECKING:
+    from ..nursery import Lifetime
+
+log = logging.getLogger(__name__)
+
+EXPORTNAME = "exportname"
+"""``ext2file=exportname``: the client's export name is the path (nbdkit's meaning)."""
+
+_HOLE = State.HOLE | State.ZERO
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """One file system image of the layer below, opened once and kept."""
+
+    fs: Ext2FS
+    export: str
+    """Its name in the layer below ("" for the single image)."""
+    label: str
+    """How messages name the image."""
+    files: list[Export]
+    """Every regular file as an export (empty with ``ext2file=PATH``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class File:
+    """The handle of one open export: a regular file of an image."""
+
+    where: str
+    """How messages name the file: ``ext2: IMAGE: 'PATH'``."""
+    inode: Inode
+    fmap: FileMap
+    read_only_reason: str | None
+
+
+def describe(inode: Inode) -> str:
+    """The export description of a file: its size and mode."""
+    return f"regular file, {inode.size} bytes, mode {stat.S_IMODE(inode.mode):04o}"
+
+
+def _image_label(below: Layer, export: str) -> str:
+    """``image 'NAME'``; for the single unnamed export of a plugin, the value of the
+    plugin's magic parameter when it keeps it under that name (``file fs.img``)."""
+    if export:
+        return f"image {export!r}"
+    magic = getattr(below.target, "magic_param", None)
+    value = getattr(below.target, magic, None) if magic else None
+    return f"image {value}" if isinstance(value, str) else f"the {below.name} image"
+
+
+def _open_error(label: str, path: str, e: FormatError) -> NBDError:
+    """The error a client gets for a path that does not lead to a servable file."""
+    if isinstance(e, Ext2NotRegularFile):  # the reader's messages name the path
+        return NBDError(errno.ENOENT, f"ext2: {label}: {e}; only regular files are exports")
+    if isinstance(e, Ext2NotFound | Ext2SymlinkLoop):
+        return NBDError(errno.ENOENT, f"ext2: {label}: {e}")
+    code = errno.ENOTSUP if isinstance(e, Ext2Unsupported) else errno.EIO
+    return NBDError(code, f"ext2: {label}: {path!r}: {e}")
+
+
+def _no_allocation(h: File, hole: Segment, what: str) -> NBDError:
+    """The error for a request that would need blocks allocated in ``hole``."""
+    return NBDError(
+        errno.ENOSPC,
+        f"{h.where}: cannot {what}: bytes {hole.offset}..{hole.offset + hole.length} of the "
+        "file are a hole or an uninitialized extent, and block allocation is not supported "
+        "(nothing was written)",
+    )
+
+
+class Ext2Filter(Filter):
+    """Serve regular files inside an ext2/3/4 image of the layer below."""
+
+    name = "ext2"
+    params = (
+        Param(
+            "ext2file",
+            "serve only this file (absolute path inside the file system); 'exportname': "
+            "the export name is the path (the default: every regular file is an export)",
+        ),
+        Param(
+            "ext2-allow-recovery",
+            "serve an image whose journal needs recovery, as it is on disk (needs -r)",
+            parse_bool,
+        ),
+    )
+    nonblocking = True
+
+    def __init__(self, ext2file: str | None = None, ext2_allow_recovery: bool = False):
+        if ext2file is not None and ext2file.strip("/") == "":
+            raise ConfigError(f"ext2: ext2file={ext2file!r} names no file (give /PATH)")
+        self.path = None if ext2file in (None, EXPORTNAME) else ext2file
+        """The one file to serve, or None: the export names are the paths."""
+        self.allow_recovery = ext2_allow_recovery
+        self.images: BuildOnce[str, Image] = BuildOnce(self._open_image)
+        self._lifetime: Lifetime | None = None
+        self._below: Layer | None = None
+        self._single = True
+        """The layer below has only its unnamed default export (one image)."""
+
+    # --- start-up ------------------------------------------------------------------------
+
+    async def after_fork(self, lifetime: Lifetime, below: Layer) -> None:
+        self._lifetime, self._below = lifetime, below
+        names = await ProductNames.of(below, lifetime.readonly, False)
+        self._single = names.single
+        if self._single:  # the only image: any problem stops the server now
+            try:
+                image = await self.images.get("")
+                if self.path is not None:
+                    await self._file(image, self.path)
+            except NBDError as e:
+                raise StartupError(e.message) from None
+
+    async def _open_image(self, export: str) -> Image:
+        """Read the superblock, group descriptors and file list of one image (the build
+        function of ``self.images``)."""
+        assert self._lifetime is not None and self._below is not None
+        label = _image_label(self._below, export)
+        ctx = await self._lifetime.open_context(self._below, export, readonly=True)
+        size = await ctx.get_size()
+
+        async def pread(offset: int, length: int) -> bytes:
+            return await ctx.pread(length, offset)
+
+        def skip(path: str, e: FormatError) -> None:
+            log.warning("ext2: %s: not listing %r: %s", label, path, e)
+
+        try:
+            fs = await Ext2FS.open(pread, size, allow_needs_recovery=True)
+            self._check_recovery(fs, label)
+            await fs.check_group_descriptors()
+            files = []
+            if self.path is None:
+                async for path, inode in fs.iter_files(skip):
+                    try:  # only files that open are listed (nbdinfo --list opens them all)
+                        await fs.extents(inode.ino)
+                    except FormatError as e:
+                        skip(path, e)
+                        continue
+                    name = path if self._single else f"{export}/{path[1:]}"
+                    files.append(Export(name, describe(inode)))
+        except FormatError as e:
+            raise NBDError(errno.EIO, f"ext2: {label}: {e}") from None
+        if fs.read_only_reason:
+            log.warning("ext2: %s is served read-only: %s", label, fs.read_only_reason)
+        return Image(fs, export, label, files)
+
+    def _check_recovery(self, fs: Ext2FS, label: str) -> None:
+        """Refuse an image whose journal needs recovery unless explicitly allowed."""
+        assert self._lifetime is not None
+        if not fs.needs_recovery:
+            return
+        problem = (
+            f"ext2: {label}: the journal needs recovery (feature needs_recovery): the file "
+            "system may be inconsistent until e2fsck replays the journal"
+        )
+        if not self.allow_recovery:
+            raise NBDError(
+                errno.EPERM,
+                f"{problem}; to serve it as it is on disk anyway, use -r and "
+                "ext2-allow-recovery=true",
+            )
+        if not self._lifetime.readonly:
+            raise NBDError(
+                errno.EPERM, f"{problem}; ext2-allow-recovery=true needs a read-only server (-r)"
+            )
+
+    async def _file(self, image: Image, path: str) -> File:
+        """The regular file at ``path`` in ``image``."""
+        fs = image.fs
+        try:
+            inode = await fs.resolve_regular(path)
+            fmap = await fs.extents(inode.ino)
+        except FormatError as e:
+            raise _open_error(image.label, path, e) from None
+        reason = fs.read_only_reason
+        if fmap.inline is not None:
+            reason = "the file's data is inline in its inode (inline_data)"
+        return File(f"ext2: {image.label}: {path!r}", inode, fmap, reason)
+
+    # --- exports -------------------------------------------------------------------------
+
+    async def _images(self, below: Layer, readonly: bool, is_tls: bool) -> list[Image]:
+        """Every image of the layer below that opens; the others are logged."""
+        if self._single:
+            return [await self.images.get("")]
+        out = []
+        for export in (await ProductNames.of(below, readonly, is_tls)).below:
+            try:
+                out.append(await self.images.get(export))
+            except NBDError as e:
+                log.warning("%s (not listed)", e.message)
+        return out
+
+    async def list_exports(self, below: Layer, readonly: bool, is_tls: bool) -> list[Export]:
+        images = await self._images(below, readonly, is_tls)
+        if self.path is None:
+            return [export for image in images for export in image.files]
+        out = []
+        for image in images:
+            try:
+                file = await self._file(image, self.path)
+            except NBDError as e:
+                log.warning("%s (not listed)", e.message)
+                continue
+            out.append(Export(image.export, describe(file.inode)))
+        return out
+
+    async def default_export(self, below: Layer, readonly: bool, is_tls: bool) -> str:
+        if self.path is not None:
+            return await below.default_export(readonly, is_tls)
+        for image in await self._images(below, readonly, is_tls):
+            if image.files:
+                return image.files[0].name
+        return ""
+
+    async def open(
+        self, below: Layer, readonly: bool, export_name: str, is_tls: bool
+    ) -> tuple[Next, File]:
+        export, path = "", export_name
+        if not self._single:
+            names = await ProductNames.of(below, readonly, is_tls)
+            if self.path is None:
+                export, path = names.split(export_name)
+            elif export_name in names.below:
+                export = export_name
+            else:
+                shown = ", ".join(repr(n) for n in names.below[:5])
+                more = f" and {len(names.below) - 5} more" if len(names.below) > 5 else ""
+                raise NBDError(
+                    errno.ENOENT,
+                    f"ext2: no image named {export_name!r} (with ext2file=PATH the export "
+                    f"names are those of the layer below: {shown}{more})",
+                )
+        image = await self.images.get(export)
+        file = await self._file(image, path if self.path is None else self.path)
+        next = await below.open(readonly or file.read_only_reason is not None, export, is_tls)
+        return next, file
+
+    # --- capabilities --------------------------------------------------------------------
+
+    async def get_size(self, next: Next, h: File) -> int:
+        return h.inode.size
+
+    async def export_description(self, next: Next, h: File) -> str | None:
+        return describe(h.inode)
+
+    async def can_write(self, next: Next, h: File) -> bool:
+        return h.read_only_reason is None and await next.can_write()
+
+    async def can_trim(self, next: Next, h: File) -> bool:
+        return False
+
+    async def can_zero(self, next: Next, h: File) -> ZeroMode:
+        return ZeroMode.NONE if await next.can_zero() is ZeroMode.NONE else ZeroMode.NATIVE
+
+    async def can_extents(self, next: Next, h: File) -> bool:
+        return True
+
+    # --- data ----------------------------------------------------------------------------
+
+    async def pread(self, next: Next, h: File, count: int, offset: int, flags: int) -> bytes:
+        fmap = h.fmap
+        if fmap.inline is not None:
+            return fmap.inline[offset : offset + count]
+        segments = fmap.lookup(offset, count)
+        if len(segments) == 1 and segments[0].physical is not None:
+            return await next.pread(count, segments[0].physical, flags)
+        parts = []
+        holes = []
+        for seg in segments:
+            if seg.physical is None:
+                parts.append(bytes(seg.length))
+                holes.append((seg.offset - offset, seg.length))
+            else:
+                parts.append(await next.pread(seg.length, seg.physical, flags))
+        data = b"".join(parts)
+        return Sparse(data, tuple(holes)) if holes else data
+
+    async def pwrite(self, next: Next, h: File, buf: bytes, offset: int, flags: int) -> None:
+        segments = h.fmap.lookup(offset, len(buf))
+        if len(segments) == 1 and segments[0].physical is not None:
+            await next.pwrite(buf, segments[0].physical, flags)
+            return
+        for seg in segments:  # check everything before writing anything
+            start = seg.offset - offset
+            if seg.physical is None and buf.count(0, start, start + seg.length) != seg.length:
+                raise _no_allocation(h, seg, f"write {len(buf)} bytes at offset {offset}")
+        for seg in segments:
+            if seg.physical is not None:
+                start = seg.offset - offset
+                await next.pwrite(buf[start : start + seg.length], seg.physical, flags)
+
+    async def zero(self, next: Next, h: File, count: int, offset: int, flags: int) -> None:
+        segments = h.fmap.lookup(offset, count)
+        if flags & CmdFlag.NO_HOLE:
+            for seg in segments:
+                if seg.physical is None:
+                    what = f"write {count} allocated zero bytes at offset {offset}"
+                    raise _no_allocation(h, seg, what)
+        for seg in segments:
+            if seg.physical is not None:
+                await next.zero(seg.length, seg.physical, flags)
+
+    async def extents(
+        self, next: Next, h: File, count: int, offset: int, flags: int
+    ) -> list[Extent]:
+        if h.fmap.inline is not None:
+            return [Extent(offset, count, 0)]
+        return [
+            Extent(s.offset, s.length, 0 if s.physical is not None else _HOLE)
+            for s in h.fmap.lookup(offset, count)
+        ]
+
+    async def cache(self, next: Next, h: File, count: int, offset: int, flags: int) -> None:
+        if h.fmap.inline is None:
+            for seg in h.fmap.lookup(offset, count):
+                if seg.physical is not None:
+                    await next.cache(seg.length, seg.physical, flags)
+
+
+FILTER = Ext2Filter
