@@ -14,6 +14,9 @@ Guarantees:
   once, in reverse order of opening, shielded from cancellation, each with a deadline.
 * A lifetime context refuses new calls once closing has begun (``NBDError`` with
   ``ESHUTDOWN``); calls already running may finish until the deadline.
+* Tasks in ``lifetime.nursery`` are shielded from the cancellation that shuts the
+  server down: they keep running while clients drain and contexts close (the ``nbd``
+  plugin's connections need their reader tasks until then), and are cancelled last.
 """
 
 from __future__ import annotations
@@ -195,11 +198,22 @@ async def open_lifetime(
 ) -> AsyncIterator[Lifetime]:
     """Run ``after_fork`` of every layer, yield the lifetime, and tear it down on exit.
     ``readonly`` tells the layers that the server serves every export read-only."""
-    async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as outer:
+        nursery, background = await outer.start(_background_nursery)
         lifetime = Lifetime(chain, nursery, close_timeout, readonly)
         try:
             await lifetime._start()
             yield lifetime
         finally:
             await lifetime._stop()
-            nursery.cancel_scope.cancel()
+            background.cancel()
+
+
+async def _background_nursery(
+    *, task_status: trio.TaskStatus[tuple[trio.Nursery, trio.CancelScope]]
+) -> None:
+    """Host ``lifetime.nursery`` under a shield that only ``open_lifetime`` cancels."""
+    with trio.CancelScope(shield=True) as scope:
+        async with trio.open_nursery() as nursery:
+            task_status.started((nursery, scope))
+            await trio.sleep_forever()
