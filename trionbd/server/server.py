@@ -163,8 +163,13 @@ async def _run_shielded(
     try:
         async with open_lifetime(chain, readonly=config.readonly) as lifetime:
             server = Server(chain, lifetime, config, listeners)
+            # Hand the server over before shielding (the listeners already listen). If
+            # start-up was cancelled meanwhile, started() quietly hands nothing over and
+            # the checkpoint ends this task: shielded, nobody could ever shut it down.
+            task_status.started(server)
+            await trio.lowlevel.checkpoint()
             with trio.CancelScope(shield=True):
-                await server.run(task_status=task_status)
+                await server.run()
     finally:
         parent.cancel_scope.cancel()
 
