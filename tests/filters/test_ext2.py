@@ -603,9 +603,11 @@ def test_ext2file_serves_one_file_under_any_name(
     deep = (src / "d1/d2/deep.bin").read_bytes()
     with trionbd_process("file", str(image), EXT2, "ext2file=/d1/d2/deep.bin") as server:
         exports = listing(server.uri)
-        assert list(exports) == [""]
-        assert exports[""]["description"] == "regular file, 300000 bytes, mode 0644"
-        assert nbdcopy(server.uri, tmp_path / "o") == deep
+        assert list(exports) == ["/d1/d2/deep.bin"]
+        assert exports["/d1/d2/deep.bin"]["description"] == (
+            "regular file, 300000 bytes, mode 0644"
+        )
+        assert nbdcopy(server.uri, tmp_path / "o") == deep  # the default export
         assert nbdcopy(server.uri_for("whatever"), tmp_path / "o") == deep
     with trionbd_process("file", str(image), EXT2, "ext2file=/chain1") as server:
         assert nbdcopy(server.uri, tmp_path / "o") == (src / "hello.txt").read_bytes()
@@ -635,13 +637,13 @@ def test_ext2file_exportname_takes_the_path_from_the_client(
 
 @pytest.fixture
 def image_dir(images: Callable[[str], Path], tmp_path: Path) -> Path:
-    """Two good images and a corrupt one (all zeros)."""
+    """Two good images and a damaged one (all zeros, as large as a.img)."""
     d = tmp_path / "images"
     d.mkdir()
     copy_image(images("ext2-1k"), d / "a.img")
     copy_image(images("ext4-4k"), d / "b.img")
     with open(d / "c.img", "wb") as f:
-        f.truncate(8 * MiB)
+        f.truncate((d / "a.img").stat().st_size)
     return d
 
 
@@ -663,6 +665,14 @@ def test_product_names_over_a_directory_of_images(
         assert "is a directory" in refusal(server, "a.img/d1")
         assert "no export named 'z.img/x'" in refusal(server, "z.img/x")
         log = server.stderr
+        # a damaged image is read again when next needed: repaired in place, it is served
+        with open(image_dir / "c.img", "r+b") as f:
+            f.write((image_dir / "a.img").read_bytes())
+        assert (
+            nbdcopy(server.uri_for("c.img/hello.txt"), tmp_path / "o")
+            == (src / "hello.txt").read_bytes()
+        )
+        assert len(listing(server.uri)) == 3 * len(files)
     assert re.search(r"ext2: image 'c\.img': bad superblock magic .* \(not listed\)", log)
 
 

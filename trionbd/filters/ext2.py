@@ -14,12 +14,11 @@ Names:
   links (followed, at most 40 per lookup) and ``..``; a directory, device, FIFO, socket,
   dangling link or link loop is refused with an error that says what the name is. The
   default export is the first file listed.
-* With ``ext2file=/PATH`` the one file at PATH is served; the export name goes to the
-  layer below unchanged (nbdkit's meaning) and the export list is that of the layer
-  below.
+* With ``ext2file=/PATH`` the one file at PATH is served whatever export name a client
+  asks for (as nbdkit's ext2 filter); it is listed, and is the default, as ``/PATH``.
 * When the layer below lists several images (``file dir=DIR``) the names are
   ``IMAGE/dir/disk.img`` (``IMAGE//dir/disk.img`` is accepted too); with
-  ``ext2file=/PATH`` they are just ``IMAGE``.
+  ``ext2file=/PATH`` they are just ``IMAGE``, each serving its own file PATH.
 
 Start-up and damage: the superblock, every group descriptor and (without ``ext2file``)
 every regular file with its inode and extent tree or block map are read once, through
@@ -27,8 +26,11 @@ one context of the layer below that lives until the server exits; inodes and fil
 are cached. A single image that is not a valid ext2/3/4 file system, or whose
 ``ext2file`` is missing, stops the server at start-up (exit status 1, message naming
 the image and the problem). Under ``file dir=`` each image is opened when first needed
-and kept; a damaged one is left out of the list with a warning and a client asking for
-it gets the reason. A damaged inode, directory or extent tree affects only the files
+and kept for the server's life (restart the server after replacing one); a damaged one
+is left out of the list with a warning, a client asking for it gets the reason, and it
+is read again when next needed (so an image repaired in place, by e2fsck say, is then
+served).
+A damaged inode, directory or extent tree affects only the files
 that use it: they are left out of the list with a warning (so every listed file opens),
 a client asking for one gets the reason, and every other file is served.
 
@@ -199,7 +201,10 @@ class Ext2Filter(Filter):
         self.path = None if ext2file in (None, EXPORTNAME) else ext2file
         """The one file to serve, or None: the export names are the paths."""
         self.allow_recovery = ext2_allow_recovery
-        self.images: BuildOnce[str, Image] = BuildOnce(self._open_image)
+        self.images: BuildOnce[str, Image] = BuildOnce(self._open_image, remember_errors=False)
+        """Images that opened, by export name below (a failure is tried again next time)."""
+        self._contexts: BuildOnce[str, Next] = BuildOnce(self._open_context, remember_errors=False)
+        """One lifetime context per image, for its metadata (also when it fails to parse)."""
         self._lifetime: Lifetime | None = None
         self._below: Layer | None = None
         self._single = True
@@ -219,12 +224,20 @@ class Ext2Filter(Filter):
             except NBDError as e:
                 raise StartupError(e.message) from None
 
+    async def _open_context(self, export: str) -> Next:
+        assert self._lifetime is not None and self._below is not None
+        try:
+            return await self._lifetime.open_context(self._below, export, readonly=True)
+        except NBDError as e:
+            label = _image_label(self._below, export)
+            raise NBDError(e.errno, f"ext2: {label}: {e.message}") from None
+
     async def _open_image(self, export: str) -> Image:
         """Read the superblock, group descriptors and file list of one image (the build
         function of ``self.images``)."""
-        assert self._lifetime is not None and self._below is not None
+        assert self._below is not None
         label = _image_label(self._below, export)
-        ctx = await self._lifetime.open_context(self._below, export, readonly=True)
+        ctx = await self._contexts.get(export)
         size = await ctx.get_size()
 
         async def pread(offset: int, length: int) -> bytes:
@@ -311,12 +324,13 @@ class Ext2Filter(Filter):
             except NBDError as e:
                 log.warning("%s (not listed)", e.message)
                 continue
-            out.append(Export(image.export, describe(file.inode)))
+            name = self.path if self._single else image.export
+            out.append(Export(name, describe(file.inode)))
         return out
 
     async def default_export(self, below: Layer, readonly: bool, is_tls: bool) -> str:
         if self.path is not None:
-            return await below.default_export(readonly, is_tls)
+            return self.path if self._single else await below.default_export(readonly, is_tls)
         for image in await self._images(below, readonly, is_tls):
             if image.files:
                 return image.files[0].name
