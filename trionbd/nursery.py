@@ -213,6 +213,9 @@ async def _background_nursery(
     *, task_status: trio.TaskStatus[tuple[trio.Nursery, trio.CancelScope]]
 ) -> None:
     """Host ``lifetime.nursery`` under a shield that only ``open_lifetime`` cancels."""
+    # If start-up is already cancelled, started() would hand nothing over and the shielded
+    # host would sleep forever: stop here instead (no checkpoint follows until started()).
+    await trio.lowlevel.checkpoint_if_cancelled()
     with trio.CancelScope(shield=True) as scope:
         async with trio.open_nursery() as nursery:
             task_status.started((nursery, scope))
