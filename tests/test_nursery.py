@@ -237,6 +237,16 @@ async def test_the_server_cancelled_at_the_end_of_start_up_stops_cleanly() -> No
     assert closes(events) == [("close", "a"), ("closed", "a")]
 
 
+async def test_a_lifetime_opened_under_a_cancelled_scope_ends_at_once() -> None:
+    events: list[tuple[str, ...]] = []
+    with trio.fail_after(60), trio.CancelScope() as scope:
+        scope.cancel()
+        async with open_lifetime(Chain(Recorder(events), [Opener(events, ["a"])])):
+            pytest.fail("the lifetime started although it was cancelled")
+    assert scope.cancelled_caught
+    assert events == []
+
+
 # --- late users ----------------------------------------------------------------------------
 
 
