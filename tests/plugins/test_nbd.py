@@ -400,3 +400,40 @@ def test_configuration_errors_exit_with_status_2(tmp_path: Path) -> None:
         assert result.returncode == 2, (params, result.stderr)
         assert message in result.stderr, (params, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_requests_in_flight_at_sigterm_finish_within_the_grace_period(tmp_path: Path) -> None:
+    """SIGTERM lets in-flight reads finish: the upstream connections live until the
+    clients are done (their reader tasks are not cancelled with the listeners)."""
+    log = tmp_path / "upstream.log"
+    args = ("--filter=log", "--filter=delay", "memory", "8M", "rdelay=1", f"logfile={log}")
+    script = textwrap.dedent(
+        """
+        import nbd, sys
+        h = nbd.NBD()
+        h.connect_uri(sys.argv[1])
+        h.pwrite(b"still here", 4096)
+        print("reading", flush=True)
+        print(h.pread(10, 4096), flush=True)
+        """
+    )
+    with nbdkit_process(*args) as up:
+        with trionbd_process("nbd", f"socket={up.socket}") as px:
+            client = subprocess.Popen(
+                [SYSTEM_PYTHON, "-c", script, px.uri], stdout=subprocess.PIPE, text=True
+            )
+            try:
+                wait_for_line(client, "reading")
+                deadline = time.monotonic() + 60
+                while "Read id=" not in log.read_text() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                px.proc.send_signal(signal.SIGTERM)  # the read now waits upstream for 1 s
+                lines = wait_for_line(client, "bytearray")
+                assert lines[-1] == "bytearray(b'still here')"
+                assert client.wait(30) == 0
+                assert px.proc.wait(30) == 0
+            finally:
+                if client.poll() is None:
+                    client.kill()
+                    client.wait()
+    assert "Disconnect" in log.read_text()  # the proxy said goodbye to the upstream

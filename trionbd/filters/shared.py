@@ -1,0 +1,84 @@
+"""shared: all clients share one context of the layer below per export.
+
+Without this filter every client connection opens its own context of the plugin (for
+the ``nbd`` plugin: its own upstream connection). With it, the first client asking for
+an export opens one context of the layer below through the lifetime nursery, and every
+later client of that export uses the same one; it is closed when the server exits, not
+when clients leave. ``trionbd --filter=shared nbd socket=UPSTREAM`` therefore keeps
+exactly one upstream connection however many clients come and go.
+
+Consequences:
+
+* Requests of all clients meet in one context. The plugin's concurrency declaration
+  applies to that context as it would to one client: a plugin that serializes requests
+  per connection now serializes them across all clients.
+* A FLUSH from any client flushes the shared context, so multi-conn is advertised.
+* The context is opened with the read-only setting of the first client that needs it
+  (the server's ``-r``); a client can never make it writable, and a read-only client
+  of a writable context stays read-only.
+* The default export is resolved once (the name of the layer below's default export
+  does not change while clients share it).
+* If opening fails, the next client tries again. If the shared context breaks (the
+  upstream server of ``nbd`` dies), every client sees the errors until the server is
+  restarted.
+
+Parameters: none.
+
+Example:
+  trionbd --filter=shared nbd socket=/tmp/upstream.sock
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+from ..chain import BuildOnce, Filter, Layer, NBDError, Next
+
+if TYPE_CHECKING:
+    from ..nursery import Lifetime
+
+
+class SharedFilter(Filter):
+    """One context of the layer below per export, shared by every client."""
+
+    name = "shared"
+
+    def __init__(self) -> None:
+        self._lifetime: Lifetime | None = None
+        self._below: Layer | None = None
+        self._readonly: bool | None = None
+        self._contexts: BuildOnce[str, Next] = BuildOnce(self._open_shared, remember_errors=False)
+        self._defaults: BuildOnce[tuple[bool, bool], str] = BuildOnce(
+            self._default_below, remember_errors=False
+        )
+
+    async def after_fork(self, lifetime: Lifetime, below: Layer) -> None:
+        self._lifetime = lifetime
+        self._below = below
+
+    async def default_export(self, below: Layer, readonly: bool, is_tls: bool) -> str:
+        return await self._defaults.get((readonly, is_tls))
+
+    async def _default_below(self, key: tuple[bool, bool]) -> str:
+        assert self._below is not None
+        return await self._below.default_export(*key)
+
+    async def open(
+        self, below: Layer, readonly: bool, export_name: str, is_tls: bool
+    ) -> tuple[Next, Any]:
+        if self._readonly is None:
+            self._readonly = readonly
+        return await self._contexts.get(export_name), None
+
+    async def _open_shared(self, export_name: str) -> Next:
+        if self._lifetime is None or self._below is None:
+            raise NBDError(errno.EIO, "shared: opened before after_fork")
+        assert self._readonly is not None
+        return await self._lifetime.open_context(self._below, export_name, self._readonly)
+
+    async def can_multi_conn(self, next: Next, h: Any) -> bool:
+        return True
+
+
+FILTER = SharedFilter
