@@ -682,7 +682,13 @@ class FileMap:
         bs = self.block_size
         starts, lens, phys = self._starts, self._lens, self._phys
         n = len(starts)
-        i = max(bisect_right(starts, offset // bs) - 1, 0)
+        i = bisect_right(starts, offset // bs) - 1
+        if i >= 0:  # fast path: the whole range inside one run (a read of a few blocks)
+            run_off = starts[i] * bs
+            if end <= run_off + lens[i] * bs:
+                return [Segment(offset, end - offset, phys[i] * bs + (offset - run_off))]
+        else:
+            i = 0
         pos = offset
         while pos < end:
             if i < n:
