@@ -13,9 +13,9 @@ Consequences:
   applies to that context as it would to one client: a plugin that serializes requests
   per connection now serializes them across all clients.
 * A FLUSH from any client flushes the shared context, so multi-conn is advertised.
-* The context is opened with the read-only setting of the first client that needs it
-  (the server's ``-r``); a client can never make it writable, and a read-only client
-  of a writable context stays read-only.
+* The context is opened with the server's read-only setting (``-r``); a client can
+  never make it writable, and a read-only client of a writable context stays
+  read-only.
 * The default export is resolved once (the name of the layer below's default export
   does not change while clients share it).
 * If opening fails, the next client tries again. If the shared context breaks (the
@@ -47,7 +47,6 @@ class SharedFilter(Filter):
     def __init__(self) -> None:
         self._lifetime: Lifetime | None = None
         self._below: Layer | None = None
-        self._readonly: bool | None = None
         self._contexts: BuildOnce[str, Next] = BuildOnce(self._open_shared, remember_errors=False)
         self._defaults: BuildOnce[tuple[bool, bool], str] = BuildOnce(
             self._default_below, remember_errors=False
@@ -67,15 +66,13 @@ class SharedFilter(Filter):
     async def open(
         self, below: Layer, readonly: bool, export_name: str, is_tls: bool
     ) -> tuple[Next, Any]:
-        if self._readonly is None:
-            self._readonly = readonly
         return await self._contexts.get(export_name), None
 
     async def _open_shared(self, export_name: str) -> Next:
         if self._lifetime is None or self._below is None:
             raise NBDError(errno.EIO, "shared: opened before after_fork")
-        assert self._readonly is not None
-        return await self._lifetime.open_context(self._below, export_name, self._readonly)
+        lifetime = self._lifetime
+        return await lifetime.open_context(self._below, export_name, lifetime.readonly)
 
     async def can_multi_conn(self, next: Next, h: Any) -> bool:
         return True
