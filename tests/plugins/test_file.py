@@ -34,7 +34,7 @@ def plugin(**kw: str) -> FilePlugin:
 
 def seek_map(path: Path) -> list[tuple[int, int, int]]:
     """(offset, length, base:allocation flags) of a file, straight from SEEK_DATA/HOLE."""
-    out = []
+    out: list[tuple[int, int, int]] = []
     size = path.stat().st_size
     with open(path, "rb") as f:
         fd = f.fileno()
