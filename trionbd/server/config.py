@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 
 from ..protocol.constants import HandshakeFlag
+from .tls import TLSMode
 
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a client has to finish negotiating before it is disconnected."""
@@ -27,3 +29,7 @@ class ServerConfig:
     shutdown_timeout: float = SHUTDOWN_TIMEOUT
     max_in_flight: int = MAX_IN_FLIGHT
     max_connections: int | None = None
+    tls: TLSMode = TLSMode.OFF
+    """``--tls``: whether STARTTLS is offered, and whether it is required."""
+    tls_context: ssl.SSLContext | None = None
+    """The server-side TLS context (needed unless ``tls`` is ``OFF``)."""

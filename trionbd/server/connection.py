@@ -50,6 +50,7 @@ from ..protocol.events import (
     UnknownOption,
 )
 from ..protocol.server import ServerConnection
+from .tls import TLSMode
 from .transport import Buffer, Transport
 
 if TYPE_CHECKING:
@@ -222,7 +223,17 @@ class Connection:
                     return None
                 continue
             self.debug("option %s", event)
-            if isinstance(event, InfoOption):
+            refused = self._refused_before_tls(event)
+            if refused is not None:
+                if isinstance(event, ExportNameOption):
+                    log.info(
+                        "conn %d: EXPORT_NAME before STARTTLS; TLS is required: closing", self.id
+                    )
+                    return None
+                await self._refuse(
+                    refused, Rep.ERR_TLS_REQD, "TLS is required: send STARTTLS first"
+                )
+            elif isinstance(event, InfoOption):
                 ctx = await self._info(event)
                 if ctx is not None:
                     return ctx
@@ -238,7 +249,8 @@ class Connection:
             elif isinstance(event, MetaContextOption):
                 await self._meta_context(event)
             elif isinstance(event, StartTLSOption):
-                await self._starttls(event.option)
+                if not await self._starttls(event.option):
+                    return None
             elif isinstance(event, AbortOption):
                 try:
                     await self._send([proto.abort(event.option)])
@@ -260,8 +272,33 @@ class Connection:
         self.debug("refusing option %d with %s: %s", option, reply.name, message)
         await self._send([self.proto.reply_error(option, reply, message)])
 
-    async def _starttls(self, option: int) -> None:
-        await self._refuse(option, Rep.ERR_UNSUP, "TLS is not configured on this server")
+    def _refused_before_tls(self, event: object) -> int | None:
+        """Under ``--tls=require`` before TLS: the option of ``event`` if it must be
+        refused (every option but STARTTLS and ABORT is), else ``None``."""
+        if self.config.tls is not TLSMode.REQUIRE or self.is_tls:
+            return None
+        option: int | None = getattr(event, "option", None)
+        return None if option in (None, Opt.STARTTLS, Opt.ABORT) else option
+
+    async def _starttls(self, option: int) -> bool:
+        """Answer STARTTLS; after an ACK the TLS handshake follows and everything
+        negotiated before is forgotten. False when the connection must close."""
+        context = self.config.tls_context
+        if self.config.tls is TLSMode.OFF or context is None:
+            await self._refuse(option, Rep.ERR_POLICY, "TLS is off on this server")
+            return True
+        if self.is_tls:
+            await self._refuse(option, Rep.ERR_INVALID, "TLS is already active")
+            return True
+        await self._send([self.proto.start_tls(option)])
+        try:
+            version = await self.transport.start_tls(context)
+        except trio.BrokenResourceError as e:
+            log.warning("conn %d: TLS handshake failed: %s; closing", self.id, e.__cause__ or e)
+            return False
+        self.info.is_tls = True
+        self.debug("TLS handshake done (%s)", version)
+        return True
 
     async def _open(self, requested: str) -> tuple[str, Next]:
         """Resolve ``""`` to the default export's name and open the export."""

@@ -1,6 +1,11 @@
-"""Moving bytes: receive into a reused buffer, send many buffers in one system call."""
+"""Moving bytes: receive into a reused buffer, send many buffers in one system call.
+
+After :meth:`Transport.start_tls` every byte goes through a ``trio.SSLStream``.
+"""
 
 from __future__ import annotations
+
+import ssl
 
 import trio
 
@@ -20,6 +25,15 @@ class Transport:
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._rbuf = bytearray(RECEIVE_SIZE)
         self._rview = memoryview(self._rbuf)
+
+    async def start_tls(self, context: ssl.SSLContext) -> str:
+        """Wrap the stream in TLS (server side) and do the handshake; returns the TLS
+        version. Raises ``trio.BrokenResourceError`` if the handshake fails."""
+        stream = trio.SSLStream(self.stream, context, server_side=True)
+        self.stream = stream
+        self._sock = None
+        await stream.do_handshake()
+        return stream.version() or "TLS"
 
     async def receive(self) -> Buffer:
         """The next bytes from the peer (valid until the next call); empty at EOF."""
