@@ -248,7 +248,8 @@ async def open_listeners(opts: Options, cleanup: list[str]) -> list[trio.SocketL
         listeners.append(await open_unix_listener(path))
         cleanup.insert(0, path)
     if opts.port is not None or opts.unix is None:
-        listeners += await open_tcp_listeners(opts.port or DEFAULT_PORT, opts.ipaddr)
+        port = DEFAULT_PORT if opts.port is None else opts.port  # -p 0: any free port
+        listeners += await open_tcp_listeners(port, opts.ipaddr)
     return listeners
 
 

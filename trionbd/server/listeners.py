@@ -30,7 +30,8 @@ class Address:
         if self.unix_path is not None:
             sock = urllib.parse.quote(self.unix_path, safe="/")
             return f"{scheme}+unix:///{quoted}?socket={sock}"
-        host = self.host or "localhost"
+        # A wildcard address (all interfaces) is nothing to connect to: name this host.
+        host = "localhost" if self.host in (None, "", "0.0.0.0", "::") else self.host
         if ":" in host:
             host = f"[{host}]"
         port = "" if self.port == DEFAULT_PORT else f":{self.port}"
