@@ -284,3 +284,35 @@ def test_read_only_and_bundles_reach_the_server() -> None:
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, err
+
+
+def test_tcp_port_0_picks_a_free_port_and_prints_a_usable_uri() -> None:
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "trionbd", "-f", "--print-uri", "-p", "0", "-i", "127.0.0.1", "memory",
+         "1M"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        uri = proc.stdout.readline().strip()
+        assert uri.startswith("nbd://127.0.0.1:") and not uri.startswith("nbd://127.0.0.1:0/")
+        assert run(["nbdinfo", "--size", uri]).strip() == "1048576"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "uri"),
+    [
+        ("0.0.0.0", 10809, "nbd://localhost/disk"),
+        ("::", 10900, "nbd://localhost:10900/disk"),
+        ("::1", 10900, "nbd://[::1]:10900/disk"),
+        ("192.0.2.1", 10809, "nbd://192.0.2.1/disk"),
+    ],
+)
+def test_tcp_uris(host: str, port: int, uri: str) -> None:
+    from trionbd.server import Address
+
+    assert Address(host=host, port=port).uri("disk") == uri
