@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket as _stdlib_socket
 import stat
@@ -51,21 +52,62 @@ def address_of(listener: trio.SocketListener) -> Address:
     return Address(host=host, port=port)
 
 
-async def open_unix_listener(path: str) -> trio.SocketListener:
-    """Listen on a Unix socket at ``path`` (an existing socket file is replaced)."""
-    sock = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
+def bind_unix(path: str) -> _stdlib_socket.socket:
+    """A plain socket listening on a Unix socket at ``path`` (an existing socket file is
+    replaced). Plain sockets can be opened before forking and Trio starts."""
+    sock = _stdlib_socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
     try:
         try:
             if stat.S_ISSOCK(os.stat(path).st_mode):
                 os.unlink(path)
         except FileNotFoundError:
             pass
-        await sock.bind(path)
+        sock.bind(path)
         sock.listen(BACKLOG)
     except BaseException:
         sock.close()
         raise
-    return trio.SocketListener(sock)
+    return sock
+
+
+def bind_tcp(port: int, host: str | None = None) -> list[_stdlib_socket.socket]:
+    """Plain sockets listening on TCP; without ``host``, on every address (IPv4 and
+    IPv6, each family its own socket). Port 0 picks a free port."""
+    infos = _stdlib_socket.getaddrinfo(
+        host, port, type=_stdlib_socket.SOCK_STREAM, flags=_stdlib_socket.AI_PASSIVE
+    )
+    socks: list[_stdlib_socket.socket] = []
+    try:
+        for family, kind, proto, _, sockaddr in infos:
+            try:
+                sock = _stdlib_socket.socket(family, kind, proto)
+            except OSError as e:
+                if e.errno == errno.EAFNOSUPPORT:  # e.g. no IPv6 on this machine
+                    continue
+                raise
+            socks.append(sock)
+            sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEADDR, 1)
+            if family == _stdlib_socket.AF_INET6:
+                sock.setsockopt(_stdlib_socket.IPPROTO_IPV6, _stdlib_socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(BACKLOG)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    if not socks:
+        raise OSError(errno.EAFNOSUPPORT, f"no usable address family for {host or '*'}:{port}")
+    return socks
+
+
+def as_listener(sock: _stdlib_socket.socket) -> trio.SocketListener:
+    """Hand a listening plain socket (bound here, inherited, or passed by systemd) to Trio."""
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+async def open_unix_listener(path: str) -> trio.SocketListener:
+    """Listen on a Unix socket at ``path`` (an existing socket file is replaced)."""
+    return as_listener(bind_unix(path))
 
 
 def private_socket_path() -> str:
@@ -75,5 +117,4 @@ def private_socket_path() -> str:
 
 async def open_tcp_listeners(port: int, host: str | None = None) -> list[trio.SocketListener]:
     """Listen on TCP; without ``host``, on every address (IPv4 and IPv6)."""
-    listeners = await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
-    return [listener for listener in listeners if isinstance(listener, trio.SocketListener)]
+    return [as_listener(sock) for sock in bind_tcp(port, host)]
