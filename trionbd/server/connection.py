@@ -177,6 +177,8 @@ class Connection:
             finally:
                 with trio.CancelScope(shield=True):
                     with trio.move_on_after(self.config.shutdown_timeout):
+                        if self.server.shutting_down:
+                            await self._flush_at_shutdown(ctx)
                         await ctx.close()
         # except*: errors raised while requests are in flight arrive wrapped in the
         # request nursery's ExceptionGroup. Whatever goes wrong, only this client is lost.
@@ -190,6 +192,18 @@ class Connection:
                 log.error("conn %d: internal error; closing", self.id, exc_info=error)
         finally:
             await self.transport.aclose()
+
+    async def _flush_at_shutdown(self, ctx: Next) -> None:
+        """The server is going away: flush a writable context, so that writes acknowledged
+        to the client leave every layer's buffers (write-back caches, the plugin's own).
+        A client that leaves on its own flushes if it cares; nbdkit does not flush then."""
+        caps = ctx.caps
+        if caps is None or not (caps.write and caps.flush):
+            return
+        try:
+            await ctx.flush(0)
+        except (NBDError, OSError) as e:
+            log.error("conn %d: flush at shutdown failed: %s", self.id, e)
 
     def drain(self) -> None:
         """Stop reading new requests; in-flight ones finish and get their replies."""

@@ -57,6 +57,8 @@ class Server:
             trio.Lock() if chain.concurrency is Concurrency.SERIALIZE_CONNECTIONS else None
         )
         self.shutting_down = False
+        self._connections: trio.Nursery | None = None
+        self._running = trio.Event()
 
     @property
     def uris(self) -> list[str]:
@@ -84,7 +86,10 @@ class Server:
                     async with trio.open_nursery() as accepting:
                         for listener in self.listeners:
                             accepting.start_soon(self._accept_loop, listener, connections)
+                        self._connections = connections
+                        self._running.set()
                         task_status.started(self)
+                        await trio.sleep_forever()  # until shutdown(), even with no listener
                 for listener in self.listeners:
                     await listener.aclose()
 
@@ -104,8 +109,26 @@ class Server:
                 continue
             connections.start_soon(self.handle_stream, stream)
 
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve a client on an already connected ``stream`` (``-s`` serves stdin and
+        stdout) as if a listener had accepted it, and return once it has gone. The client
+        runs in the connection nursery: cancelling the caller leaves it to the server's
+        graceful shutdown."""
+        await self._running.wait()
+        assert self._connections is not None
+        gone = trio.Event()
+
+        async def client() -> None:
+            try:
+                await self.handle_stream(stream)
+            finally:
+                gone.set()
+
+        self._connections.start_soon(client)
+        await gone.wait()
+
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
-        """Serve one client on ``stream`` (also used for ``-s`` and socket activation)."""
+        """Serve one client on ``stream`` in the calling task."""
         conn = Connection(self, stream, next(self._ids))
         self.connections.add(conn)
         if self.shutting_down:
