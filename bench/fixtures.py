@@ -1,4 +1,4 @@
-"""The data the servers serve, built once per run in a private directory (tmpfs by default).
+"""The data the servers serve, built once per run in a private directory (under /tmp).
 
 Every fixture is built on first use, so ``--only`` builds only what its workloads need.
 """
