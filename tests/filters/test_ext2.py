@@ -4,7 +4,8 @@ command and read back with real clients (nbdinfo, nbdcopy, nbdsh, qemu-io).
 Every image is made here with ``mke2fs -d SRC``; every byte served is compared with the
 source tree, block status with the source's SEEK_DATA/SEEK_HOLE map, and after writes
 the image is checked with ``debugfs -R "cat /f"`` and ``e2fsck -fn``. Damage is made at
-offsets found with debugfs.
+offsets found with debugfs. The hash-indexed directory of 5 200 files is listed in full
+and every 13th file is read (one connection per file costs about 2 ms).
 """
 
 from __future__ import annotations

@@ -225,6 +225,7 @@ class Ext2Filter(Filter):
                 raise StartupError(e.message) from None
 
     async def _open_context(self, export: str) -> Next:
+        """The lifetime context through which an image's metadata is read."""
         assert self._lifetime is not None and self._below is not None
         try:
             return await self._lifetime.open_context(self._below, export, readonly=True)
