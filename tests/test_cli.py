@@ -252,7 +252,7 @@ def test_pidfile_without_print_uri_means_listening() -> None:
     with short_tmpdir() as tmp:
         pidfile, sock = tmp / "pid", tmp / "sock"
         proc = subprocess.Popen(
-            [PYTHON, "-m", "trionbd", "-U", str(sock), "-P", str(pidfile), "memory", "1M"],
+            [PYTHON, "-m", "trionbd", "-f", "-U", str(sock), "-P", str(pidfile), "memory", "1M"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )  # fmt: skip
         try:

@@ -7,20 +7,33 @@ named is the one closest to the client. A bare word after the plugin sets the pl
 magic parameter (``trionbd file disk.img``). Each ``key=value`` goes to the first
 filter (nearest the client) that declares ``key``, else to the plugin.
 
+How it runs, as nbdkit does: once its sockets listen (and the pidfile is written) it
+forks into the background and the parent exits 0, so ``trionbd -U sock ... && client``
+works; ``-f`` stays in the foreground. ``--run CMD`` serves (on a private Unix socket
+unless ``-U``/``-p`` say otherwise) while ``sh -c CMD`` runs with ``$uri``, ``$nbd``,
+``$unixsocket``, ``$port``, ``$exportname`` and ``$tls`` in its environment, then exits
+with its status. ``-s`` serves one client on stdin/stdout. ``LISTEN_PID``/``LISTEN_FDS``
+(systemd socket activation) serve the passed sockets. SIGINT, SIGTERM and SIGQUIT shut
+down gracefully (a second one cuts the grace period short); SIGUSR1 asks every layer
+for a report; SIGHUP is ignored.
+
 Exit status: 0 after a clean shutdown, 1 when the server cannot start, 2 for a bad
-command line or parameter.
+command line or parameter; with ``--run``, the command's status (128+N if signal N
+killed it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
 import re
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
 
 import cyclopts
 import trio
@@ -29,17 +42,13 @@ from cyclopts import App, Parameter
 from . import __version__
 from .chain import Chain, ConfigError, Filter, Plugin, StartupError
 from .chain.params import describe_params
+from .chain.plugin import overrides
 from .chain.registry import builtin_names, entry_point_names, load, manual, summary
 from .protocol.constants import DEFAULT_PORT, HandshakeFlag
-from .server import (
-    Server,
-    ServerConfig,
-    open_tcp_listeners,
-    open_unix_listener,
-    private_socket_path,
-    serve,
-)
+from .server import Server, ServerConfig, daemon, private_socket_path, serve
 from .server.config import HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT
+from .server.listeners import as_listener, bind_tcp, bind_unix
+from .server.tls import ROOT_CERTIFICATES_DIR, TLSMode, TLSSettings, psk_supported
 
 log = logging.getLogger("trionbd")
 
@@ -62,6 +71,14 @@ class Options:
     verbose: bool = False
     print_uri: bool = False
     help: bool = False
+    foreground: bool = False
+    run: str | None = None
+    single: bool = False
+    exit_with_parent: bool = False
+    log: str | None = None
+    dump_plugin: bool = False
+    dump_config: bool = False
+    tls: TLSSettings = field(default_factory=TLSSettings)
     config: ServerConfig = field(default_factory=ServerConfig)
 
 
@@ -92,20 +109,88 @@ def _parse(
     ] = None,
     port: Annotated[int | None, Parameter(name=["-p", "--port"], help="TCP port")] = None,
     ipaddr: Annotated[
-        str | None, Parameter(name=["-i", "--ipaddr"], help="listen on this address only")
+        str | None,
+        Parameter(name=["-i", "--ipaddr", "--ip-addr"], help="listen on this address only"),
     ] = None,
     foreground: Annotated[
-        bool, Parameter(name=["-f", "--foreground"], negative="", help="stay in the foreground")
+        bool,
+        Parameter(
+            name=["-f", "--foreground", "--no-fork"],
+            negative="",
+            help="stay in the foreground (default: detach once listening)",
+        ),
     ] = False,
     pidfile: Annotated[
-        str | None, Parameter(name=["-P", "--pidfile"], help="write the PID here once listening")
+        str | None,
+        Parameter(name=["-P", "--pidfile", "--pid-file"], help="write the PID here once listening"),
     ] = None,
     readonly: Annotated[
-        bool, Parameter(name=["-r", "--readonly"], negative="", help="serve read-only")
+        bool,
+        Parameter(name=["-r", "--readonly", "--read-only"], negative="", help="serve read-only"),
     ] = False,
     exportname: Annotated[
-        str, Parameter(name=["-e", "--exportname"], help="export name used in printed URIs")
+        str,
+        Parameter(
+            name=["-e", "--exportname", "--export-name", "--export"],
+            help="export name used in printed URIs and $uri",
+        ),
     ] = "",
+    run: Annotated[
+        str | None,
+        Parameter(
+            name="--run",
+            allow_leading_hyphen=True,
+            help="serve while sh -c CMD runs (with $uri set); exit with its status",
+        ),
+    ] = None,
+    single: Annotated[
+        bool,
+        Parameter(
+            name=["-s", "--single", "--stdin"],
+            negative="",
+            help="serve one client on stdin/stdout",
+        ),
+    ] = False,
+    exit_with_parent: Annotated[
+        bool,
+        Parameter(name="--exit-with-parent", negative="", help="exit when the parent exits"),
+    ] = False,
+    log_to: Annotated[
+        Literal["stderr", "syslog", "null"] | None,
+        Parameter(name="--log", help="errors to stderr, syslog or null (background: syslog)"),
+    ] = None,
+    dump_plugin: Annotated[
+        bool, Parameter(name="--dump-plugin", negative="", help="describe the plugin, exit")
+    ] = False,
+    dump_config: Annotated[
+        bool, Parameter(name="--dump-config", negative="", help="describe trionbd, exit")
+    ] = False,
+    tls: Annotated[
+        Literal["off", "on", "require"] | None,
+        Parameter(name="--tls", help="TLS: off, on or require (default: on if certificates)"),
+    ] = None,
+    tls_certificates: Annotated[
+        str | None,
+        Parameter(name="--tls-certificates", help="directory with ca-cert.pem, server-*.pem"),
+    ] = None,
+    tls_psk: Annotated[
+        str | None,
+        Parameter(name="--tls-psk", help="pre-shared keys file (Python >= 3.13)"),
+    ] = None,
+    tls_verify_peer: Annotated[
+        bool,
+        Parameter(name="--tls-verify-peer", negative="", help="require client certificates"),
+    ] = False,
+    threads: Annotated[
+        int | None,
+        Parameter(name=["-t", "--threads"], help="requests served at once per connection"),
+    ] = None,
+    newstyle: Annotated[
+        bool, Parameter(name=["-n", "--newstyle", "--new-style"], negative="")
+    ] = False,
+    oldstyle: Annotated[
+        bool, Parameter(name=["-o", "--oldstyle", "--old-style"], negative="")
+    ] = False,
     verbose: Annotated[
         bool, Parameter(name=["-v", "--verbose"], negative="", help="debug messages")
     ] = False,
@@ -135,6 +220,10 @@ def _parse(
 ) -> Options | str:
     if version:
         return f"trionbd {__version__}"
+    if oldstyle:
+        raise ConfigError("-o/--oldstyle: the oldstyle protocol is not supported (newstyle only)")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"-t/--threads={threads}: at least 1 request must be served at once")
     config = ServerConfig(
         readonly=readonly,
         structured_replies=not no_sr,
@@ -143,6 +232,8 @@ def _parse(
         shutdown_timeout=shutdown_timeout,
         max_connections=max_connections,
     )
+    if threads is not None:
+        config.max_in_flight = threads
     if mask_handshake is not None:
         config.handshake_flags &= mask_handshake
         if not config.handshake_flags & HandshakeFlag.FIXED_NEWSTYLE:
@@ -154,14 +245,28 @@ def _parse(
         plugin=plugin,
         params=list(params),
         filters=list(filter or []),
-        unix=unix,
+        # Absolute paths: the background process moves to /.
+        unix=unix if unix in (None, "-") else os.path.abspath(unix),
         port=port,
         ipaddr=ipaddr,
-        pidfile=pidfile,
+        pidfile=None if pidfile is None else os.path.abspath(pidfile),
         exportname=exportname,
         verbose=verbose,
         print_uri=print_uri,
         help=help,
+        foreground=foreground,
+        run=run,
+        single=single,
+        exit_with_parent=exit_with_parent,
+        log=log_to,
+        dump_plugin=dump_plugin,
+        dump_config=dump_config,
+        tls=TLSSettings(
+            mode=None if tls is None else TLSMode(tls),
+            certificates=None if tls_certificates is None else os.path.abspath(tls_certificates),
+            psk=None if tls_psk is None else os.path.abspath(tls_psk),
+            verify_peer=tls_verify_peer,
+        ),
         config=config,
     )
 
@@ -236,63 +341,187 @@ def help_text(opts: Options) -> str:
     return "\n".join(lines)
 
 
-async def open_listeners(opts: Options, cleanup: list[str]) -> list[trio.SocketListener]:
-    """Open the listeners the options ask for; Unix socket paths (and a private
-    directory for ``-U -``) are added to ``cleanup`` for removal at exit."""
-    listeners: list[trio.SocketListener] = []
-    if opts.unix is not None:
-        path = opts.unix
-        if path == "-":
-            path = private_socket_path()
-            cleanup.append(os.path.dirname(path))
-        listeners.append(await open_unix_listener(path))
-        cleanup.insert(0, path)
-    if opts.port is not None or opts.unix is None:
-        port = DEFAULT_PORT if opts.port is None else opts.port  # -p 0: any free port
-        listeners += await open_tcp_listeners(port, opts.ipaddr)
-    return listeners
+def dump_config() -> str:
+    """``--dump-config``: what this trionbd is, as sorted ``key=value`` lines (nbdkit's)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    major, minor, *_ = __version__.split(".")
+    items = {
+        "binary": os.path.abspath(sys.argv[0]),
+        "exit_with_parent": "yes" if daemon.exit_with_parent_supported() else "no",
+        "filterdir": os.path.join(package, "filters"),
+        "filters": ",".join(builtin_names(Filter) + entry_point_names(Filter)),
+        "host_cpu": platform.machine(),
+        "host_os": sys.platform,
+        "name": "trionbd",
+        "plugindir": os.path.join(package, "plugins"),
+        "plugins": ",".join(builtin_names(Plugin) + entry_point_names(Plugin)),
+        "python": platform.python_version(),
+        "root_tls_certificates_dir": ROOT_CERTIFICATES_DIR,
+        "tls": "yes",
+        "tls_psk": "yes" if psk_supported() else "no",
+        "trio": trio.__version__,
+        "version": __version__,
+        "version_major": major,
+        "version_minor": minor,
+    }
+    return "\n".join(f"{key}={value}" for key, value in sorted(items.items()))
 
 
-async def serve_main(chain: Chain, opts: Options) -> None:
-    """Listen, serve until SIGINT/SIGTERM, then shut down gracefully. SIGUSR1 asks every
-    layer for a report (``report()``) and serving goes on."""
-    cleanup: list[str] = []
+_PLUGIN_CALLBACKS = sorted(
+    name
+    for name, value in vars(Plugin).items()
+    if callable(value) and not name.startswith("_") and name != "from_params"
+)
+
+
+def dump_plugin(opts: Options) -> str:
+    """``--dump-plugin``: the plugin as ``key=value`` lines in nbdkit's style (path, name,
+    version, thread model, magic parameter, parameters, ``has_CALLBACK=1`` per callback)."""
+    if opts.plugin is None:
+        raise ConfigError("--dump-plugin needs a plugin name")
+    cls = load(Plugin, opts.plugin)
+    module = sys.modules.get(cls.__module__)
+    lines = [
+        f"path={getattr(module, '__file__', None) or cls.__module__}",
+        f"name={cls.name}",
+        f"version={cls.version or __version__}",
+        f"thread_model={cls.concurrency.name.lower()}",
+        f"nonblocking={int(cls.nonblocking)}",
+    ]
+    if cls.magic_param:
+        lines.append(f"magic_config_key={cls.magic_param}")
+    lines.append(f"params={','.join(p.name for p in cls.params)}")
+    lines += [f"has_{name}=1" for name in _PLUGIN_CALLBACKS if overrides(cls, Plugin, name)]
+    return "\n".join(lines)
+
+
+def _foreground(opts: Options, activated: bool) -> bool:
+    """Check that the run modes asked for go together; whether to stay in the
+    foreground (everything but a plain listening server does)."""
+    listening = [
+        flag
+        for flag, given in (
+            ("-U", opts.unix is not None),
+            ("-p", opts.port is not None),
+            ("-i", opts.ipaddr is not None),
+            ("--run", opts.run is not None),
+        )
+        if given
+    ]
+    if opts.single and listening:
+        raise ConfigError(f"-s serves stdin/stdout: it cannot be combined with {listening[0]}")
+    if activated and (listening or opts.single):
+        flag = listening[0] if listening else "-s"
+        raise ConfigError(
+            f"socket activation (LISTEN_PID/LISTEN_FDS) serves the sockets passed in: it "
+            f"cannot be combined with {flag}"
+        )
+    if opts.exit_with_parent and not daemon.exit_with_parent_supported():
+        raise ConfigError(f"--exit-with-parent is supported on Linux only, not {sys.platform}")
+    return bool(opts.foreground or opts.run or opts.single or activated or opts.exit_with_parent)
+
+
+def bind_sockets(opts: Options, cleanup: list[str]) -> list[socket.socket]:
+    """Listen where the options say, before forking. Unix socket paths (and the private
+    directory of ``-U -``) are added to ``cleanup`` for removal at exit. ``--run``
+    without ``-U`` or ``-p`` listens on a private Unix socket."""
+    socks: list[socket.socket] = []
+    unix = opts.unix
+    if unix is None and opts.run is not None and opts.port is None:
+        unix = "-"
     try:
-        try:
-            listeners = await open_listeners(opts, cleanup)
-        except OSError as e:
-            raise StartupError(f"cannot listen: {e}") from e
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as signals:
-            async with trio.open_nursery() as nursery:
-                server: Server = await nursery.start(serve, chain, listeners, opts.config)
-                for address in server.addresses:
-                    log.info("listening on %s", address.uri(opts.exportname))
-                # The pidfile first: whoever waited for the printed URI finds it too.
-                if opts.pidfile:
-                    write_pidfile(opts.pidfile)
-                if opts.print_uri and server.addresses:
-                    print(server.addresses[0].uri(opts.exportname), flush=True)
-                nursery.start_soon(_watch_signals, signals, server, nursery.cancel_scope)
+        if unix is not None:
+            path = unix
+            if path == "-":
+                path = private_socket_path()
+                cleanup.append(os.path.dirname(path))
+            socks.append(bind_unix(path))
+            cleanup.insert(0, path)
+        if opts.port is not None or unix is None:
+            port = DEFAULT_PORT if opts.port is None else opts.port  # -p 0: any free port
+            socks += bind_tcp(port, opts.ipaddr)
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        raise StartupError(f"cannot listen: {e}") from e
+    return socks
+
+
+async def serve_main(
+    chain: Chain,
+    opts: Options,
+    sockets: list[socket.socket],
+    stdio: tuple[int, int] | None,
+    readiness: daemon.Readiness,
+    cleanup: list[str],
+) -> int:
+    """Serve until a signal (or the ``-s`` client, or the ``--run`` command) ends it;
+    returns the exit status."""
+    listeners = [as_listener(sock) for sock in sockets]
+    status = 0
+    # The receiver restores the handlers it found when it closes: SIGUSR1 arriving
+    # during the last moments of shutdown must find "ignore", not "terminate".
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
+    with trio.open_signal_receiver(*stops, signal.SIGUSR1) as signals:
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(serve, chain, listeners, opts.config)
+            for address in server.addresses:
+                log.info("listening on %s", address.uri(opts.exportname))
+            # The pidfile first: whoever waited for the printed URI finds it too.
+            if opts.pidfile:
+                daemon.write_pidfile(opts.pidfile)
+                cleanup.append(opts.pidfile)
+            if opts.print_uri and server.addresses:
+                print(uri_of(server, opts), flush=True)
+            readiness.ready(keep_stderr=opts.verbose or opts.log == "stderr")
+            nursery.start_soon(_watch_signals, signals, server, nursery.cancel_scope)
+            if stdio is not None:
+                await server.serve_stream(daemon.stdio_stream(*stdio))
+                nursery.cancel_scope.cancel()
+            elif opts.run is not None:
+                status = await run_command(opts.run, server, opts)
+                nursery.cancel_scope.cancel()
+    return status
+
+
+def uri_of(server: Server, opts: Options) -> str:
+    """The URI clients use: the first address, ``nbds`` when TLS is required."""
+    return server.addresses[0].uri(opts.exportname, tls=opts.config.tls is TLSMode.REQUIRE)
+
+
+KILL_AFTER = 5.0
+"""Seconds a ``--run`` command has between SIGTERM and SIGKILL when trionbd stops first."""
+
+
+async def run_command(command: str, server: Server, opts: Options) -> int:
+    """Run ``sh -c command`` with nbdkit's variables set; its exit status (128+N when
+    signal N killed it). If trionbd is stopped first, the command gets SIGTERM."""
+    env = daemon.run_environment(server.addresses[0], opts.exportname, opts.config.tls)
+    proc = await trio.lowlevel.open_process(["/bin/sh", "-c", command], env=env)
+    try:
+        await proc.wait()
     finally:
-        for path in cleanup:
-            remove_quietly(path)
-
-
-def remove_quietly(path: str) -> None:
-    try:
-        if os.path.isdir(path):
-            os.rmdir(path)
-        else:
-            os.unlink(path)
-    except OSError:
-        pass
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.terminate()
+                with trio.move_on_after(KILL_AFTER):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+    assert proc.returncode is not None
+    if proc.returncode < 0:
+        log.warning("--run: the command was killed by signal %d", -proc.returncode)
+    return daemon.exit_status(proc.returncode)
 
 
 async def _watch_signals(
     signals: AsyncIterator[int], server: Server, scope: trio.CancelScope
 ) -> None:
-    """SIGUSR1: every layer reports. First SIGINT/SIGTERM: graceful shutdown. Second: cut
-    the grace period short."""
+    """SIGUSR1: every layer reports. First SIGINT/SIGTERM/SIGQUIT: graceful shutdown.
+    Second: cut the grace period short."""
     count = 0
     async for signum in signals:
         if signum == signal.SIGUSR1:
@@ -313,18 +542,25 @@ async def report(chain: Chain) -> None:
             log.error("%s: report failed: %s", layer.name, e)
 
 
-def write_pidfile(path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
-
-
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, target: str) -> None:
+    """Errors and warnings go to ``target`` (stderr, syslog or null); with ``-v``, debug
+    messages also go to stderr (never to syslog, as nbdkit). Nothing goes to stdout."""
+    fmt = "trionbd: %(levelname)s: %(message)s" if verbose else "trionbd: %(message)s"
+    handlers: list[logging.Handler] = []
+    if target == "stderr" or verbose:
+        to_stderr = logging.StreamHandler(sys.stderr)
+        if target != "stderr":
+            to_stderr.addFilter(lambda record: record.levelno < logging.WARNING)
+        handlers.append(to_stderr)
+    if target == "syslog":
+        to_syslog = daemon.SyslogHandler()
+        to_syslog.setLevel(logging.WARNING)
+        to_syslog.setFormatter(logging.Formatter("%(message)s"))
+        handlers.append(to_syslog)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
-        format="trionbd: %(levelname)s: %(message)s" if verbose else "trionbd: %(message)s",
-        stream=sys.stderr,
+        format=fmt,
+        handlers=handlers or [logging.NullHandler()],
     )
 
 
@@ -339,24 +575,51 @@ def run(argv: Sequence[str] | None = None) -> int:
         if opts.help:
             print(help_text(opts))
             return 0
-        setup_logging(opts.verbose)
+        if opts.dump_config:
+            print(dump_config())
+            return 0
+        if opts.dump_plugin:
+            print(dump_plugin(opts))
+            return 0
+        activated = daemon.activation_sockets()
+        foreground = _foreground(opts, activated is not None)
+        opts.tls.check()
+        setup_logging(opts.verbose, opts.log or ("stderr" if foreground else "syslog"))
         chain = build_chain(opts)
         chain.get_ready()
     except ConfigError as e:
         print(f"trionbd: {e}", file=sys.stderr)
         return 2
+    except StartupError as e:
+        print(f"trionbd: {e}", file=sys.stderr)
+        return 1
+    cleanup: list[str] = []
     failed: list[BaseException] = []
+    status = 1
     try:
-        trio.run(serve_main, chain, opts)
-    except* StartupError as group:
-        failed += leaves(group)
+        try:
+            opts.config.tls, opts.config.tls_context = opts.tls.resolve()
+            sockets = activated if activated is not None else []
+            if activated is None and not opts.single:
+                sockets = bind_sockets(opts, cleanup)
+            if opts.exit_with_parent:
+                daemon.exit_with_parent()
+        except StartupError as e:
+            failed.append(e)
+        else:
+            stdio = daemon.take_stdio() if opts.single else None
+            readiness = daemon.Readiness() if foreground else daemon.fork_into_background()
+            try:
+                status = trio.run(serve_main, chain, opts, sockets, stdio, readiness, cleanup)
+            except* StartupError as group:
+                failed += leaves(group)
     finally:
-        if opts.pidfile:
-            remove_quietly(opts.pidfile)
+        for path in cleanup:
+            daemon.remove_quietly(path)
         chain.unload()
     for error in failed:
         print(f"trionbd: {error}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed else status
 
 
 def leaves(error: BaseException) -> list[BaseException]:
