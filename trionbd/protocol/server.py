@@ -81,6 +81,12 @@ _ALLOWED_FLAGS = {
     Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
 }
 _WRITES = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+_WRITE = int(Cmd.WRITE)
+_FLAG_NEEDS = (
+    (int(CmdFlag.FUA), TransmissionFlag.SEND_FUA),
+    (int(CmdFlag.DF), TransmissionFlag.SEND_DF),
+    (int(CmdFlag.FAST_ZERO), TransmissionFlag.SEND_FAST_ZERO),
+)
 _NEEDS = {
     Cmd.FLUSH: TransmissionFlag.SEND_FLUSH,
     Cmd.TRIM: TransmissionFlag.SEND_TRIM,
@@ -142,6 +148,7 @@ class ServerConnection:
         self.export_size = 0
         self.export_flags = TransmissionFlag.HAS_FLAGS
         self.block_status_ok = False
+        self._valid: dict[int, tuple[int, int]] = {}
 
     # --- input ---------------------------------------------------------------------------
 
@@ -478,7 +485,32 @@ class ServerConnection:
             and self.meta_export == name
             and BASE_ALLOCATION_ID in self.meta_contexts
         )
+        self._valid = self._valid_requests()
         self.phase = Phase.TRANSMISSION
+
+    def _valid_requests(self) -> dict[int, tuple[int, int]]:
+        """command -> (forbidden flag bits, longest length) for the commands this export
+        serves; a request passing these (and the size check) needs no further checks.
+        Everything else goes through :meth:`_check`, which finds the exact error."""
+        valid: dict[int, tuple[int, int]] = {}
+        unlimited = 1 << 32
+        for cmd, allowed in _ALLOWED_FLAGS.items():
+            if cmd is Cmd.FLUSH:
+                continue  # offset and length must be 0: always checked in full
+            if cmd is Cmd.BLOCK_STATUS and not self.block_status_ok:
+                continue
+            if cmd in _WRITES and self.export_flags & TransmissionFlag.READ_ONLY:
+                continue
+            needed = _NEEDS.get(cmd)
+            if needed is not None and not self.export_flags & needed:
+                continue
+            ok = int(allowed)
+            for flag, tflag in _FLAG_NEEDS:
+                if not self.export_flags & tflag:
+                    ok &= ~flag
+            limit = MAX_REQUEST if cmd in (Cmd.READ, Cmd.WRITE) else unlimited
+            valid[int(cmd)] = (0xFFFF & ~ok, limit)
+        return valid
 
     def go(self, option: int, name: str, size: int, flags: int) -> bytes:
         """The final ACK of a successful GO; transmission starts right after it."""
@@ -508,8 +540,21 @@ class ServerConnection:
             raise RemoteProtocolError(
                 f"bad request magic: expected 0x{REQUEST_MAGIC:08x}, got 0x{magic:08x}"
             )
-        if command == Cmd.WRITE:
+        valid = self._valid.get(command)
+        if (
+            valid is not None
+            and not flags & valid[0]
+            and length <= valid[1]
+            and offset + length <= self.export_size
+        ):
+            problem = None
+        elif command == Cmd.DISC:
+            self._pos = pos + 28
+            self.phase = Phase.CLOSED
+            return Disconnect()
+        else:
             problem = self._check(command, flags, offset, length)
+        if command == _WRITE:
             if problem is not None:
                 if length > MAX_DISCARDED_WRITE:
                     self.phase = Phase.CLOSED
@@ -532,10 +577,6 @@ class ServerConnection:
             self._pos = end
             return Request(cookie, command, flags, offset, length, bytes(buf[pos + 28 : end]))
         self._pos = pos + 28
-        if command == Cmd.DISC:
-            self.phase = Phase.CLOSED
-            return Disconnect()
-        problem = self._check(command, flags, offset, length)
         if problem is not None:
             return BadRequest(cookie, command, flags, offset, length, *problem)
         return Request(cookie, command, flags, offset, length)

@@ -222,8 +222,15 @@ class Connection:
         return not self.draining
 
     async def _send(self, buffers: list[Buffer]) -> None:
-        async with self._send_lock:
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()  # uncontended: no scheduler round trip
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             await self.transport.send(buffers)
+        finally:
+            lock.release()
 
     # --- handshake -----------------------------------------------------------------------
 

@@ -1,10 +1,18 @@
 """Moving bytes: receive into a reused buffer, send many buffers in one system call.
 
+On a plain socket the transport calls ``readv``/``writev`` on the file descriptor
+itself and waits for readiness only when a call would block. Trio's socket methods
+yield to the scheduler before and after every call, which at tens of thousands of
+requests per second costs more than the system calls; here a receive yields exactly
+once (waiting, or a checkpoint when data was already there), which keeps the
+connection cancellable and fair to its neighbours, and a send yields only to wait.
+
 After :meth:`Transport.start_tls` every byte goes through a ``trio.SSLStream``.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
 
 import trio
@@ -12,7 +20,7 @@ import trio
 RECEIVE_SIZE = 256 * 1024
 """Bytes asked for per receive."""
 IOV_BATCH = 512
-"""Buffers per ``sendmsg`` call (below the kernel's IOV_MAX of 1024)."""
+"""Buffers per ``writev`` call (below the kernel's IOV_MAX of 1024)."""
 
 Buffer = bytes | bytearray | memoryview
 
@@ -22,7 +30,7 @@ class Transport:
 
     def __init__(self, stream: trio.abc.Stream):
         self.stream = stream
-        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._rbuf = bytearray(RECEIVE_SIZE)
         self._rview = memoryview(self._rbuf)
 
@@ -31,27 +39,44 @@ class Transport:
         version. Raises ``trio.BrokenResourceError`` if the handshake fails."""
         stream = trio.SSLStream(self.stream, context, server_side=True)
         self.stream = stream
-        self._sock = None
+        self._fd = -1
         await stream.do_handshake()
         return stream.version() or "TLS"
 
     async def receive(self) -> Buffer:
         """The next bytes from the peer (valid until the next call); empty at EOF."""
-        if self._sock is not None:
-            n = await self._sock.recv_into(self._rbuf)
+        fd = self._fd
+        if fd < 0:
+            return await self.stream.receive_some(RECEIVE_SIZE)
+        try:
+            n = os.readv(fd, [self._rbuf])
+        except BlockingIOError:
+            pass
+        else:
+            await trio.lowlevel.checkpoint()
             return self._rview[:n]
-        return await self.stream.receive_some(RECEIVE_SIZE)
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                n = os.readv(fd, [self._rbuf])
+            except BlockingIOError:
+                continue
+            return self._rview[:n]
 
     async def send(self, buffers: list[Buffer]) -> None:
         """Send every buffer, in order. Not safe to call concurrently (hold a lock)."""
-        sock = self._sock
-        if sock is None:
+        fd = self._fd
+        if fd < 0:
             await self.stream.send_all(b"".join(buffers))
             return
-        pending = list(buffers)
-        while pending:
-            batch = pending[:IOV_BATCH]
-            sent = await sock.sendmsg(batch)
+        pending = buffers
+        while True:
+            batch = pending[:IOV_BATCH] if len(pending) > IOV_BATCH else pending
+            try:
+                sent = os.writev(fd, batch)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(fd)
+                continue
             done = 0
             for buf in batch:
                 size = len(buf)
@@ -59,9 +84,12 @@ class Transport:
                     break
                 sent -= size
                 done += 1
+            if done == len(pending):
+                return
             pending = pending[done:]
             if sent:
                 pending[0] = memoryview(pending[0])[sent:]
+            await trio.lowlevel.wait_writable(fd)
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
