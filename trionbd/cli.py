@@ -42,7 +42,6 @@ from cyclopts import App, Parameter
 from . import __version__
 from .chain import Chain, ConfigError, Filter, Plugin, StartupError
 from .chain.params import describe_params
-from .chain.plugin import overrides
 from .chain.registry import builtin_names, entry_point_names, load, manual, summary
 from .protocol.constants import DEFAULT_PORT, HandshakeFlag
 from .server import Server, ServerConfig, daemon, private_socket_path, serve
@@ -391,7 +390,11 @@ def dump_plugin(opts: Options) -> str:
     if cls.magic_param:
         lines.append(f"magic_config_key={cls.magic_param}")
     lines.append(f"params={','.join(p.name for p in cls.params)}")
-    lines += [f"has_{name}=1" for name in _PLUGIN_CALLBACKS if overrides(cls, Plugin, name)]
+    lines += [
+        f"has_{name}=1"
+        for name in _PLUGIN_CALLBACKS
+        if getattr(cls, name) is not getattr(Plugin, name)
+    ]
     return "\n".join(lines)
 
 
@@ -458,7 +461,7 @@ async def serve_main(
     """Serve until a signal (or the ``-s`` client, or the ``--run`` command) ends it;
     returns the exit status."""
     listeners = [as_listener(sock) for sock in sockets]
-    status = 0
+    status: list[int] = []  # the --run command's
     # The receiver restores the handlers it found when it closes: SIGUSR1 arriving
     # during the last moments of shutdown must find "ignore", not "terminate".
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
@@ -481,9 +484,9 @@ async def serve_main(
                 await server.serve_stream(daemon.stdio_stream(*stdio))
                 nursery.cancel_scope.cancel()
             elif opts.run is not None:
-                status = await run_command(opts.run, server, opts)
+                await run_command(opts.run, server, opts, status)
                 nursery.cancel_scope.cancel()
-    return status
+    return status[0] if status else 0
 
 
 def uri_of(server: Server, opts: Options) -> str:
@@ -495,9 +498,10 @@ KILL_AFTER = 5.0
 """Seconds a ``--run`` command has between SIGTERM and SIGKILL when trionbd stops first."""
 
 
-async def run_command(command: str, server: Server, opts: Options) -> int:
-    """Run ``sh -c command`` with nbdkit's variables set; its exit status (128+N when
-    signal N killed it). If trionbd is stopped first, the command gets SIGTERM."""
+async def run_command(command: str, server: Server, opts: Options, status: list[int]) -> None:
+    """Run ``sh -c command`` with nbdkit's variables set; append its exit status (128+N
+    when signal N killed it) to ``status``. If trionbd is stopped first, the command
+    gets SIGTERM (SIGKILL after ``KILL_AFTER`` seconds)."""
     env = daemon.run_environment(server.addresses[0], opts.exportname, opts.config.tls)
     proc = await trio.lowlevel.open_process(["/bin/sh", "-c", command], env=env)
     try:
@@ -511,10 +515,10 @@ async def run_command(command: str, server: Server, opts: Options) -> int:
                 if proc.returncode is None:
                     proc.kill()
                     await proc.wait()
-    assert proc.returncode is not None
-    if proc.returncode < 0:
-        log.warning("--run: the command was killed by signal %d", -proc.returncode)
-    return daemon.exit_status(proc.returncode)
+        assert proc.returncode is not None
+        if proc.returncode < 0:
+            log.warning("--run: the command was killed by signal %d", -proc.returncode)
+        status.append(daemon.exit_status(proc.returncode))
 
 
 async def _watch_signals(
