@@ -468,24 +468,28 @@ async def serve_main(
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stops = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
     with trio.open_signal_receiver(*stops, signal.SIGUSR1) as signals:
-        async with trio.open_nursery() as nursery:
-            server: Server = await nursery.start(serve, chain, listeners, opts.config)
-            for address in server.addresses:
-                log.info("listening on %s", address.uri(opts.exportname))
-            # The pidfile first: whoever waited for the printed URI finds it too.
-            if opts.pidfile:
-                daemon.write_pidfile(opts.pidfile)
-                cleanup.append(opts.pidfile)
-            if opts.print_uri and server.addresses:
-                print(uri_of(server, opts), flush=True)
-            readiness.ready(keep_stderr=opts.verbose or opts.log == "stderr")
-            nursery.start_soon(_watch_signals, signals, server, nursery.cancel_scope)
-            if stdio is not None:
-                await server.serve_stream(daemon.stdio_stream(*stdio))
-                nursery.cancel_scope.cancel()
-            elif opts.run is not None:
-                await run_command(opts.run, server, opts, status)
-                nursery.cancel_scope.cancel()
+        # The watcher outlives the serving nursery: a second signal must still reach it
+        # while the first one's graceful shutdown runs.
+        async with trio.open_nursery() as watching:
+            async with trio.open_nursery() as serving:
+                server: Server = await serving.start(serve, chain, listeners, opts.config)
+                for address in server.addresses:
+                    log.info("listening on %s", address.uri(opts.exportname))
+                # The pidfile first: whoever waited for the printed URI finds it too.
+                if opts.pidfile:
+                    daemon.write_pidfile(opts.pidfile)
+                    cleanup.append(opts.pidfile)
+                if opts.print_uri and server.addresses:
+                    print(uri_of(server, opts), flush=True)
+                readiness.ready(keep_stderr=opts.verbose or opts.log == "stderr")
+                watching.start_soon(_watch_signals, signals, server, serving.cancel_scope)
+                if stdio is not None:
+                    await server.serve_stream(daemon.stdio_stream(*stdio))
+                    serving.cancel_scope.cancel()
+                elif opts.run is not None:
+                    await run_command(opts.run, server, opts, status)
+                    serving.cancel_scope.cancel()
+            watching.cancel_scope.cancel()
     return status[0] if status else 0
 
 
