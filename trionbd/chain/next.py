@@ -111,13 +111,13 @@ class Layer:
         if isinstance(self.target, Filter):
             assert self.below is not None
             return await self.target.list_exports(self.below, readonly, is_tls)
-        return await as_async(self.target.list_exports)(readonly, is_tls)  # type: ignore[no-any-return]
+        return await self.callback("list_exports")(readonly, is_tls)  # type: ignore[no-any-return]
 
     async def default_export(self, readonly: bool, is_tls: bool) -> str:
         if isinstance(self.target, Filter):
             assert self.below is not None
             return await self.target.default_export(self.below, readonly, is_tls)
-        return await as_async(self.target.default_export)(readonly, is_tls)  # type: ignore[no-any-return]
+        return await self.callback("default_export")(readonly, is_tls)  # type: ignore[no-any-return]
 
     async def open(self, readonly: bool, export_name: str, is_tls: bool = False) -> Next:
         """Open this layer and everything below it. The caller must ``close`` the result."""
@@ -126,7 +126,7 @@ class Layer:
             assert self.below is not None
             below_next, handle = await self.target.open(self.below, readonly, export_name, is_tls)
         else:
-            handle = await as_async(self.target.open)(readonly, export_name, is_tls)
+            handle = await self.callback("open")(readonly, export_name, is_tls)
         ctx = Next(self, handle, below_next, readonly, export_name)
         try:
             await ctx.prepare()
@@ -159,60 +159,88 @@ class Next:
         self.export_name = export_name
         self.caps: Caps | None = None
         self.closed = False
-        target = layer.target
-        prefix: tuple[Any, ...] = (below, handle) if layer.is_filter else (handle,)
+        self._prefix: tuple[Any, ...] = (below, handle) if layer.is_filter else (handle,)
         lock = layer.global_lock
-        if lock is None and target.concurrency <= Concurrency.SERIALIZE_REQUESTS:
+        if lock is None and layer.target.concurrency <= Concurrency.SERIALIZE_REQUESTS:
             lock = trio.Lock()
+        self._lock = lock
 
-        def bind(name: str, abandon_on_cancel: bool = False) -> AnyFn:
-            call = functools.partial(layer.callback(name, abandon_on_cancel), *prefix)
-            if lock is None:
-                return call
+    def _call(self, name: str, abandon_on_cancel: bool = False) -> AnyFn:
+        """The layer's callback ``name`` bound to this context, under its lock if any."""
+        call = functools.partial(self.layer.callback(name, abandon_on_cancel), *self._prefix)
+        lock = self._lock
+        if lock is None:
+            return call
 
-            async def locked(*args: Any) -> Any:
-                async with lock:
-                    return await call(*args)
+        async def locked(*args: Any) -> Any:
+            async with lock:
+                return await call(*args)
 
-            return locked
+        return locked
 
-        self._call = bind
-        self._pread = bind("pread")
-        self._pwrite = bind("pwrite")
-        self._flush = bind("flush")
-        self._trim = bind("trim")
-        self._zero = bind("zero")
-        self._extents = bind("extents")
-        self._cache = bind("cache")
+    # Data callbacks are bound on first use: contexts opened only to answer NBD_OPT_INFO
+    # (``nbdinfo --list`` opens one per export) never pay for them.
+    @functools.cached_property
+    def _pread(self) -> AnyFn:
+        return self._call("pread")
+
+    @functools.cached_property
+    def _pwrite(self) -> AnyFn:
+        return self._call("pwrite")
+
+    @functools.cached_property
+    def _flush(self) -> AnyFn:
+        return self._call("flush")
+
+    @functools.cached_property
+    def _trim(self) -> AnyFn:
+        return self._call("trim")
+
+    @functools.cached_property
+    def _zero(self) -> AnyFn:
+        return self._call("zero")
+
+    @functools.cached_property
+    def _extents(self) -> AnyFn:
+        return self._call("extents")
+
+    @functools.cached_property
+    def _cache(self) -> AnyFn:
+        return self._call("cache")
 
     def __repr__(self) -> str:
         return f"<Next {self.layer.name} export={self.export_name!r}>"
 
     async def prepare(self) -> None:
         """Ask every capability once (nbdkit's ``prepare``)."""
-        c = self._call
-        size = await c("get_size")()
+        callback = self.layer.callback
+        prefix = self._prefix
+
+        async def c(name: str) -> Any:
+            return await callback(name)(*prefix)
+
+        size = await c("get_size")
         if not isinstance(size, int) or size < 0:
             raise NBDError(errno.EIO, f"{self.layer.name}: get_size returned {size!r}")
-        write = not self.readonly and bool(await c("can_write")())
-        zero = ZeroMode(await c("can_zero")()) if write else ZeroMode.NONE
-        flush = bool(await c("can_flush")())
-        fua = FuaMode(await c("can_fua")()) if write else FuaMode.NONE
+        write = not self.readonly and bool(await c("can_write"))
+        zero = ZeroMode(await c("can_zero")) if write else ZeroMode.NONE
+        flush = bool(await c("can_flush"))
+        fua = FuaMode(await c("can_fua")) if write else FuaMode.NONE
         if fua is FuaMode.EMULATE and not flush:
             fua = FuaMode.NONE
-        block_size = await c("block_size")() or DEFAULT_BLOCK_SIZE
+        block_size = await c("block_size") or DEFAULT_BLOCK_SIZE
         self.caps = Caps(
             size=size,
             write=write,
             flush=flush,
-            trim=write and bool(await c("can_trim")()),
+            trim=write and bool(await c("can_trim")),
             zero=zero,
-            fast_zero=zero is not ZeroMode.NONE and bool(await c("can_fast_zero")()),
+            fast_zero=zero is not ZeroMode.NONE and bool(await c("can_fast_zero")),
             fua=fua,
-            multi_conn=bool(await c("can_multi_conn")()),
-            extents=bool(await c("can_extents")()),
-            cache=CacheMode(await c("can_cache")()),
-            rotational=bool(await c("is_rotational")()),
+            multi_conn=bool(await c("can_multi_conn")),
+            extents=bool(await c("can_extents")),
+            cache=CacheMode(await c("can_cache")),
+            rotational=bool(await c("is_rotational")),
             block_size=BlockSize(*block_size),
         )
 

@@ -101,30 +101,33 @@ def _option_error(e: NBDError) -> Rep:
     return Rep.ERR_UNKNOWN
 
 
+_TF = TransmissionFlag
+
+
 def transmission_flags(caps: Caps, structured: bool) -> int:
     """The transmission flags advertising what an open context can do."""
-    f = TransmissionFlag.HAS_FLAGS
+    f = int(_TF.HAS_FLAGS)  # plain ints: IntFlag arithmetic is slow and this runs per INFO
     if not caps.write:
-        f |= TransmissionFlag.READ_ONLY
+        f |= _TF.READ_ONLY.value
     if caps.flush:
-        f |= TransmissionFlag.SEND_FLUSH
+        f |= _TF.SEND_FLUSH.value
     if caps.write and caps.fua is not FuaMode.NONE:
-        f |= TransmissionFlag.SEND_FUA
+        f |= _TF.SEND_FUA.value
     if caps.rotational:
-        f |= TransmissionFlag.ROTATIONAL
+        f |= _TF.ROTATIONAL.value
     if caps.trim:
-        f |= TransmissionFlag.SEND_TRIM
+        f |= _TF.SEND_TRIM.value
     if caps.zero is not ZeroMode.NONE:
-        f |= TransmissionFlag.SEND_WRITE_ZEROES
+        f |= _TF.SEND_WRITE_ZEROES.value
         if caps.fast_zero:
-            f |= TransmissionFlag.SEND_FAST_ZERO
+            f |= _TF.SEND_FAST_ZERO.value
     if structured:
-        f |= TransmissionFlag.SEND_DF
+        f |= _TF.SEND_DF.value
     if caps.multi_conn:
-        f |= TransmissionFlag.CAN_MULTI_CONN
+        f |= _TF.CAN_MULTI_CONN.value
     if caps.cache is not CacheMode.NONE:
-        f |= TransmissionFlag.SEND_CACHE
-    return int(f)
+        f |= _TF.SEND_CACHE.value
+    return f
 
 
 class Connection:
