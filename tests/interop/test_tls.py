@@ -5,6 +5,7 @@ and qemu-img (``tls-creds-x509``)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -231,3 +232,57 @@ def test_psk_is_refused_on_python_without_psk_callbacks(tmp_path: Path) -> None:
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("trionbd: --tls-psk needs Python 3.13 or later")
+
+
+def psk_python() -> str | None:
+    """An interpreter whose ssl module has PSK callbacks and that can run trionbd: this
+    one, or the one named by TRIONBD_PSK_PYTHON (e.g. a Python 3.13 venv with trio and
+    cyclopts installed)."""
+    for python in (PYTHON, os.environ.get("TRIONBD_PSK_PYTHON")):
+        if python is None:
+            continue
+        probe = subprocess.run(
+            [python, "-c", "import ssl, trio, cyclopts, trionbd; assert ssl.HAS_PSK"],
+            capture_output=True, env=os.environ | {"PYTHONPATH": str(ROOT)}, check=False,
+        )  # fmt: skip
+        if probe.returncode == 0:
+            return python
+    return None
+
+
+@pytest.mark.skipif(
+    psk_python() is None,
+    reason="needs a Python >= 3.13 with trio and cyclopts: set TRIONBD_PSK_PYTHON",
+)
+def test_psk_with_libnbd(tmp_path: Path) -> None:
+    python = psk_python()
+    assert python is not None
+    keys, strangers = tmp_path / "keys.psk", tmp_path / "strangers.psk"
+    run(["psktool", "-u", "alice", "-p", str(keys)])
+    run(["psktool", "-u", "mallory", "-p", str(strangers)])
+    # alice's name with another key: the handshake must fail.
+    (tmp_path / "forged.psk").write_text("alice:" + "00" * 32 + "\n")
+    with short_tmpdir() as tmp:
+        sock = tmp / "sock"
+        proc = subprocess.Popen(
+            [python, "-m", "trionbd", "-f", "--print-uri", "-U", str(sock), "--tls=require",
+             f"--tls-psk={keys}", "memory", "1M"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env=os.environ | {"PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().startswith("nbds+unix:")
+
+            def uri(user: str, file: Path) -> str:
+                return f"nbds+unix://{user}@/?socket={sock}&tls-psk-file={file}"
+
+            assert run(["nbdinfo", "--size", uri("alice", keys)]).strip() == "1048576"
+            for user, file in (("mallory", strangers), ("alice", tmp_path / "forged.psk")):
+                assert client(["nbdinfo", "--size", uri(user, file)]).returncode != 0, user
+            plain = client(["nbdinfo", f"nbd+unix:///?socket={sock}"])
+            assert plain.returncode != 0
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert err.count("TLS handshake failed") == 2, err
