@@ -25,7 +25,7 @@ import trio
 from ..protocol.constants import CmdFlag
 from .errors import NBDError
 from .filter import Filter
-from .plugin import Plugin
+from .plugin import Plugin, overrides
 from .types import (
     DEFAULT_BLOCK_SIZE,
     BlockSize,
@@ -77,6 +77,23 @@ class Caps:
     cache: CacheMode
     rotational: bool
     block_size: BlockSize
+
+
+_CAPS_FIELD = {
+    "get_size": "size",
+    "can_write": "write",
+    "can_flush": "flush",
+    "can_trim": "trim",
+    "can_zero": "zero",
+    "can_fast_zero": "fast_zero",
+    "can_fua": "fua",
+    "can_multi_conn": "multi_conn",
+    "can_extents": "extents",
+    "can_cache": "cache",
+    "is_rotational": "rotational",
+    "block_size": "block_size",
+}
+"""The Caps field holding each capability callback's answer."""
 
 
 class Layer:
@@ -215,8 +232,14 @@ class Next:
         """Ask every capability once (nbdkit's ``prepare``)."""
         callback = self.layer.callback
         prefix = self._prefix
+        target = self.layer.target
+        # A filter that keeps a capability callback's default passes the layer below's
+        # answer through: take it from there without the call.
+        inherited = self.below.caps if isinstance(target, Filter) and self.below else None
 
         async def c(name: str) -> Any:
+            if inherited is not None and not overrides(target, Filter, name):
+                return getattr(inherited, _CAPS_FIELD[name])
             return await callback(name)(*prefix)
 
         size = await c("get_size")
