@@ -103,6 +103,10 @@ class Transport:
             await trio.lowlevel.wait_writable(fd)
 
     async def aclose(self) -> None:
+        # Forget the descriptor first: once closed its number may be reused by another
+        # socket, and a later receive or send (another task of a client) must fail on
+        # the closed stream instead of reading or writing someone else's connection.
+        self._fd = -1
         with trio.CancelScope(shield=True):
             with trio.move_on_after(1):
                 await self.stream.aclose()
