@@ -506,7 +506,9 @@ async def run_command(command: str, server: Server, opts: Options, status: list[
     """Run ``sh -c command`` with nbdkit's variables set; append its exit status (128+N
     when signal N killed it) to ``status``. If trionbd is stopped first, the command
     gets SIGTERM (SIGKILL after ``KILL_AFTER`` seconds)."""
-    env = daemon.run_environment(server.addresses[0], opts.exportname, opts.config.tls)
+    env = daemon.run_environment(
+        server.addresses[0], opts.exportname, opts.config.tls, opts.tls.certificates, opts.tls.psk
+    )
     proc = await trio.lowlevel.open_process(["/bin/sh", "-c", command], env=env)
     try:
         await proc.wait()

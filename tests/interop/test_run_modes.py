@@ -30,8 +30,7 @@ from tests.support import (
     short_tmpdir,
     trionbd_process,
 )
-from trionbd import __version__
-from trionbd import Filter, Layer, Lifetime, StartupError
+from trionbd import Filter, Layer, Lifetime, StartupError, __version__
 
 TRIONBD = [PYTHON, "-m", "trionbd"]
 EXIT_TIMEOUT = 20.0
@@ -190,12 +189,20 @@ def test_run_with_a_tcp_port_and_tls_required(tmp: Path) -> None:
     server.private_key_pem.write_to_path(str(certs_dir / "server-key.pem"))
     result = trionbd(
         "-p", "0", "-i", "127.0.0.1", "--tls=require", f"--tls-certificates={certs_dir}",
-        "memory", "1M", "--run", 'echo "$uri|$port|$unixsocket|$tls"',
+        "memory", "1M", "--run",
+        'echo "$uri|$port|$unixsocket|$tls|$tls_certificates"; nbdinfo --size "$uri"',
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    uri, port, unixsocket, tls = result.stdout.strip().split("|")
+    variables, size = result.stdout.splitlines()
+    uri, port, unixsocket, tls, certificates = variables.split("|")
     assert int(port) > 0
-    assert (uri, unixsocket, tls) == (f"nbds://127.0.0.1:{port}/", "", "2")
+    assert (uri, unixsocket, tls, certificates) == (
+        f"nbds://127.0.0.1:{port}/?tls-certificates={certs_dir}",
+        "",
+        "2",
+        str(certs_dir),
+    )
+    assert size == "1048576"  # $uri alone got the client through TLS
 
 
 def test_run_passes_stdin_and_stdout_through() -> None:

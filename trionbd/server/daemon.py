@@ -16,6 +16,7 @@ import socket
 import stat
 import sys
 import syslog
+from urllib.parse import quote
 
 import trio
 
@@ -183,12 +184,22 @@ def stdio_stream(fd_in: int, fd_out: int) -> trio.abc.Stream:
 # --- --run ---------------------------------------------------------------------------------------
 
 
-def run_environment(address: Address, exportname: str, tls: TLSMode) -> dict[str, str]:
+def run_environment(
+    address: Address,
+    exportname: str,
+    tls: TLSMode,
+    certificates: str | None = None,
+    psk: str | None = None,
+) -> dict[str, str]:
     """The environment of a ``--run`` command: ours plus nbdkit's variables ``uri`` and
     ``nbd`` (the same URI), ``exportname``, ``port`` and ``unixsocket`` (one of them
-    empty), and ``tls`` (1 for on, 2 for require; unset when off)."""
+    empty), ``tls`` (1 for on, 2 for require; unset when off), and with TLS on
+    ``tls_certificates`` and ``tls_psk`` (the files given; ``$uri`` then names the
+    certificate directory, as newer nbdkit releases do)."""
     env = dict(os.environ)
     uri = address.uri(exportname, tls=tls is TLSMode.REQUIRE)
+    if tls is not TLSMode.OFF and certificates and psk is None:
+        uri += ("&" if "?" in uri else "?") + "tls-certificates=" + quote(certificates)
     env.update(
         uri=uri,
         nbd=uri,
@@ -196,10 +207,14 @@ def run_environment(address: Address, exportname: str, tls: TLSMode) -> dict[str
         port="" if address.port is None else str(address.port),
         unixsocket=address.unix_path or "",
     )
-    if tls is TLSMode.OFF:
-        env.pop("tls", None)
-    else:
+    for name in ("tls", "tls_certificates", "tls_psk"):
+        env.pop(name, None)
+    if tls is not TLSMode.OFF:
         env["tls"] = "2" if tls is TLSMode.REQUIRE else "1"
+        if psk is not None:
+            env["tls_psk"] = psk
+        elif certificates:
+            env["tls_certificates"] = certificates
     return env
 
 
