@@ -552,3 +552,22 @@ async def test_pipelining_reaches_the_server() -> None:
                     for i in range(200):
                         nursery.start_soon(c.pread, 512, i * 512)
     assert plugin.most == config.max_in_flight
+
+
+async def test_a_closed_transport_never_touches_its_old_descriptor() -> None:
+    """The client's reader and writer may run after another task closed the connection;
+    the descriptor number may already belong to a new socket by then."""
+    from trionbd.server.transport import Transport
+
+    ours, peer = trio.socket.socketpair()
+    transport = Transport(trio.SocketStream(ours))
+    await transport.aclose()
+    reused, other = trio.socket.socketpair()  # likely gets the freed descriptor number
+    with reused, other, peer:
+        with pytest.raises(trio.ClosedResourceError):
+            await transport.send([b"NBD_CMD_DISC for someone else"])
+        with pytest.raises(trio.ClosedResourceError):
+            await transport.receive()
+        with trio.move_on_after(0.2) as nothing:
+            await other.recv(100)  # nothing arrived on the new socket
+        assert nothing.cancelled_caught

@@ -47,6 +47,7 @@ from __future__ import annotations
 import errno
 import itertools
 import urllib.parse
+from collections import deque
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -536,7 +537,9 @@ class Client:
         self._context_id = context_id
         self._cookies = itertools.count(1)
         self._pending: dict[int, _Request] = {}
-        self._outbox, self._inbox = trio.open_memory_channel[_Request](0)
+        self._queue: deque[_Request] = deque()
+        """Requests waiting for the writer task, in order."""
+        self._wakeup = trio.Event()
         self._failure: str | None = None
         self._started = False
         self._running = False
@@ -653,6 +656,9 @@ class Client:
         finally:
             self._running = False
             self._fail(f"{self.peer}: the client stopped")
+            for req in self._queue:
+                req.done.set()  # a DISC that was never sent: disconnect() goes on
+            self._queue.clear()
             await self._transport.aclose()
 
     async def __aenter__(self) -> Self:
@@ -696,12 +702,8 @@ class Client:
             self._fail(bye)
             disc = _Request(0, Cmd.DISC, 0, 0, 0)
             if self._running:
-                try:
-                    await self._outbox.send(disc)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-                else:
-                    await disc.done.wait()
+                self._enqueue(disc)
+                await disc.done.wait()
             else:
                 with _failures(self.peer, "disconnecting"):
                     await self._transport.send([self._frame(disc)])
@@ -787,23 +789,17 @@ class Client:
         cookie = next(self._cookies)
         req = _Request(cookie, command, flags, offset, length, data)
         self._pending[cookie] = req
-        try:
-            await self._outbox.send(req)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._forget(cookie)
-            raise ConnectionFailed(self._failure or f"{self.peer}: the client stopped") from None
-        except BaseException:
-            self._forget(cookie)  # never handed to the writer: nothing was sent
-            raise
+        self._enqueue(req)
+        # Cancelled while waiting: the request still goes out and its late reply is
+        # dropped; the connection stays in step.
         await req.done.wait()
         if req.error is not None:
             raise req.error
         return req
 
-    def _forget(self, cookie: int) -> None:
-        self._pending.pop(cookie, None)
-        if not self._pending and self._idle is not None:
-            self._idle.set()
+    def _enqueue(self, req: _Request) -> None:
+        self._queue.append(req)
+        self._wakeup.set()
 
     def _frame(self, req: _Request) -> bytes:
         return self._proto.request(
@@ -811,34 +807,34 @@ class Client:
         )
 
     async def _write_loop(self) -> None:
-        """The only task that sends: requests leave in the order they were queued, and
-        a cancelled caller can never leave half a request on the wire."""
-        async with self._inbox:
-            async for req in self._inbox:
-                batch = [req]
-                while True:
-                    try:
-                        batch.append(self._inbox.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                # Requests that failed meanwhile (done already) are skipped; a caller
-                # that gave up before the hand-over never got here. NBD_CMD_DISC goes
-                # out after disconnect() marked the connection as over.
-                frames: list[Buffer] = []
+        """The only task that sends: requests leave in the order they were queued (all
+        that queued up meanwhile in one system call), and no caller's cancellation can
+        leave half a request on the wire."""
+        queue = self._queue
+        while True:
+            if not queue:
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            batch = list(queue)
+            queue.clear()
+            # Requests that failed meanwhile (done already) are skipped. NBD_CMD_DISC
+            # goes out after disconnect() marked the connection as over.
+            frames: list[Buffer] = []
+            for r in batch:
+                if not r.done.is_set() and self._proto.phase is ClientPhase.TRANSMISSION:
+                    frames.append(self._frame(r))
+            try:
+                await self._transport.send(frames)
+            except _STREAM_ERRORS as e:
+                self._fail(f"{self.peer}: connection lost while sending: {_describe(e)}")
+                return
+            finally:
                 for r in batch:
-                    if not r.done.is_set() and self._proto.phase is ClientPhase.TRANSMISSION:
-                        frames.append(self._frame(r))
-                try:
-                    await self._transport.send(frames)
-                except _STREAM_ERRORS as e:
-                    self._fail(f"{self.peer}: connection lost while sending: {_describe(e)}")
-                    return
-                finally:
-                    for r in batch:
-                        if r.command == Cmd.DISC:
-                            r.done.set()  # sent, or never will be: disconnect() goes on
-                if any(r.command == Cmd.DISC for r in batch):
-                    return
+                    if r.command == Cmd.DISC:
+                        r.done.set()  # sent, or never will be: disconnect() goes on
+            if any(r.command == Cmd.DISC for r in batch):
+                return
 
     async def _read_loop(self) -> None:
         proto = self._proto
