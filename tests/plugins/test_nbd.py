@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import textwrap
 import time
@@ -165,6 +167,38 @@ def test_upstream_error_codes_reach_the_client() -> None:
             out = run([SYSTEM_PYTHON, "-c", script, px.uri])
     assert "write ENOSPC" in out
     assert "read-past-end EINVAL" in out
+
+
+async def test_upstream_error_messages_reach_the_client() -> None:
+    """What the upstream said about a failed request arrives with the error code."""
+    import trionbd.client as nbd
+
+    args = ("--filter=error", "memory", "1M", "error=ENOSPC", "error-pwrite-rate=1")
+    with trionbd_process(*args) as up, proxy(up) as px:
+        async with await nbd.connect_unix(px.socket) as c:
+            with pytest.raises(nbd.RequestError) as e:
+                await c.pwrite(b"x" * 512, 0)
+            assert e.value.errno == errno.ENOSPC
+            assert e.value.message == "error filter: injecting ENOSPC error into pwrite"
+            assert await c.pread(512, 0) == bytes(512)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_tcp_upstream_by_hostname_and_by_uri(tmp_path: Path) -> None:
+    data = random_file(tmp_path / "in.img", 2 * MiB + 4096)
+    port = free_port()
+    with trionbd_process("-p", str(port), "-i", "127.0.0.1", "memory", "4M") as up:
+        with trionbd_process("nbd", "hostname=127.0.0.1", f"port={port}") as px:
+            run(["nbdcopy", str(tmp_path / "in.img"), px.uri])
+        with trionbd_process("nbd", f"nbd://127.0.0.1:{port}/") as px:
+            run(["nbdcopy", px.uri, str(tmp_path / "out.img")])
+        assert up.proc.poll() is None
+    assert (tmp_path / "out.img").read_bytes()[: len(data)] == data
 
 
 # --- export names ----------------------------------------------------------------------------
