@@ -219,6 +219,7 @@ def _parse(
 ) -> Options | str:
     if version:
         return f"trionbd {__version__}"
+    del newstyle  # -n is accepted: newstyle is the only protocol
     if oldstyle:
         raise ConfigError("-o/--oldstyle: the oldstyle protocol is not supported (newstyle only)")
     if threads is not None and threads < 1:

@@ -31,6 +31,7 @@ from tests.support import (
     trionbd_process,
 )
 from trionbd import Filter, Layer, Lifetime, StartupError, __version__
+from trionbd.cli import parse_args
 
 TRIONBD = [PYTHON, "-m", "trionbd"]
 EXIT_TIMEOUT = 20.0
@@ -458,3 +459,52 @@ def test_protocol_switches_with_libnbd(args: tuple[str, ...], expected: str) -> 
         qemu = run(["qemu-img", "info", "--output=json", server.uri])
     assert out.split() == [*expected.split(), (8).to_bytes(8, "big").hex()]
     assert '"virtual-size": 1048576' in qemu
+
+
+# --- nbdkit's spellings, and what is refused -----------------------------------------------------
+
+
+def test_nbdkit_option_spellings_parse_alike(tmp: Path) -> None:
+    long = parse_args(
+        [
+            "--no-fork",
+            "--pid-file",
+            "p",
+            "--read-only",
+            "--export-name",
+            "x",
+            "--ip-addr",
+            "::1",
+            "-p",
+            "0",
+            "--new-style",
+            "-t",
+            "4",
+            "memory",
+            "1M",
+        ]
+    )
+    short = parse_args(["-f", "-P", "p", "-r", "-e", "x", "-i", "::1", "-p", "0", "-n",
+                        "--threads=4", "memory", "1M"])  # fmt: skip
+    assert not isinstance(long, str) and not isinstance(short, str)
+    assert long == short
+    assert long.pidfile == os.path.abspath("p")  # absolute: the background moves to /
+    assert long.config.max_in_flight == 4 and long.config.readonly
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-o", "memory", "1M"], "-o/--oldstyle: the oldstyle protocol is not supported"),
+        (["-t", "0", "memory", "1M"], "-t/--threads=0: at least 1 request"),
+        (["--tls=maybe", "memory", "1M"], '"maybe" for --tls. Choose from: "off", "on", "require"'),
+        (
+            ["--log=file", "memory", "1M"],
+            '"file" for --log. Choose from: "stderr", "syslog", "null"',
+        ),
+    ],
+)
+def test_refused_options_exit_2_with_one_line(args: list[str], message: str) -> None:
+    result = trionbd(*args)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
