@@ -396,6 +396,30 @@ def test_log_targets(args: tuple[str, ...], warning: bool, debug: bool) -> None:
     assert ("conn 2: option InfoOption" in text) == debug, text
 
 
+def test_background_errors_go_to_syslog(tmp: Path) -> None:
+    """Once in the background, warnings go to the system log by default (as nbdkit). No
+    syslog daemon runs here, so the test plays one on /dev/log while it runs."""
+    if os.path.exists("/dev/log") or os.geteuid() != 0:
+        pytest.skip("needs to stand in for the syslog daemon on /dev/log")
+    syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    syslog.bind("/dev/log")
+    pidfile, sock = tmp / "pid", tmp / "sock"
+    try:
+        assert trionbd("-U", str(sock), "-P", str(pidfile), "memory", "1M").returncode == 0
+        pid = int(pidfile.read_text())
+        provoke_a_warning(str(sock))
+        syslog.settimeout(EXIT_TIMEOUT)
+        message = syslog.recv(4096).decode()
+        assert f"trionbd[{pid}]: " in message
+        assert "protocol error: bad option magic" in message
+        assert message.startswith(f"<{3 * 8 + 4}>")  # LOG_DAEMON, LOG_WARNING
+    finally:
+        syslog.close()
+        os.unlink("/dev/log")
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+
+
 # --- --dump-plugin, --dump-config ----------------------------------------------------------------
 
 
