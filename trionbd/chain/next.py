@@ -39,13 +39,22 @@ from .types import (
 
 EMULATION_CHUNK = 1 << 20
 """Largest single write (zero emulation) or read (cache emulation) issued by emulation."""
+THREADS_PER_LAYER = 16
+"""Worker threads the plain ``def`` callbacks of one layer may occupy at once, across
+all connections (nbdkit's default thread count); further calls wait for a thread."""
 _ZEROES = bytes(EMULATION_CHUNK)
 
 AnyFn = Callable[..., Awaitable[Any]]
 
 
-def as_async(fn: Callable[..., Any], *, abandon_on_cancel: bool = False) -> AnyFn:
-    """``fn`` itself if it is ``async def``; else a wrapper running it in a worker thread.
+def as_async(
+    fn: Callable[..., Any],
+    *,
+    abandon_on_cancel: bool = False,
+    limiter: trio.CapacityLimiter | None = None,
+) -> AnyFn:
+    """``fn`` itself if it is ``async def``; else a wrapper running it in a worker thread
+    (taking a token of ``limiter``, or of Trio's default limiter).
 
     With ``abandon_on_cancel`` a cancelled caller stops waiting for the thread (used for
     closing, which must respect its deadline); otherwise cancellation waits for it.
@@ -55,7 +64,7 @@ def as_async(fn: Callable[..., Any], *, abandon_on_cancel: bool = False) -> AnyF
 
     async def in_thread(*args: Any) -> Any:
         return await trio.to_thread.run_sync(
-            functools.partial(fn, *args), abandon_on_cancel=abandon_on_cancel
+            functools.partial(fn, *args), abandon_on_cancel=abandon_on_cancel, limiter=limiter
         )
 
     return in_thread
@@ -109,18 +118,25 @@ class Layer:
         self.global_lock = (
             trio.Lock() if target.concurrency <= Concurrency.SERIALIZE_ALL_REQUESTS else None
         )
+        self.threads = trio.CapacityLimiter(THREADS_PER_LAYER)
+        """Worker threads for this layer's plain ``def`` callbacks (see :func:`as_async`)."""
         self._callbacks: dict[tuple[str, bool], AnyFn] = {}
 
     def __repr__(self) -> str:
         return f"<Layer {self.name}>"
 
     def callback(self, name: str, abandon_on_cancel: bool = False) -> AnyFn:
-        """The target's callback ``name`` as an async function (see :func:`as_async`),
-        made once per layer: every open binds about twenty of them."""
+        """The target's callback ``name`` as an async function (see :func:`as_async`; a
+        plain ``def`` runs in a worker thread of :attr:`threads`), made once per layer:
+        every open binds about twenty of them."""
         key = (name, abandon_on_cancel)
         fn = self._callbacks.get(key)
         if fn is None:
-            fn = as_async(getattr(self.target, name), abandon_on_cancel=abandon_on_cancel)
+            fn = as_async(
+                getattr(self.target, name),
+                abandon_on_cancel=abandon_on_cancel,
+                limiter=self.threads,
+            )
             self._callbacks[key] = fn
         return fn
 
@@ -449,6 +465,8 @@ class Chain:
             layer = Layer(f, layer)
             self.layers.append(layer)
         self.top = layer
+        self.ready = False
+        """True between :meth:`get_ready` and :meth:`unload`."""
 
     def __repr__(self) -> str:
         return " -> ".join(layer.name for layer in reversed(self.layers))
@@ -464,9 +482,16 @@ class Chain:
         return all(layer.target.nonblocking for layer in self.layers)
 
     def get_ready(self) -> None:
+        """Call every layer's ``get_ready``, plugin first; once: until :meth:`unload`,
+        later calls do nothing."""
+        if self.ready:
+            return
         for layer in self.layers:
             layer.target.get_ready()
+        self.ready = True
 
     def unload(self) -> None:
+        """Call every layer's ``unload``, client side first."""
+        self.ready = False
         for layer in reversed(self.layers):
             layer.target.unload()
