@@ -14,7 +14,10 @@ import trio
 
 from ..protocol.constants import DEFAULT_PORT
 
-BACKLOG = 128
+BACKLOG = _stdlib_socket.SOMAXCONN
+"""Connections the kernel queues before we accept them (as nbdkit: SOMAXCONN; the kernel
+caps it at net.core.somaxconn). With 128, a burst of 200 clients overflowed the queue:
+a Unix client then gets EAGAIN from connect, which Trio's client takes for success."""
 
 
 @dataclass(frozen=True)
@@ -118,3 +121,19 @@ def private_socket_path() -> str:
 async def open_tcp_listeners(port: int, host: str | None = None) -> list[trio.SocketListener]:
     """Listen on TCP; without ``host``, on every address (IPv4 and IPv6)."""
     return [as_listener(sock) for sock in bind_tcp(port, host)]
+
+
+def listen(spec: str) -> list[trio.SocketListener]:
+    """Listen where ``spec`` says: ``unix:PATH``, ``tcp:HOST:PORT`` (an IPv6 host in
+    brackets: ``tcp:[::1]:10809``) or ``tcp:PORT`` (every address). Port 0 picks a free
+    port. Raises ``ValueError`` for a malformed ``spec``, ``OSError`` if binding fails."""
+    kind, _, rest = spec.partition(":")
+    if kind == "unix" and rest:
+        return [as_listener(bind_unix(rest))]
+    if kind == "tcp":
+        host, colon, port = rest.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if port.isdigit() and int(port) < 65536 and (host or not colon):
+            return [as_listener(sock) for sock in bind_tcp(int(port), host or None)]
+    raise ValueError(f"{spec!r} is not a listening address (unix:PATH, tcp:HOST:PORT or tcp:PORT)")
