@@ -17,25 +17,34 @@ Guarantees:
 * Tasks in ``lifetime.nursery`` are shielded from the cancellation that shuts the
   server down: they keep running while clients drain and contexts close (the ``nbd``
   plugin's connections need their reader tasks until then), and are cancelled last.
+* :meth:`Lifetime.close_connections` lets a plugin or filter end the connections that
+  use one of its exports (an export that went away) without a reference to the server.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .chain.errors import NBDError, StartupError
 from .chain.next import Chain, Layer, Next, as_async
 
+if TYPE_CHECKING:
+    from .chain.filter import Filter
+    from .chain.plugin import Plugin
+
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 5.0
 """Seconds each lifetime context (and each layer's ``cleanup``) gets to close."""
+
+ConnectionCloser = Callable[[Layer, Callable[[Next], bool], float | None], Awaitable[int]]
+"""What a server lends its lifetime to close connections: (layer, match, grace) -> count."""
 
 
 class LifetimeContext(Next):
@@ -131,6 +140,38 @@ class Lifetime:
         self.contexts: list[LifetimeContext] = []
         """Open lifetime contexts, in order of opening."""
         self.closing = False
+        self.connection_closer: ConnectionCloser | None = None
+        """Set by the server running in this lifetime (see :meth:`close_connections`)."""
+
+    async def close_connections(
+        self,
+        owner: Plugin | Filter,
+        match: Callable[[Next], bool],
+        grace: float | None = None,
+    ) -> int:
+        """End the connections whose context of ``owner``'s layer satisfies ``match``;
+        return how many there were, once all of them have closed.
+
+        ``owner`` is the calling plugin or filter (``self``); ``match`` gets that layer's
+        context of each connection in transmission (``ctx.export_name``, ``ctx.handle``),
+        e.g. ``lambda ctx: ctx.export_name == "disk"``. Each matching connection stops
+        serving new requests: requests still arriving are answered with ``ESHUTDOWN``
+        (the client should disconnect), requests in flight finish and get their replies,
+        a writable context is flushed and closed, and the connection closes when the
+        client disconnects or ``grace`` seconds have passed (default: the server's
+        shutdown timeout; in-flight requests still running then are cancelled).
+
+        Connections still opening their export are not affected: stop new opens of the
+        export first (fail them in ``open``) and check again once ``open`` of the layer
+        below has returned, as :class:`~trionbd.exporttable.ExportTable` does. Without
+        a server (a lifetime opened on its own) there is nothing to close: returns 0.
+        """
+        layer = next((la for la in self.chain.layers if la.target is owner), None)
+        if layer is None:
+            raise ValueError(f"{owner!r} is not a layer of the chain {self.chain!r}")
+        if self.connection_closer is None:
+            return 0
+        return await self.connection_closer(layer, match, grace)
 
     async def open_context(
         self, layer: Layer, export_name: str, readonly: bool, is_tls: bool = False
@@ -154,11 +195,12 @@ class Lifetime:
         for layer in self.chain.layers:
             target = layer.target
             try:
+                after_fork = as_async(target.after_fork, limiter=layer.threads)
                 if layer.is_filter:
                     assert layer.below is not None
-                    await as_async(target.after_fork)(self, layer.below)
+                    await after_fork(self, layer.below)
                 else:
-                    await as_async(target.after_fork)(self)
+                    await after_fork(self)
             except StartupError:
                 raise
             except Exception as e:
@@ -185,7 +227,7 @@ class Lifetime:
             for layer in reversed(self.chain.layers):
                 with trio.move_on_after(self.close_timeout):
                     try:
-                        await as_async(layer.target.cleanup, abandon_on_cancel=True)()
+                        await layer.callback("cleanup", abandon_on_cancel=True)()
                     except Exception as e:
                         log.error("%s: cleanup failed: %s", layer.name, e)
             for ctx in reversed(self.contexts):

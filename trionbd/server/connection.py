@@ -6,19 +6,25 @@ When every layer of the chain is ``nonblocking`` (memory, page-cache files), REA
 WRITE and BLOCK_STATUS are instead served inline by the reader, and the replies of
 everything parsed from one receive leave in one ``sendmsg``: a task per 4 KiB read
 costs more than the read itself.
+
+Each connection counts its requests, the bytes read and written and its errors (plain
+integer attributes, summed per export by ``Server.stats``). A connection whose export
+goes away is *retired* (``Server.close_connections``): it answers whatever still arrives
+with ``ESHUTDOWN`` until the client disconnects or the grace period ends.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
 
 from ..chain.client import ClientInfo, set_current_client
 from ..chain.errors import NBDError
-from ..chain.next import Caps, Next
+from ..chain.next import Caps, Layer, Next
 from ..chain.types import CacheMode, FuaMode, Sparse, ZeroMode
 from ..protocol import wire
 from ..protocol.constants import (
@@ -141,7 +147,17 @@ class Connection:
         self.transport = Transport(stream)
         self.proto = ServerConnection(self.config.handshake_flags)
         self.info = ClientInfo(conn_id, _peer_name(stream))
+        self.ctx: Next | None = None
+        """The context of the export chosen for transmission (set once it is open)."""
         self.draining = False
+        self.retire_deadline: float | None = None
+        """Set by :meth:`retire`: when a retired connection closes at the latest."""
+        self.closed = trio.Event()
+        # Statistics: plain ints, cheap to bump on the per-request path.
+        self.requests = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.errors = 0
         self._receive_scope: trio.CancelScope | None = None
         self._send_lock = trio.StrictFIFOLock()
         self._batch: list[Buffer] = []
@@ -180,7 +196,7 @@ class Connection:
             finally:
                 with trio.CancelScope(shield=True):
                     with trio.move_on_after(self.config.shutdown_timeout):
-                        if self.server.shutting_down:
+                        if self.server.shutting_down or self.retire_deadline is not None:
                             await self._flush_at_shutdown(ctx)
                         await ctx.close()
         # except*: errors raised while requests are in flight arrive wrapped in the
@@ -195,6 +211,7 @@ class Connection:
                 log.error("conn %d: internal error; closing", self.id, exc_info=error)
         finally:
             await self.transport.aclose()
+            self.closed.set()
 
     async def _flush_at_shutdown(self, ctx: Next) -> None:
         """The server is going away: flush a writable context, so that writes acknowledged
@@ -213,6 +230,24 @@ class Connection:
         self.draining = True
         if self._receive_scope is not None:
             self._receive_scope.cancel()
+
+    def uses(self, layer: Layer, match: Callable[[Next], bool]) -> bool:
+        """Whether this connection's context of ``layer`` satisfies ``match``."""
+        ctx = self.ctx
+        while ctx is not None:
+            if ctx.layer is layer:
+                return match(ctx)
+            ctx = ctx.below
+        return False
+
+    def retire(self, grace: float) -> None:
+        """The export went away: stop serving it. Requests in flight finish; requests
+        still arriving get ``ESHUTDOWN``; the connection closes when the client
+        disconnects, or after ``grace`` seconds (cancelling what still runs)."""
+        if self.retire_deadline is None:
+            self.retire_deadline = trio.current_time() + grace
+            self.debug("export %r retired; closing within %.1fs", self.info.export_name, grace)
+        self.drain()
 
     async def _receive(self) -> bool:
         """Feed the next bytes to the state machine; False when draining."""
@@ -338,6 +373,8 @@ class Connection:
         except NBDError as e:
             await self._refuse(event.option, _option_error(e), e.message)
             return None
+        if event.option == Opt.GO:
+            self.ctx = ctx
         try:
             assert ctx.caps is not None
             caps = ctx.caps
@@ -372,6 +409,7 @@ class Connection:
             log.info("conn %d: export %r: %s; closing (EXPORT_NAME)", self.id, event.name, e)
             return None
         assert ctx.caps is not None
+        self.ctx = ctx
         flags = transmission_flags(ctx.caps, self.proto.structured)
         try:
             await self._send([self.proto.export_name_reply(event.name, ctx.caps.size, flags)])
@@ -438,6 +476,7 @@ class Connection:
         self.debug(
             "transmission on export %r (flags 0x%04x)", self.info.export_name, proto.export_flags
         )
+        drained = False
         async with trio.open_nursery() as requests:
             while True:
                 event = proto.next_event()
@@ -457,10 +496,13 @@ class Connection:
                     if batch:
                         await self._flush_batch()
                     if not await self._receive():
+                        drained = True
                         break
                 elif kind is BadRequest:
                     assert isinstance(event, BadRequest)
                     self.debug("bad request: %s", event.message)
+                    self.requests += 1
+                    self.errors += 1
                     batch += self._error(event.cookie, event.command, event.error, event.message)
                 elif kind is Disconnect or kind is ConnectionClosed:
                     self.debug("client disconnected (%s)", kind.__name__)
@@ -469,6 +511,28 @@ class Connection:
                     raise LocalProtocolError(f"unexpected event in transmission: {event}")
             if batch:
                 await self._flush_batch()
+            if drained and self.retire_deadline is not None:
+                requests.cancel_scope.deadline = self.retire_deadline
+                await self._refuse_retired()
+
+    async def _refuse_retired(self) -> None:
+        """Answer every request still arriving with ``ESHUTDOWN`` until the client
+        disconnects (or the server shuts down, or the grace period ends)."""
+        proto = self.proto
+        message = f"export {self.info.export_name!r} is gone; disconnect"
+        while not self.server.shutting_down:
+            event = proto.next_event()
+            if isinstance(event, Request | BadRequest):
+                self.requests += 1
+                self.errors += 1
+                await self._send(self._error(event.cookie, event.command, Err.ESHUTDOWN, message))
+            elif event is NEED_DATA:
+                with trio.CancelScope() as self._receive_scope:
+                    proto.receive_data(await self.transport.receive())
+                if self._receive_scope.cancelled_caught:
+                    return
+            else:
+                return
 
     async def _flush_batch(self) -> None:
         frames = self._batch[:]
@@ -494,6 +558,7 @@ class Connection:
     async def _serve(self, ctx: Next, req: Request) -> list[Buffer]:
         """Do one request; return its reply frames (errors become error replies)."""
         cmd = req.command
+        self.requests += 1
         try:
             if cmd == Cmd.READ:
                 if req.length == 0:
@@ -504,10 +569,12 @@ class Connection:
                         errno.EIO,
                         f"{ctx.layer.name}: read of {req.length} bytes returned {len(data)}",
                     )
+                self.bytes_read += req.length
                 return self._read_reply(req, data)
             if cmd == Cmd.WRITE:
                 if req.length:
                     await ctx.pwrite(req.data, req.offset, req.flags)
+                    self.bytes_written += req.length
             elif cmd == Cmd.BLOCK_STATUS:
                 if req.length == 0:
                     raise NBDError(errno.EINVAL, "block status of 0 bytes")
@@ -528,13 +595,16 @@ class Connection:
                     await ctx.cache(req.length, req.offset, req.flags)
             return [wire.simple_reply(req.cookie, 0)]
         except NBDError as e:
+            self.errors += 1
             self.debug("cookie %d: %s", req.cookie, e)
             return self._error(req.cookie, cmd, nbd_error(e.errno, req.flags), e.message)
         except OSError as e:
+            self.errors += 1
             code = e.errno or errno.EIO
             self.debug("cookie %d: %s", req.cookie, e)
             return self._error(req.cookie, cmd, nbd_error(code, req.flags), str(e))
         except Exception:
+            self.errors += 1
             log.exception("conn %d: request %s failed unexpectedly", self.id, req)
             return self._error(req.cookie, cmd, Err.EIO, "internal server error")
 

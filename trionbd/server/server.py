@@ -12,25 +12,64 @@ Shutting down is cancellation with a grace period: :meth:`Server.shutdown` stops
 listeners, tells every connection to stop reading new requests, and gives in-flight
 requests ``shutdown_timeout`` seconds before they are cancelled. Leaving the cancel
 scope around :func:`serve` does the same.
+
+While it runs, the server counts what the clients of each export do
+(:meth:`Server.stats`) and closes the connections of an export that went away when a
+plugin or filter asks (:meth:`Server.close_connections`, reached through
+``Lifetime.close_connections``).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import trio
 
-from ..chain.next import Chain
+from ..chain.next import Chain, Layer, Next
 from ..chain.plugin import Plugin
 from ..chain.types import Concurrency
 from ..nursery import Lifetime, open_lifetime
 from .config import ServerConfig
 from .connection import Connection
-from .listeners import Address, address_of
+from .listeners import Address, address_of, listen
 
 log = logging.getLogger("trionbd.server")
+
+ListenerSpec = str | trio.SocketListener
+"""A listener, or where to listen: ``unix:PATH``, ``tcp:HOST:PORT``, ``tcp:PORT``."""
+
+
+@dataclass(frozen=True)
+class ExportStats:
+    """What the clients of one export did since the server started."""
+
+    requests: int = 0
+    """Requests answered (including those answered with an error)."""
+    bytes_read: int = 0
+    """Bytes of successful reads."""
+    bytes_written: int = 0
+    """Bytes of successful writes."""
+    errors: int = 0
+    """Requests answered with an error."""
+    connections: int = 0
+    """Clients connected to the export now."""
+
+    def __add__(self, other: ExportStats) -> ExportStats:
+        return ExportStats(
+            self.requests + other.requests,
+            self.bytes_read + other.bytes_read,
+            self.bytes_written + other.bytes_written,
+            self.errors + other.errors,
+            self.connections + other.connections,
+        )
+
+    @classmethod
+    def of(cls, conn: Connection, connected: bool) -> ExportStats:
+        return cls(conn.requests, conn.bytes_read, conn.bytes_written, conn.errors, int(connected))
 
 
 class Server:
@@ -59,6 +98,9 @@ class Server:
         self.shutting_down = False
         self._connections: trio.Nursery | None = None
         self._running = trio.Event()
+        self._past: dict[str, ExportStats] = {}
+        """Counters of the connections that have closed, per export."""
+        lifetime.connection_closer = self.close_connections
 
     @property
     def uris(self) -> list[str]:
@@ -77,6 +119,31 @@ class Server:
         self._connections_scope.deadline = min(self._connections_scope.deadline, deadline)
         for conn in list(self.connections):
             conn.drain()
+
+    def stats(self) -> dict[str, ExportStats]:
+        """Per export name (as clients asked for it, ``""`` resolved to the default
+        export's name): the counters of its past and present connections, and how many
+        clients are connected now. Exports no client has used are absent."""
+        out = dict(self._past)
+        for conn in self.connections:
+            name = conn.info.export_name
+            if name is not None:
+                out[name] = out.get(name, ExportStats()) + ExportStats.of(conn, True)
+        return out
+
+    async def close_connections(
+        self, layer: Layer, match: Callable[[Next], bool], grace: float | None = None
+    ) -> int:
+        """Retire the connections whose context of ``layer`` satisfies ``match`` and wait
+        until they have closed; return how many. See ``Lifetime.close_connections``."""
+        if grace is None:
+            grace = self.config.shutdown_timeout
+        closing = [conn for conn in self.connections if conn.uses(layer, match)]
+        for conn in closing:
+            conn.retire(grace)
+        for conn in closing:
+            await conn.closed.wait()
+        return len(closing)
 
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept and serve clients until :meth:`shutdown`; then wait for connections."""
@@ -141,6 +208,9 @@ class Server:
                 await conn.run()
         finally:
             self.connections.discard(conn)
+            name = conn.info.export_name
+            if name is not None:
+                self._past[name] = self._past.get(name, ExportStats()) + ExportStats.of(conn, False)
 
 
 def as_chain(target: Chain | Plugin) -> Chain:
@@ -149,28 +219,61 @@ def as_chain(target: Chain | Plugin) -> Chain:
 
 async def serve(
     target: Chain | Plugin,
-    listeners: Sequence[trio.SocketListener],
+    listeners: ListenerSpec | Iterable[ListenerSpec] = (),
     config: ServerConfig | None = None,
     *,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``target`` (a chain, or a bare plugin) on ``listeners`` until cancelled.
 
+    ``listeners`` holds ``trio.SocketListener`` objects and address strings, or is one
+    of them: ``"unix:PATH"``, ``"tcp:HOST:PORT"``, ``"tcp:PORT"`` (every address); port
+    0 picks a free port (see ``server.addresses``). Sockets opened from strings are
+    closed at the end, and their Unix socket files removed.
+
     Use ``server = await nursery.start(serve, ...)``: it returns once every listener
     accepts clients and the chain's lifetime has started (export lists are ready).
     Cancelling the surrounding scope shuts down gracefully: in-flight requests get
     ``config.shutdown_timeout`` seconds, then lifetime contexts close and ``serve``
-    returns (re-raising the cancellation).
+    returns (re-raising the cancellation). :meth:`Server.shutdown` ends it too.
+
+    Unless the caller already did (``chain.get_ready()``, as the command line does
+    before forking), ``serve`` calls every layer's ``get_ready`` first and ``unload``
+    at the end: whoever calls ``get_ready`` calls ``unload``.
     """
     chain = as_chain(target)
     config = config or ServerConfig()
-    async with trio.open_nursery() as nursery:
-        server: Server = await nursery.start(_run_shielded, chain, listeners, config, nursery)
-        task_status.started(server)
-        try:
-            await trio.sleep_forever()
-        finally:
-            server.shutdown()
+    owns_chain = not chain.ready
+    given = [listeners] if isinstance(listeners, str | trio.SocketListener) else list(listeners)
+    opened: list[tuple[trio.SocketListener, str | None]] = []  # from strings: ours to close
+    try:
+        if owns_chain:
+            chain.get_ready()
+        sockets: list[trio.SocketListener] = []
+        for spec in given:
+            if isinstance(spec, str):
+                new = listen(spec)
+                opened += [(listener, address_of(listener).unix_path) for listener in new]
+                sockets += new
+            else:
+                sockets.append(spec)
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(_run_shielded, chain, sockets, config, nursery)
+            task_status.started(server)
+            try:
+                await trio.sleep_forever()
+            finally:
+                server.shutdown()
+    finally:
+        for listener, path in opened:
+            listener.socket.close()
+            if path:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        if owns_chain:
+            chain.unload()
 
 
 async def _run_shielded(
@@ -197,4 +300,4 @@ async def _run_shielded(
         parent.cancel_scope.cancel()
 
 
-__all__ = ["Server", "as_chain", "serve"]
+__all__ = ["ExportStats", "ListenerSpec", "Server", "as_chain", "serve"]
