@@ -134,6 +134,8 @@ def listen(spec: str) -> list[trio.SocketListener]:
         host, colon, port = rest.rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
+        elif ":" in host:
+            host = ""  # an IPv6 address must be in brackets
         if port.isdigit() and int(port) < 65536 and (host or not colon):
             return [as_listener(sock) for sock in bind_tcp(int(port), host or None)]
     raise ValueError(f"{spec!r} is not a listening address (unix:PATH, tcp:HOST:PORT or tcp:PORT)")
