@@ -208,8 +208,20 @@ def _parse(
         int | None, Parameter(name="--mask-handshake", help="handshake flags to offer")
     ] = None,
     handshake_timeout: Annotated[
-        float, Parameter(name="--handshake-timeout", help="seconds to finish negotiating")
+        float,
+        Parameter(
+            name="--handshake-timeout",
+            help="seconds a negotiating client has for each option (0: no limit)",
+        ),
     ] = HANDSHAKE_TIMEOUT,
+    idle_timeout: Annotated[
+        float,
+        Parameter(
+            name="--idle-timeout",
+            help="close a client that sends nothing for this many seconds with no request "
+            "in flight (0: never, the default)",
+        ),
+    ] = 0,
     shutdown_timeout: Annotated[
         float, Parameter(name="--shutdown-timeout", help="grace seconds at shutdown")
     ] = SHUTDOWN_TIMEOUT,
@@ -222,6 +234,15 @@ def _parse(
     del newstyle  # -n is accepted: newstyle is the only protocol
     if oldstyle:
         raise ConfigError("-o/--oldstyle: the oldstyle protocol is not supported (newstyle only)")
+    for name, value in (
+        ("--handshake-timeout", handshake_timeout),
+        ("--idle-timeout", idle_timeout),
+        ("--shutdown-timeout", shutdown_timeout),
+    ):
+        if value < 0:
+            raise ConfigError(f"{name}={value}: a number of seconds, at least 0")
+    if max_connections is not None and max_connections < 1:
+        raise ConfigError(f"--max-connections={max_connections}: at least 1 client")
     if threads is not None and threads < 1:
         raise ConfigError(f"-t/--threads={threads}: at least 1 request must be served at once")
     config = ServerConfig(
@@ -229,6 +250,7 @@ def _parse(
         structured_replies=not no_sr,
         meta_contexts=not no_mc,
         handshake_timeout=handshake_timeout or None,
+        idle_timeout=idle_timeout or None,
         shutdown_timeout=shutdown_timeout,
         max_connections=max_connections,
     )

@@ -646,7 +646,9 @@ async def test_max_connections() -> None:
         first = await connect(server)
         await first.go()
         second = await connect(server)
-        assert await second.eof()
+        await second.handshake()
+        [refused] = await second.option(Opt.GO, wire.name_and_infos("", []))
+        assert refused.reply == Rep.ERR_POLICY and b"--max-connections" in refused.payload
         await first.write(0, b"x")
 
 
@@ -712,7 +714,7 @@ class BuggyOpen(MemoryPlugin):
             raise RuntimeError("plugin bug in open")
 
 
-async def test_an_unexpected_error_loses_only_that_client(
+async def test_an_unexpected_error_fails_only_that_option(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async with serving(BuggyOpen(MiB)) as server:
@@ -721,8 +723,11 @@ async def test_an_unexpected_error_loses_only_that_client(
         bad = await connect(server)
         await bad.handshake()
         with caplog.at_level(logging.ERROR, "trionbd.server"):
-            await bad.stream.send_all(bad.proto.option(Opt.GO, wire.name_and_infos("bug", [])))
-            assert await bad.eof()
+            [refused] = await bad.option(Opt.GO, wire.name_and_infos("bug", []))
+        assert refused.reply == Rep.ERR_UNKNOWN
+        assert b"internal server error" in refused.payload
         assert "plugin bug in open" in caplog.text
+        replies = await bad.option(Opt.GO, wire.name_and_infos("", []))
+        assert replies[-1].reply == Rep.ACK  # the client may go on negotiating
         await good.write(0, b"still serving")
         assert await good.read(0, 13) == b"still serving"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -72,6 +73,9 @@ OPTIONS_PER_EXPORT = MAX_OPTIONS
 """Options granted per listed export (``nbdinfo --list`` asks about each one)."""
 
 _INLINE = frozenset({Cmd.READ, Cmd.WRITE, Cmd.BLOCK_STATUS})
+
+_PAYLOAD = frozenset({int(Cmd.READ), int(Cmd.WRITE)})
+"""Commands whose requests hold payload in memory (counted against max_buffered)."""
 
 _ERRNO = {
     errno.EPERM: Err.EPERM,
@@ -139,11 +143,15 @@ def transmission_flags(caps: Caps, structured: bool) -> int:
 class Connection:
     """One client, from greeting to close."""
 
-    def __init__(self, server: Server, stream: trio.abc.Stream, conn_id: int):
+    def __init__(
+        self, server: Server, stream: trio.abc.Stream, conn_id: int, refusal: str | None = None
+    ):
         self.server = server
         self.chain = server.chain
         self.config = server.config
         self.id = conn_id
+        self.refusal = refusal
+        """Why every option is refused (ERR_POLICY), for a client that is not served."""
         self.transport = Transport(stream)
         self.proto = ServerConnection(self.config.handshake_flags)
         self.info = ClientInfo(conn_id, _peer_name(stream))
@@ -158,7 +166,13 @@ class Connection:
         self.bytes_read = 0
         self.bytes_written = 0
         self.errors = 0
+        self._handshake_scope = trio.CancelScope()
         self._receive_scope: trio.CancelScope | None = None
+        self._tasks = 0
+        """Requests served by tasks that have not finished."""
+        self._held = 0
+        """Bytes of READ and WRITE payload those requests hold."""
+        self._freed = trio.Event()
         self._send_lock = trio.StrictFIFOLock()
         self._batch: list[Buffer] = []
         self._batch_bytes = 0
@@ -179,13 +193,14 @@ class Connection:
         """Serve this client until it leaves (or the server drains it)."""
         set_current_client(self.info)
         try:
-            await self._send([self.proto.greeting()])
             ctx = None
-            with trio.move_on_after(self.config.handshake_timeout or float("inf")) as scope:
+            with self._handshake_scope:
+                self._restart_option_clock()
+                await self._send([self.proto.greeting()])
                 ctx = await self._negotiate()
-            if scope.cancelled_caught:
+            if self._handshake_scope.cancelled_caught:
                 log.info(
-                    "conn %d: handshake not finished within %ss; closing",
+                    "conn %d: no complete option within %ss (handshake timeout); closing",
                     self.id,
                     self.config.handshake_timeout,
                 )
@@ -249,14 +264,24 @@ class Connection:
             self.debug("export %r retired; closing within %.1fs", self.info.export_name, grace)
         self.drain()
 
-    async def _receive(self) -> bool:
-        """Feed the next bytes to the state machine; False when draining."""
+    async def _receive(self, deadline: float = math.inf) -> bool:
+        """Feed the next bytes to the state machine; False when draining, or when no
+        byte arrived before ``deadline`` (the idle timeout: the deadline is moved while
+        waiting, see :meth:`_serve_task`)."""
         if self.draining:
             return False
-        with trio.CancelScope() as self._receive_scope:
+        with trio.CancelScope(deadline=deadline) as scope:
+            self._receive_scope = scope
             data = await self.transport.receive()
             self.proto.receive_data(data)
         self._receive_scope = None
+        if scope.cancelled_caught and not self.draining:
+            log.info(
+                "conn %d: idle for %ss with no request in flight (idle timeout); closing",
+                self.id,
+                self.config.idle_timeout,
+            )
+            return False
         return not self.draining
 
     async def _send(self, buffers: list[Buffer]) -> None:
@@ -272,6 +297,12 @@ class Connection:
 
     # --- handshake -----------------------------------------------------------------------
 
+    def _restart_option_clock(self) -> None:
+        """Give the client ``handshake_timeout`` seconds from now to complete an option."""
+        timeout = self.config.handshake_timeout
+        if timeout is not None:
+            self._handshake_scope.deadline = trio.current_time() + timeout
+
     async def _negotiate(self) -> Next | None:
         """Haggle options until the client enters transmission (returns its context)."""
         proto = self.proto
@@ -281,17 +312,15 @@ class Connection:
                 if not await self._receive():
                     return None
                 continue
+            self._restart_option_clock()
             self.debug("option %s", event)
-            refused = self._refused_before_tls(event)
+            refused = self._refusal(event)
             if refused is not None:
+                option, reply, message = refused
                 if isinstance(event, ExportNameOption):
-                    log.info(
-                        "conn %d: EXPORT_NAME before STARTTLS; TLS is required: closing", self.id
-                    )
+                    log.info("conn %d: EXPORT_NAME refused (%s); closing", self.id, message)
                     return None
-                await self._refuse(
-                    refused, Rep.ERR_TLS_REQD, "TLS is required: send STARTTLS first"
-                )
+                await self._refuse(option, reply, message)
             elif isinstance(event, InfoOption):
                 ctx = await self._info(event)
                 if ctx is not None:
@@ -331,13 +360,29 @@ class Connection:
         self.debug("refusing option %d with %s: %s", option, reply.name, message)
         await self._send([self.proto.reply_error(option, reply, message)])
 
-    def _refused_before_tls(self, event: object) -> int | None:
-        """Under ``--tls=require`` before TLS: the option of ``event`` if it must be
-        refused (every option but STARTTLS and ABORT is), else ``None``."""
-        if self.config.tls is not TLSMode.REQUIRE or self.is_tls:
-            return None
+    def _refusal(self, event: object) -> tuple[int, Rep, str] | None:
+        """``(option, error, message)`` if the option ``event`` is refused unseen: a
+        client over the connection limit gets ERR_POLICY for every option but ABORT;
+        under ``--tls=require`` before TLS, every option but STARTTLS and ABORT gets
+        ERR_TLS_REQD."""
         option: int | None = getattr(event, "option", None)
-        return None if option in (None, Opt.STARTTLS, Opt.ABORT) else option
+        if option is None or option == Opt.ABORT:
+            return None
+        if self.refusal is not None:
+            return option, Rep.ERR_POLICY, self.refusal
+        if self.config.tls is TLSMode.REQUIRE and not self.is_tls and option != Opt.STARTTLS:
+            return option, Rep.ERR_TLS_REQD, "TLS is required: send STARTTLS first"
+        return None
+
+    async def _option_failed(self, option: int, what: str, error: Exception) -> None:
+        """Answer an option whose backend call raised: an ``NBDError`` becomes the
+        matching error reply; anything else is a bug, logged once with its traceback,
+        and answered ERR_UNKNOWN. Either way the client may go on negotiating."""
+        if isinstance(error, NBDError):
+            await self._refuse(option, _option_error(error), error.message)
+            return
+        log.error("conn %d: %s failed unexpectedly", self.id, what, exc_info=error)
+        await self._refuse(option, Rep.ERR_UNKNOWN, f"{what}: internal server error")
 
     async def _starttls(self, option: int) -> bool:
         """Answer STARTTLS; after an ACK the TLS handshake follows and everything
@@ -370,8 +415,8 @@ class Connection:
         proto = self.proto
         try:
             name, ctx = await self._open(event.name)
-        except NBDError as e:
-            await self._refuse(event.option, _option_error(e), e.message)
+        except Exception as e:
+            await self._option_failed(event.option, f"opening export {event.name!r}", e)
             return None
         if event.option == Opt.GO:
             self.ctx = ctx
@@ -379,7 +424,13 @@ class Connection:
             assert ctx.caps is not None
             caps = ctx.caps
             flags = transmission_flags(caps, proto.structured)
-            description = await ctx.export_description()
+            try:
+                description = await ctx.export_description()
+            except Exception as e:
+                with trio.CancelScope(shield=True):
+                    await ctx.close()
+                await self._option_failed(event.option, f"describing export {name!r}", e)
+                return None
             frames = proto.reply_info(
                 event.option,
                 event.requests,
@@ -408,6 +459,12 @@ class Connection:
         except NBDError as e:
             log.info("conn %d: export %r: %s; closing (EXPORT_NAME)", self.id, event.name, e)
             return None
+        except Exception as e:
+            log.error(
+                "conn %d: opening export %r failed unexpectedly; closing (EXPORT_NAME)",
+                self.id, event.name, exc_info=e,
+            )  # fmt: skip
+            return None
         assert ctx.caps is not None
         self.ctx = ctx
         flags = transmission_flags(ctx.caps, self.proto.structured)
@@ -424,8 +481,8 @@ class Connection:
         proto = self.proto
         try:
             exports = await self.chain.top.list_exports(self.config.readonly, self.is_tls)
-        except NBDError as e:
-            await self._refuse(option, _option_error(e), e.message)
+        except Exception as e:
+            await self._option_failed(option, "listing exports", e)
             return
         batch: list[Buffer] = []
         count = 0
@@ -473,6 +530,7 @@ class Connection:
         serve = self._serve
         batch = self._batch
         limit = trio.Semaphore(self.config.max_in_flight)
+        idle = self.config.idle_timeout
         self.debug(
             "transmission on export %r (flags 0x%04x)", self.info.export_name, proto.export_flags
         )
@@ -486,16 +544,27 @@ class Connection:
                     if inline and event.command in _INLINE:
                         frames = await serve(ctx, event)
                         batch += frames
-                        self._batch_bytes += len(frames[-1])
+                        # The request's length, not the frames': a sparse read's last
+                        # frame may be a 20-byte hole chunk after megabytes of data.
+                        self._batch_bytes += event.length
                         if self._batch_bytes >= BATCH_BYTES:
                             await self._flush_batch()
                     else:
                         await limit.acquire()
+                        self._tasks += 1
                         requests.start_soon(self._serve_task, ctx, event, limit)
+                        if event.command in _PAYLOAD:
+                            self._held += event.length
+                            if self._held > self.config.max_buffered:
+                                await self._wait_for_memory()
                 elif event is NEED_DATA:
                     if batch:
                         await self._flush_batch()
-                    if not await self._receive():
+                    if idle is None or self._tasks:
+                        deadline = math.inf
+                    else:
+                        deadline = trio.current_time() + idle
+                    if not await self._receive(deadline):
                         drained = True
                         break
                 elif kind is BadRequest:
@@ -540,6 +609,14 @@ class Connection:
         self._batch_bytes = 0
         await self._send(frames)
 
+    async def _wait_for_memory(self) -> None:
+        """Stop reading while the requests in flight hold more than ``max_buffered``
+        bytes of payload: the client's further requests wait in the socket."""
+        self.debug("%d bytes held by requests in flight; reading waits", self._held)
+        while self._held > self.config.max_buffered:
+            self._freed = trio.Event()
+            await self._freed.wait()
+
     async def _serve_task(self, ctx: Next, request: Request, limit: trio.Semaphore) -> None:
         try:
             frames = await self._serve(ctx, request)
@@ -549,6 +626,14 @@ class Connection:
                 self.debug("reply to cookie %d not sent: %s", request.cookie, e)
         finally:
             limit.release()
+            self._tasks -= 1
+            if request.command in _PAYLOAD:
+                self._held -= request.length
+                self._freed.set()
+            idle = self.config.idle_timeout
+            if idle is not None and not self._tasks and self._receive_scope is not None:
+                # The reader waits without a deadline while requests are in flight.
+                self._receive_scope.deadline = trio.current_time() + idle
 
     def _error(self, cookie: int, command: int, error: int, message: str) -> list[Buffer]:
         if self.proto.structured:

@@ -13,6 +13,13 @@ listeners, tells every connection to stop reading new requests, and gives in-fli
 requests ``shutdown_timeout`` seconds before they are cancelled. Leaving the cancel
 scope around :func:`serve` does the same.
 
+With ``max_connections`` set, a client beyond the limit is not dropped unanswered: it
+gets the greeting and every option it sends is refused with ``NBD_REP_ERR_POLICY`` and
+a message naming the limit (clients report "server policy prevents NBD_OPT_GO", qemu
+also prints the message); ABORT, EXPORT_NAME or the handshake timeout end it. Such
+refusals are bounded too: while as many are under way as the limit, further clients
+are closed at once, with a log line.
+
 While it runs, the server counts what the clients of each export do
 (:meth:`Server.stats`) and closes the connections of an export that went away when a
 plugin or filter asks (:meth:`Server.close_connections`, reached through
@@ -96,6 +103,8 @@ class Server:
             trio.Lock() if chain.concurrency is Concurrency.SERIALIZE_CONNECTIONS else None
         )
         self.shutting_down = False
+        self._refusing = 0
+        """Connections over the limit being refused (they are in ``connections`` too)."""
         self._connections: trio.Nursery | None = None
         self._running = trio.Event()
         self._past: dict[str, ExportStats] = {}
@@ -170,11 +179,32 @@ class Server:
                 await trio.sleep(0.1)
                 continue
             limit = self.config.max_connections
-            if limit is not None and len(self.connections) >= limit:
-                log.warning("refusing a client: %d connections is the limit", limit)
-                await stream.aclose()
+            if limit is not None and len(self.connections) - self._refusing >= limit:
+                if self._refusing >= limit:
+                    log.warning(
+                        "closing a client at once: %d served and %d being refused "
+                        "(--max-connections=%d)", limit, self._refusing, limit,
+                    )  # fmt: skip
+                    await stream.aclose()
+                else:
+                    connections.start_soon(self._refuse, stream, limit)
                 continue
             connections.start_soon(self.handle_stream, stream)
+
+    async def _refuse(self, stream: trio.abc.Stream, limit: int) -> None:
+        """Negotiate with a client over the limit only to refuse it (see the module doc)."""
+        reason = f"too many clients: the limit is {limit} (--max-connections)"
+        conn = Connection(self, stream, next(self._ids), refusal=reason)
+        log.warning("conn %d: refused: %s", conn.id, reason)
+        self._refusing += 1
+        self.connections.add(conn)
+        if self.shutting_down:
+            conn.drain()
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+            self._refusing -= 1
 
     async def serve_stream(self, stream: trio.abc.Stream) -> None:
         """Serve a client on an already connected ``stream`` (``-s`` serves stdin and
