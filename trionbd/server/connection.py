@@ -19,7 +19,7 @@ import errno
 import logging
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import trio
 
@@ -72,7 +72,11 @@ BATCH_BYTES = 1 << 20
 OPTIONS_PER_EXPORT = MAX_OPTIONS
 """Options granted per listed export (``nbdinfo --list`` asks about each one)."""
 
-_INLINE = frozenset({Cmd.READ, Cmd.WRITE, Cmd.BLOCK_STATUS})
+# Plain ints for the per-request path (enum attribute access and arithmetic are slow).
+_READ, _WRITE, _BLOCK_STATUS = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.BLOCK_STATUS)
+_INLINE = frozenset({_READ, _WRITE, _BLOCK_STATUS})
+_FLUSH, _TRIM, _ZERO, _CACHE = int(Cmd.FLUSH), int(Cmd.TRIM), int(Cmd.WRITE_ZEROES), int(Cmd.CACHE)
+_DF = int(CmdFlag.DF)
 
 _PAYLOAD = frozenset({int(Cmd.READ), int(Cmd.WRITE)})
 """Commands whose requests hold payload in memory (counted against max_buffered)."""
@@ -540,7 +544,7 @@ class Connection:
                 event = proto.next_event()
                 kind = type(event)
                 if kind is Request:
-                    assert isinstance(event, Request)
+                    event = cast(Request, event)
                     if inline and event.command in _INLINE:
                         frames = await serve(ctx, event)
                         batch += frames
@@ -568,7 +572,7 @@ class Connection:
                         drained = True
                         break
                 elif kind is BadRequest:
-                    assert isinstance(event, BadRequest)
+                    event = cast(BadRequest, event)
                     self.debug("bad request: %s", event.message)
                     self.requests += 1
                     self.errors += 1
@@ -645,7 +649,7 @@ class Connection:
         cmd = req.command
         self.requests += 1
         try:
-            if cmd == Cmd.READ:
+            if cmd == _READ:
                 if req.length == 0:
                     return self._empty_read(req.cookie)
                 data = await ctx.pread(req.length, req.offset, req.flags)
@@ -656,25 +660,25 @@ class Connection:
                     )
                 self.bytes_read += req.length
                 return self._read_reply(req, data)
-            if cmd == Cmd.WRITE:
+            if cmd == _WRITE:
                 if req.length:
                     await ctx.pwrite(req.data, req.offset, req.flags)
                     self.bytes_written += req.length
-            elif cmd == Cmd.BLOCK_STATUS:
+            elif cmd == _BLOCK_STATUS:
                 if req.length == 0:
                     raise NBDError(errno.EINVAL, "block status of 0 bytes")
                 extents = await ctx.extents(req.length, req.offset, req.flags)
                 pairs = [(e.length, e.flags) for e in extents]
                 return [wire.block_status_chunk(req.cookie, BASE_ALLOCATION_ID, pairs)]
-            elif cmd == Cmd.FLUSH:
+            elif cmd == _FLUSH:
                 await ctx.flush(0)
-            elif cmd == Cmd.TRIM:
+            elif cmd == _TRIM:
                 if req.length:
                     await ctx.trim(req.length, req.offset, req.flags)
-            elif cmd == Cmd.WRITE_ZEROES:
+            elif cmd == _ZERO:
                 if req.length:
                     await ctx.zero(req.length, req.offset, req.flags)
-            elif cmd == Cmd.CACHE:
+            elif cmd == _CACHE:
                 # Some clients send CACHE without SEND_CACHE: a no-op success is kindest.
                 if req.length and ctx.caps is not None and ctx.caps.cache is not CacheMode.NONE:
                     await ctx.cache(req.length, req.offset, req.flags)
@@ -701,7 +705,7 @@ class Connection:
     def _read_reply(self, req: Request, data: bytes) -> list[Buffer]:
         if not self.proto.structured:
             return [wire.simple_reply(req.cookie, 0), data]
-        if type(data) is Sparse and data.holes and not req.flags & CmdFlag.DF:
+        if type(data) is Sparse and data.holes and not req.flags & _DF:
             return _sparse_chunks(req.cookie, req.offset, data)
         return [wire.data_chunk_header(req.cookie, req.offset, len(data)), data]
 
