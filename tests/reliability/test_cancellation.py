@@ -89,7 +89,9 @@ def task_count() -> int:
     def walk(task: trio.lowlevel.Task) -> int:
         return 1 + sum(walk(t) for n in task.child_nurseries for t in n.child_tasks)
 
-    return walk(trio.lowlevel.current_root_task())
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return walk(root)
 
 
 async def rest_of_stream(client: Client) -> tuple[list[ClientEvent], str | None]:
