@@ -569,7 +569,7 @@ class ServerConnection:
                 self._discard = length - take
                 if self._discard:
                     self._after_discard = event
-                    return NEED_DATA
+                    return self._need(f"{self._discard} more bytes of a refused write")
                 return event
             end = pos + 28 + length
             if len(buf) < end:
