@@ -178,6 +178,7 @@ class Connection:
         """Bytes of READ and WRITE payload those requests hold."""
         self._freed = trio.Event()
         self._send_lock = trio.StrictFIFOLock()
+        self._sending = False
         self._batch: list[Buffer] = []
         self._batch_bytes = 0
 
@@ -554,7 +555,10 @@ class Connection:
                         if self._batch_bytes >= BATCH_BYTES:
                             await self._flush_batch()
                     else:
-                        await limit.acquire()
+                        try:
+                            limit.acquire_nowait()  # no scheduler pass when below the limit
+                        except trio.WouldBlock:
+                            await limit.acquire()
                         self._tasks += 1
                         requests.start_soon(self._serve_task, ctx, event, limit)
                         if event.command in _PAYLOAD:
@@ -613,6 +617,25 @@ class Connection:
         self._batch_bytes = 0
         await self._send(frames)
 
+    async def _reply(self, frames: list[Buffer]) -> None:
+        """Queue a task's reply frames and see that they are sent.
+
+        Replies of requests served by tasks are combined: the first task to finish
+        becomes the sender, lets the other runnable tasks finish and queue their
+        replies, then sends everything queued in as few ``writev`` calls as possible;
+        tasks finishing meanwhile only queue. Each request's frames stay together.
+        """
+        self._batch += frames
+        if self._sending:
+            return
+        self._sending = True
+        try:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            while self._batch:
+                await self._flush_batch()
+        finally:
+            self._sending = False
+
     async def _wait_for_memory(self) -> None:
         """Stop reading while the requests in flight hold more than ``max_buffered``
         bytes of payload: the client's further requests wait in the socket."""
@@ -625,7 +648,7 @@ class Connection:
         try:
             frames = await self._serve(ctx, request)
             try:
-                await self._send(frames)
+                await self._reply(frames)
             except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
                 self.debug("reply to cookie %d not sent: %s", request.cookie, e)
         finally:
