@@ -277,6 +277,10 @@ class Connection:
         waiting, see :meth:`_serve_task`)."""
         if self.draining:
             return False
+        data = self.transport.receive_nowait()
+        if data is not None:  # no wait, so no cancel scope needed
+            self.proto.receive_data(data)
+            return True
         with trio.CancelScope(deadline=deadline) as scope:
             self._receive_scope = scope
             data = await self.transport.receive()

@@ -3,11 +3,12 @@
 On a plain socket the transport calls ``readv``/``writev`` on the file descriptor
 itself and waits for readiness only when a call would block. Trio's socket methods
 yield to the scheduler before and after every call, which at tens of thousands of
-requests per second costs more than the system calls. Here a send yields only to wait,
-and a receive yields when it waits for data or, when data was already there, on every
-EAGER_RECEIVES-th call: the connection stays cancellable and fair to its neighbours
-while a client that keeps us busy (``nbdinfo --list`` asking about thousands of
-exports) does not pay a scheduler pass per message.
+requests per second costs more than the system calls. Here a send yields only to wait;
+the reader first takes bytes that are already waiting without yielding
+(:meth:`Transport.receive_nowait`) and yields when it must wait or, at the latest, on
+every EAGER_RECEIVES-th receive: the connection stays cancellable and fair to its
+neighbours while a client that keeps us busy (``nbdinfo --list`` asking about thousands
+of exports) does not pay a scheduler pass per message.
 
 After :meth:`Transport.start_tls` every byte goes through a ``trio.SSLStream``.
 """
@@ -48,8 +49,28 @@ class Transport:
         await stream.do_handshake()
         return stream.version() or "TLS"
 
+    def receive_nowait(self) -> Buffer | None:
+        """Bytes that are already waiting, taken without yielding (valid until the next
+        receive); empty at EOF. ``None`` when a receive would block, on a stream that is
+        not a plain socket, and on every EAGER_RECEIVES-th call (time to yield: call
+        :meth:`receive`)."""
+        fd = self._fd
+        if fd < 0:
+            return None
+        self._eager += 1
+        if self._eager >= EAGER_RECEIVES:
+            self._eager = 0
+            return None
+        try:
+            n = os.readv(fd, [self._rbuf])
+        except BlockingIOError:
+            self._eager = 0
+            return None
+        return self._rview[:n]
+
     async def receive(self) -> Buffer:
-        """The next bytes from the peer (valid until the next call); empty at EOF."""
+        """The next bytes from the peer (valid until the next call); empty at EOF.
+        Always yields to the scheduler at least once."""
         fd = self._fd
         if fd < 0:
             return await self.stream.receive_some(RECEIVE_SIZE)
@@ -58,14 +79,8 @@ class Transport:
         except BlockingIOError:
             pass
         else:
-            # Data was waiting: yield only every few receives, so a chatty client
-            # costs fewer scheduler passes yet cannot starve its neighbours.
-            self._eager += 1
-            if self._eager >= EAGER_RECEIVES:
-                self._eager = 0
-                await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
             return self._rview[:n]
-        self._eager = 0
         while True:
             await trio.lowlevel.wait_readable(fd)
             try:
