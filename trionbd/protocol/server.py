@@ -83,9 +83,9 @@ _ALLOWED_FLAGS = {
 _WRITES = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
 _WRITE = int(Cmd.WRITE)
 _FLAG_NEEDS = (
-    (int(CmdFlag.FUA), TransmissionFlag.SEND_FUA),
-    (int(CmdFlag.DF), TransmissionFlag.SEND_DF),
-    (int(CmdFlag.FAST_ZERO), TransmissionFlag.SEND_FAST_ZERO),
+    (int(CmdFlag.FUA), int(TransmissionFlag.SEND_FUA)),
+    (int(CmdFlag.DF), int(TransmissionFlag.SEND_DF)),
+    (int(CmdFlag.FAST_ZERO), int(TransmissionFlag.SEND_FAST_ZERO)),
 )
 _NEEDS = {
     Cmd.FLUSH: TransmissionFlag.SEND_FLUSH,
@@ -494,19 +494,20 @@ class ServerConnection:
         Everything else goes through :meth:`_check`, which finds the exact error."""
         valid: dict[int, tuple[int, int]] = {}
         unlimited = 1 << 32
+        tflags = int(self.export_flags)  # int arithmetic: IntFlag's is slow (once per GO)
         for cmd, allowed in _ALLOWED_FLAGS.items():
             if cmd is Cmd.FLUSH:
                 continue  # offset and length must be 0: always checked in full
             if cmd is Cmd.BLOCK_STATUS and not self.block_status_ok:
                 continue
-            if cmd in _WRITES and self.export_flags & TransmissionFlag.READ_ONLY:
+            if cmd in _WRITES and tflags & TransmissionFlag.READ_ONLY.value:
                 continue
             needed = _NEEDS.get(cmd)
-            if needed is not None and not self.export_flags & needed:
+            if needed is not None and not tflags & needed.value:
                 continue
             ok = int(allowed)
             for flag, tflag in _FLAG_NEEDS:
-                if not self.export_flags & tflag:
+                if not tflags & tflag:
                     ok &= ~flag
             limit = MAX_REQUEST if cmd in (Cmd.READ, Cmd.WRITE) else unlimited
             valid[int(cmd)] = (0xFFFF & ~ok, limit)
