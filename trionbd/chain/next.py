@@ -140,6 +140,16 @@ class Layer:
             self._callbacks[key] = fn
         return fn
 
+    def export_label(self, export: str) -> str:
+        """How messages name export ``export`` of this layer: its name or, for the
+        unnamed default export, the value of the plugin's magic parameter when it keeps
+        it under that name (the path in ``trionbd file disk.tar``)."""
+        if export:
+            return export
+        magic = getattr(self.target, "magic_param", None)
+        value = getattr(self.target, magic, None) if magic else None
+        return value if isinstance(value, str) else f"{self.name} export ''"
+
     async def list_exports(self, readonly: bool, is_tls: bool) -> Iterable[Export]:
         if isinstance(self.target, Filter):
             assert self.below is not None

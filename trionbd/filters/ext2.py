@@ -147,16 +147,6 @@ def describe(inode: Inode) -> str:
     return f"regular file, {inode.size} bytes, mode {stat.S_IMODE(inode.mode):04o}"
 
 
-def _image_label(below: Layer, export: str) -> str:
-    """``image 'NAME'``; for the single unnamed export of a plugin, the value of the
-    plugin's magic parameter when it keeps it under that name (``file fs.img``)."""
-    if export:
-        return f"image {export!r}"
-    magic = getattr(below.target, "magic_param", None)
-    value = getattr(below.target, magic, None) if magic else None
-    return f"image {value}" if isinstance(value, str) else f"the {below.name} image"
-
-
 def _open_error(label: str, path: str, e: FormatError) -> NBDError:
     """The error a client gets for a path that does not lead to a servable file."""
     if isinstance(e, Ext2NotRegularFile):  # the reader's messages name the path
@@ -230,14 +220,14 @@ class Ext2Filter(Filter):
         try:
             return await self._lifetime.open_context(self._below, export, readonly=True)
         except NBDError as e:
-            label = _image_label(self._below, export)
+            label = f"image {self._below.export_label(export)}"
             raise NBDError(e.errno, f"ext2: {label}: {e.message}") from None
 
     async def _open_image(self, export: str) -> Image:
         """Read the superblock, group descriptors and file list of one image (the build
         function of ``self.images``)."""
         assert self._below is not None
-        label = _image_label(self._below, export)
+        label = f"image {self._below.export_label(export)}"
         ctx = await self._contexts.get(export)
         size = await ctx.get_size()
 

@@ -185,22 +185,10 @@ class TarFilter(Filter):
                 reason = e.message.removeprefix("tar: ")
                 raise StartupError(f"tar: tar-entry={self.entry}: {reason}") from None
 
-    def _label(self, export: str) -> str:
-        """How an archive is named in messages: its export name below or, for the one
-        default export, the value of the plugin's magic parameter when the plugin is
-        right below (the path in ``trionbd file disk.tar``)."""
-        assert self.below is not None
-        if export:
-            return export
-        target = self.below.target
-        magic = getattr(target, "magic_param", None)
-        value = getattr(target, magic, None) if magic else None
-        return value if isinstance(value, str) else f"{self.below.name} export ''"
-
     async def _build(self, export: str) -> Archive:
         """Read the headers of the archive that is export ``export`` of the layer below."""
         assert self.below is not None
-        label = self._label(export)
+        label = self.below.export_label(export)
         started = time.perf_counter()
         try:
             if self.lifetime_context is not None:
