@@ -65,11 +65,11 @@ FILTER = "examples/trionbd-example/src/trionbd_example/filter.py"
 PYPROJECT = "examples/trionbd-example/pyproject.toml"
 
 
-# --- docs/embedding.md: the README section --------------------------------------------------
+# --- the README's Embedding section -------------------------------------------------------
 
 
 def readme_section() -> str:
-    return section((DOCS / "embedding.md").read_text(), "## Embedding")
+    return section((DOCS.parent / "README.md").read_text(), "## Embedding")
 
 
 def test_the_readme_section_is_short_and_runs_as_pasted(tmp_path: Path) -> None:
