@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import trio
@@ -22,7 +23,7 @@ from tests.support import serving
 from trionbd.chain import Plugin
 from trionbd.plugins.memory import MemoryPlugin
 from trionbd.protocol import Cmd, DataChunk, Opt, Rep, wire
-from trionbd.server import ServerConfig
+from trionbd.server import Server, ServerConfig, serve
 
 MiB = 1 << 20
 
@@ -279,10 +280,59 @@ async def test_writes_in_flight_hold_at_most_the_budget() -> None:
 
 class CountedMemory(MemoryPlugin):
     reads = 0
+    flushes = 0
 
     async def pread(self, h: Any, count: int, offset: int, flags: int) -> bytes:
         self.reads += 1
         return await super().pread(h, count, offset, flags)
+
+    async def flush(self, h: Any, flags: int) -> None:
+        self.flushes += 1
+
+
+class CountedTasks(CountedMemory):
+    nonblocking = False  # every request is served by a task
+
+
+async def test_replies_the_client_does_not_read_hold_their_budget() -> None:
+    """A reply counts against the budget until it has been sent, not merely until its
+    request's task has finished (task replies are queued and sent together)."""
+    plugin = CountedTasks(64 * MiB)
+    async with serving(plugin, ServerConfig(max_buffered=4 * MiB)) as server:
+        assert not server.inline
+        c = await connect(server)
+        await c.go()
+        await c.write(0, b"x" * MiB)
+        plugin.reads = 0
+        requests = b"".join(wire.request(i, Cmd.READ, 0, 0, MiB) for i in range(1, 401))
+        await c.stream.send_all(requests)
+        await trio.testing.wait_all_tasks_blocked()
+        assert plugin.reads <= 6, plugin.reads  # 4 MiB, the one over, and the socket's
+        for _ in range(400):
+            [chunk] = await c.reply()
+            assert chunk.data == b"x" * MiB  # type: ignore[union-attr]
+
+
+async def test_small_replies_the_client_does_not_read_stop_the_reader() -> None:
+    """Replies of a few bytes (FLUSH) hold no payload, but each keeps its in-flight
+    slot until sent: once the socket is full the reader stops after max_in_flight."""
+    plugin = CountedTasks(MiB)
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(serve, plugin, [], ServerConfig(max_in_flight=8))
+        server_end, client_end = trio.socket.socketpair()
+        server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        nursery.start_soon(server.handle_stream, trio.SocketStream(server_end))
+        c = Client(trio.SocketStream(client_end))
+        await c.go()
+        flushes = b"".join(wire.request(i, Cmd.FLUSH, 0, 0, 0) for i in range(1, 20001))
+        nursery.start_soon(c.stream.send_all, flushes)  # blocks once the server stops
+        await trio.testing.wait_all_tasks_blocked()
+        assert plugin.flushes < 2000, plugin.flushes  # not all 20 000 answered into memory
+        for _ in range(20000):
+            [reply] = await c.reply()
+            assert reply.error == 0  # type: ignore[union-attr]
+        assert plugin.flushes == 20000
+        nursery.cancel_scope.cancel()
 
 
 async def test_inline_replies_that_cannot_drain_stop_the_reader() -> None:

@@ -174,11 +174,16 @@ class Connection:
         self.errors = 0
         self._handshake_scope = trio.CancelScope()
         self._receive_scope: trio.CancelScope | None = None
+        self._limit = trio.Semaphore(self.config.max_in_flight)
+        """Slots of requests served by tasks, each held until the reply has left."""
         self._tasks = 0
         """Requests served by tasks that have not finished."""
         self._held = 0
-        """Bytes of READ and WRITE payload those requests hold."""
+        """Bytes of READ and WRITE payload held by those requests and unsent replies."""
         self._freed = trio.Event()
+        self._queued_slots = 0
+        self._queued_held = 0
+        """The slots and payload bytes of the task replies waiting in ``_batch``."""
         self._send_lock = trio.StrictFIFOLock()
         self._sending = False
         self._batch: list[Buffer] = []
@@ -540,7 +545,7 @@ class Connection:
         inline = self.server.inline
         serve = self._serve
         batch = self._batch
-        limit = trio.Semaphore(self.config.max_in_flight)
+        limit = self._limit
         idle = self.config.idle_timeout
         self.debug(
             "transmission on export %r (flags 0x%04x)", self.info.export_name, proto.export_flags
@@ -566,7 +571,7 @@ class Connection:
                         except trio.WouldBlock:
                             await limit.acquire()
                         self._tasks += 1
-                        requests.start_soon(self._serve_task, ctx, event, limit)
+                        requests.start_soon(self._serve_task, ctx, event)
                         if event.command in _PAYLOAD:
                             self._held += event.length
                             if self._held > self.config.max_buffered:
@@ -621,17 +626,40 @@ class Connection:
         frames = self._batch[:]
         self._batch.clear()
         self._batch_bytes = 0
-        await self._send(frames)
+        slots = self._queued_slots
+        if not slots:
+            await self._send(frames)
+            return
+        held = self._queued_held
+        self._queued_slots = self._queued_held = 0
+        try:
+            await self._send(frames)
+        finally:
+            self._release(slots, held)
 
-    async def _reply(self, frames: list[Buffer]) -> None:
+    def _release(self, slots: int, held: int) -> None:
+        """Task replies have left (or will never leave): free their in-flight slots and
+        payload bytes, so that the reader may go on."""
+        for _ in range(slots):
+            self._limit.release()
+        if held:
+            self._held -= held
+            self._freed.set()
+
+    async def _reply(self, frames: list[Buffer], held: int) -> None:
         """Queue a task's reply frames and see that they are sent.
 
         Replies of requests served by tasks are combined: the first task to finish
         becomes the sender, lets the other runnable tasks finish and queue their
         replies, then sends everything queued in as few ``writev`` calls as possible;
         tasks finishing meanwhile only queue. Each request's frames stay together.
+        The request's in-flight slot and its ``held`` payload bytes stay taken until its
+        frames have been sent: a client that does not read its replies stops the
+        reader, instead of making the batch grow without bound.
         """
         self._batch += frames
+        self._queued_slots += 1
+        self._queued_held += held
         if self._sending:
             return
         self._sending = True
@@ -639,6 +667,15 @@ class Connection:
             await trio.lowlevel.cancel_shielded_checkpoint()
             while self._batch:
                 await self._flush_batch()
+        except BaseException:
+            # The connection broke or is being cancelled: what is still queued will
+            # never be sent. Let go of it, so that a reader waiting for a slot or for
+            # memory is not left waiting.
+            slots, held = self._queued_slots, self._queued_held
+            self._batch.clear()
+            self._batch_bytes = self._queued_slots = self._queued_held = 0
+            self._release(slots, held)
+            raise
         finally:
             self._sending = False
 
@@ -650,19 +687,20 @@ class Connection:
             self._freed = trio.Event()
             await self._freed.wait()
 
-    async def _serve_task(self, ctx: Next, request: Request, limit: trio.Semaphore) -> None:
+    async def _serve_task(self, ctx: Next, request: Request) -> None:
+        held = request.length if request.command in _PAYLOAD else 0
+        queued = False
         try:
             frames = await self._serve(ctx, request)
+            queued = True  # from here on the batch holds the slot and the payload
             try:
-                await self._reply(frames)
+                await self._reply(frames, held)
             except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
                 self.debug("reply to cookie %d not sent: %s", request.cookie, e)
         finally:
-            limit.release()
+            if not queued:
+                self._release(1, held)
             self._tasks -= 1
-            if request.command in _PAYLOAD:
-                self._held -= request.length
-                self._freed.set()
             idle = self.config.idle_timeout
             if idle is not None and not self._tasks and self._receive_scope is not None:
                 # The reader waits without a deadline while requests are in flight.
