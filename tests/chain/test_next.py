@@ -434,6 +434,29 @@ async def test_a_filters_declared_concurrency_applies_to_its_callbacks(
     assert await peak(plugin, [a.below], 4) == 4
 
 
+async def test_a_serialized_plugin_is_not_closed_while_a_request_runs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``close`` takes the layer's lock like the data callbacks (nbdkit closes under its
+    request lock): one connection's close waits for another's read to finish."""
+
+    class Serial(Counting):
+        concurrency = Concurrency.SERIALIZE_ALL_REQUESTS
+
+        async def close(self, h: Any) -> None:
+            self.calls.append(("close", self.now))
+
+    plugin = Serial()
+    layer = Chain(plugin).top
+    a, b = await layer.open(True, ""), await layer.open(True, "")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.pread, 1, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert plugin.now == 1
+        await b.close()
+        assert plugin.calls == [("close", 0)]  # after the read, not during it
+
+
 async def test_serialize_connections_in_a_filter_serializes_clients_at_the_server() -> None:
     class OneClient(Filter):
         name = "oneclient"

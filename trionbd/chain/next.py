@@ -299,15 +299,13 @@ class Next:
         return self.caps
 
     async def close(self) -> None:
-        """Close this layer's handle, then the context below. Safe to call twice."""
+        """Close this layer's handle (under its lock, like a request), then the context
+        below. Safe to call twice."""
         if self.closed:
             return
         self.closed = True
         try:
-            if self.layer.is_filter:
-                await self._call("close", True)()
-            else:
-                await self.layer.callback("close", True)(self.handle)
+            await self._call("close", True)()
         finally:
             if self.below is not None:
                 await self.below.close()
