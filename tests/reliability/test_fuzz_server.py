@@ -6,7 +6,7 @@ back, disconnect); at the end the server has no more file descriptors than when 
 started, and its log holds no internal error or traceback (``trionbd_process`` checks
 the traceback and the clean exit).
 
-``TRIONBD_FUZZ_CASES`` sets the number of cases per server (default 1500, so 3000 in
+``TRIONBD_FUZZ_CASES`` sets the number of cases per server (default 2500, so 5000 in
 all); ``TRIONBD_FUZZ_SEED`` the seed.
 """
 
@@ -24,7 +24,7 @@ from tests.support import trionbd_process
 from trionbd.protocol import Cmd, CmdFlag, Opt, wire
 from trionbd.protocol.constants import BASE_ALLOCATION
 
-CASES = int(os.environ.get("TRIONBD_FUZZ_CASES", "1500"))
+CASES = int(os.environ.get("TRIONBD_FUZZ_CASES", "2500"))
 SEED = int(os.environ.get("TRIONBD_FUZZ_SEED", "20261126"))
 CHECK_EVERY = 100
 SIZE = 1 << 20
