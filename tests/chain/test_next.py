@@ -20,6 +20,7 @@ from trionbd.chain import (
     CacheMode,
     Chain,
     Concurrency,
+    Export,
     Extent,
     Filter,
     FuaMode,
@@ -545,6 +546,39 @@ async def test_plain_def_callbacks_run_in_worker_threads() -> None:
     assert set(workers) == {"open", "get_size", "pread", "pwrite", "close"}
     assert main not in workers.values()
     assert seen["trio"] == main and seen["filter"] == main
+
+
+async def test_a_filters_plain_def_export_callbacks_and_open_run_in_worker_threads() -> None:
+    main = threading.get_ident()
+    seen: dict[str, int] = {}
+
+    class SyncFilter(Filter):
+        def list_exports(  # type: ignore[override]
+            self, below: Layer, readonly: bool, is_tls: bool
+        ) -> list[Export]:
+            seen["list_exports"] = threading.get_ident()
+            return [Export("only")]
+
+        def default_export(  # type: ignore[override]
+            self, below: Layer, readonly: bool, is_tls: bool
+        ) -> str:
+            seen["default_export"] = threading.get_ident()
+            return "only"
+
+        def open(  # type: ignore[override]
+            self, below: Layer, readonly: bool, export_name: str, is_tls: bool
+        ) -> tuple[Next, Any]:
+            seen["open"] = threading.get_ident()
+            return trio.from_thread.run(below.open, readonly, "", is_tls), export_name
+
+    top = Chain(Base(), [SyncFilter()]).top
+    assert list(await top.list_exports(True, False)) == [Export("only")]
+    assert await top.default_export(True, False) == "only"
+    ctx = await top.open(True, "only")
+    assert ctx.handle == "only" and await ctx.pread(4, 0) == bytes(range(4))
+    await ctx.close()
+    assert set(seen) == {"list_exports", "default_export", "open"}
+    assert main not in seen.values()
 
 
 async def test_layers_name_themselves_in_errors() -> None:

@@ -115,6 +115,11 @@ class Layer:
         self.is_filter = isinstance(target, Filter)
         self.above: str = "server"
         """Name of what sits on top of this layer (for error messages)."""
+        self._below_arg: tuple[Layer, ...] = ()
+        """What the target's global callbacks get first: a filter's get the layer below."""
+        if self.is_filter:
+            assert below is not None, f"filter {self.name!r} needs a layer below"
+            self._below_arg = (below,)
         self.global_lock = (
             trio.Lock() if target.concurrency <= Concurrency.SERIALIZE_ALL_REQUESTS else None
         )
@@ -151,25 +156,15 @@ class Layer:
         return value if isinstance(value, str) else f"{self.name} export ''"
 
     async def list_exports(self, readonly: bool, is_tls: bool) -> Iterable[Export]:
-        if isinstance(self.target, Filter):
-            assert self.below is not None
-            return await self.target.list_exports(self.below, readonly, is_tls)
-        return await self.callback("list_exports")(readonly, is_tls)  # type: ignore[no-any-return]
+        return await self.callback("list_exports")(*self._below_arg, readonly, is_tls)  # type: ignore[no-any-return]
 
     async def default_export(self, readonly: bool, is_tls: bool) -> str:
-        if isinstance(self.target, Filter):
-            assert self.below is not None
-            return await self.target.default_export(self.below, readonly, is_tls)
-        return await self.callback("default_export")(readonly, is_tls)  # type: ignore[no-any-return]
+        return await self.callback("default_export")(*self._below_arg, readonly, is_tls)  # type: ignore[no-any-return]
 
     async def open(self, readonly: bool, export_name: str, is_tls: bool = False) -> Next:
         """Open this layer and everything below it. The caller must ``close`` the result."""
-        below_next: Next | None = None
-        if isinstance(self.target, Filter):
-            assert self.below is not None
-            below_next, handle = await self.target.open(self.below, readonly, export_name, is_tls)
-        else:
-            handle = await self.callback("open")(readonly, export_name, is_tls)
+        opened = await self.callback("open")(*self._below_arg, readonly, export_name, is_tls)
+        below_next, handle = opened if self.is_filter else (None, opened)
         ctx = Next(self, handle, below_next, readonly, export_name)
         try:
             await ctx.prepare()
