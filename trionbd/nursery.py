@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .chain.errors import NBDError, StartupError
-from .chain.next import Chain, Layer, Next, as_async
+from .chain.next import Chain, Layer, Next
 
 if TYPE_CHECKING:
     from .chain.filter import Filter
@@ -193,9 +193,8 @@ class Lifetime:
 
     async def _start(self) -> None:
         for layer in self.chain.layers:
-            target = layer.target
             try:
-                after_fork = as_async(target.after_fork, limiter=layer.threads)
+                after_fork = layer.callback("after_fork")
                 if layer.is_filter:
                     assert layer.below is not None
                     await after_fork(self, layer.below)

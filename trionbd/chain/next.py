@@ -48,13 +48,10 @@ AnyFn = Callable[..., Awaitable[Any]]
 
 
 def as_async(
-    fn: Callable[..., Any],
-    *,
-    abandon_on_cancel: bool = False,
-    limiter: trio.CapacityLimiter | None = None,
+    fn: Callable[..., Any], *, abandon_on_cancel: bool, limiter: trio.CapacityLimiter
 ) -> AnyFn:
     """``fn`` itself if it is ``async def``; else a wrapper running it in a worker thread
-    (taking a token of ``limiter``, or of Trio's default limiter).
+    (taking a token of ``limiter``).
 
     With ``abandon_on_cancel`` a cancelled caller stops waiting for the thread (used for
     closing, which must respect its deadline); otherwise cancellation waits for it.
