@@ -446,14 +446,7 @@ async def connect_unix(
     path: str, export: str = "", *, structured_replies: bool = True, base_allocation: bool = True
 ) -> Client:
     """Connect to a server on a Unix socket and negotiate ``export``."""
-    address = Address(unix_path=path)
-    return await connect(
-        await open_stream(address),
-        export,
-        structured_replies=structured_replies,
-        base_allocation=base_allocation,
-        peer=str(address),
-    )
+    return await _connect_to(Address(unix_path=path), export, structured_replies, base_allocation)
 
 
 async def connect_tcp(
@@ -466,13 +459,7 @@ async def connect_tcp(
 ) -> Client:
     """Connect to a server over TCP and negotiate ``export``."""
     address = Address(host=host, port=port)
-    return await connect(
-        await open_stream(address),
-        export,
-        structured_replies=structured_replies,
-        base_allocation=base_allocation,
-        peer=str(address),
-    )
+    return await _connect_to(address, export, structured_replies, base_allocation)
 
 
 async def connect_uri(
@@ -481,6 +468,12 @@ async def connect_uri(
     """Connect to the server and export an ``nbd://`` or ``nbd+unix://`` URI names
     (``ValueError`` for a bad URI)."""
     address, export = parse_uri(uri)
+    return await _connect_to(address, export, structured_replies, base_allocation)
+
+
+async def _connect_to(
+    address: Address, export: str, structured_replies: bool, base_allocation: bool
+) -> Client:
     return await connect(
         await open_stream(address),
         export,
