@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -98,6 +98,20 @@ async def serving(
             nursery.cancel_scope.cancel()
 
 
+def in_background(
+    tasks: trio.Nursery, fn: Callable[..., Awaitable[object]], *args: object
+) -> trio.Event:
+    """Start ``fn(*args)`` in ``tasks``; the event is set once it has returned."""
+    returned = trio.Event()
+
+    async def call() -> None:
+        await fn(*args)
+        returned.set()
+
+    tasks.start_soon(call)
+    return returned
+
+
 async def list_exports(sock: str) -> list[str]:
     async with await trionbd.handshake(await trionbd.open_stream(trionbd.Address(sock))) as h:
         return [e.name for e in await h.list_exports()]
@@ -158,13 +172,7 @@ async def test_removing_an_export_lets_in_flight_requests_finish_then_refuses_ne
 
         tasks.start_soon(read_gated)
         await disk.reading.wait()
-        removed = trio.Event()
-
-        async def remove() -> None:
-            await table.remove("disk")
-            removed.set()
-
-        tasks.start_soon(remove)
+        removed = in_background(tasks, table.remove, "disk")
         await trio.testing.wait_all_tasks_blocked()
         assert "disk" not in await list_exports(sock)
         # A request sent after the removal is refused while the one in flight still runs.
@@ -236,13 +244,7 @@ async def test_replacing_an_export_moves_new_clients_and_retires_old_ones() -> N
     async with serving(table) as (_server, sock, tasks):
         veteran = await trionbd.connect_unix(sock, "disk")
         await tasks.start(veteran.run)
-        replaced = trio.Event()
-
-        async def replace() -> None:
-            await table.add("disk", new)
-            replaced.set()
-
-        tasks.start_soon(replace)
+        replaced = in_background(tasks, table.add, "disk", new)
         await trio.testing.wait_all_tasks_blocked()
         assert new.events == ["get_ready", "after_fork"]
         # A client arriving now gets the new backend and is not retired with the old one.
@@ -289,13 +291,7 @@ async def test_an_open_racing_with_the_removal_fails_with_err_shutdown() -> None
 
         tasks.start_soon(connect)
         await disk.opening.wait()
-        removed = trio.Event()
-
-        async def remove() -> None:
-            await table.remove("disk")
-            removed.set()
-
-        tasks.start_soon(remove)
+        removed = in_background(tasks, table.remove, "disk")
         await trio.testing.wait_all_tasks_blocked()
         # The backend stays alive while its open runs.
         assert not removed.is_set() and "cleanup" not in disk.events
@@ -334,13 +330,7 @@ async def test_filters_above_and_below_the_table() -> None:
         await tasks.start(client.run)
         assert client.size == MiB - 4096 - 512
         assert await client.pread(100, 0) == bytes(disk.data[4608:4708])
-        done = trio.Event()
-
-        async def remove() -> None:
-            await table.remove("disk")
-            done.set()
-
-        tasks.start_soon(remove)
+        done = in_background(tasks, table.remove, "disk")
         await trio.testing.wait_all_tasks_blocked()
         with pytest.raises(trionbd.RequestError) as caught:
             await client.pread(100, 0)
