@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -180,6 +182,46 @@ def nbdsh(uri: str, script: str, timeout: float = 120) -> str:
 def libnbd_python(script: str, timeout: float = 120) -> str:
     """Run a script with Debian's Python, where ``import nbd`` works."""
     return run([SYSTEM_PYTHON, "-c", script], timeout=timeout)
+
+
+def listing(uri: str) -> list[dict[str, Any]]:
+    """``nbdinfo --list --json``: the exports, in the order the server listed them."""
+    exports: list[dict[str, Any]] = json.loads(run(["nbdinfo", "--list", "--json", uri]))["exports"]
+    return exports
+
+
+def export_info(uri: str) -> dict[str, Any]:
+    """``nbdinfo --json``: what the server tells of the one export of ``uri``."""
+    export: dict[str, Any] = json.loads(run(["nbdinfo", "--json", uri]))["exports"][0]
+    return export
+
+
+def read_export(uri: str, tmp: Path) -> bytes:
+    """Every byte of an export, copied by nbdcopy (through a file in ``tmp``, removed)."""
+    out = tmp / "nbdcopy.out"
+    out.unlink(missing_ok=True)
+    run(["nbdcopy", uri, str(out)])
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def trionbd_exit(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``trionbd -f -U SOCK ARGS...`` to its end, for a start that must fail (bad
+    parameters exit with 2, a failed start-up with 1); its stderr holds no traceback."""
+    with short_tmpdir() as tmp:
+        result = subprocess.run(
+            [PYTHON, "-m", "trionbd", "-f", "-U", str(tmp / "sock"), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=ROOT,
+        )
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
 
 
 def random_file(path: Path, size: int, seed: int = 1) -> bytes:

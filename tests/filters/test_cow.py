@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from tests.filters.test_offset import HOLE, block_status_map
-from tests.support import PYTHON, nbdsh, random_file, run, trionbd_process
+from tests.support import nbdsh, random_file, run, trionbd_exit, trionbd_process
 from trionbd.chain import Chain, Plugin
 from trionbd.filters.cow import CowFilter
 from trionbd.plugins.pattern import pattern_bytes
@@ -239,16 +239,14 @@ def test_clients_of_one_export_share_the_overlay(tmp_path: Path) -> None:
 
 def test_bad_parameters_and_an_unusable_tmpdir_exit_with_status_2(tmp_path: Path) -> None:
     random_file(tmp_path / "disk.img", 1000)
-    base = [PYTHON, "-m", "trionbd", "--filter=cow", "file", str(tmp_path / "disk.img")]
+    base = ["--filter=cow", "file", str(tmp_path / "disk.img")]
     for extra, env, message in [
         (["cow-block-size=1000"], None, "not a power of two from 4096 to 2G"),
         (["cow-block-size=2048"], None, "not a power of two"),
         (["cow-on-read=maybe"], None, "not a boolean"),
         ([], {**os.environ, "TMPDIR": str(tmp_path / "missing")}, "cannot create the overlay"),
     ]:
-        result = subprocess.run(
-            [*base, *extra], capture_output=True, text=True, timeout=60, env=env
-        )
+        result = trionbd_exit(*base, *extra, env=env)
         assert result.returncode == 2, (extra, result.stderr)
         assert message in result.stderr, result.stderr
 

@@ -3,7 +3,6 @@ description mode, checked with real clients (nbdinfo, nbdcopy) and exact option 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -16,7 +15,17 @@ import pytest
 import trio
 
 from tests.chain.raw_client import RawClient
-from tests.support import PYTHON, ROOT, Running, run, trionbd_process
+from tests.support import (
+    PYTHON,
+    ROOT,
+    Running,
+    export_info,
+    listing,
+    read_export,
+    run,
+    trionbd_exit,
+    trionbd_process,
+)
 from trionbd.filters import exportname
 from trionbd.protocol.constants import MAX_STRING, Opt, Rep
 
@@ -40,27 +49,9 @@ def serve(images: tuple[Path, Any], *params: str) -> Any:
     return trionbd_process(FILTER, "file", f"dir={images[0]}", *params)
 
 
-def listing(uri: str) -> list[dict[str, Any]]:
-    exports: list[dict[str, Any]] = json.loads(run(["nbdinfo", "--list", "--json", uri]))["exports"]
-    return exports
-
-
-def info(uri: str) -> dict[str, Any]:
-    """``nbdinfo --json`` of one export (INFO with NAME and DESCRIPTION)."""
-    export: dict[str, Any] = json.loads(run(["nbdinfo", "--json", uri]))["exports"][0]
-    return export
-
-
 def raw_list(server: Running) -> tuple[int, list[str]]:
     with RawClient(server.socket) as client:
         return client.list_names()
-
-
-def read_all(uri: str, tmp: Path) -> bytes:
-    out = tmp / "copy"
-    out.unlink(missing_ok=True)
-    run(["nbdcopy", uri, str(out)])
-    return out.read_bytes()
 
 
 # --- exportname-list -----------------------------------------------------------------------
@@ -74,7 +65,7 @@ def test_keep_is_the_default_and_shows_the_list_below(images: Any, tmp_path: Pat
             exports = listing(server.uri)
             assert [e["export-name"] for e in exports] == NAMES
             for name in NAMES:
-                assert read_all(server.uri_for(name), tmp_path) == images[1][name]
+                assert read_export(server.uri_for(name), tmp_path) == images[1][name]
         strip = [{k: v for k, v in e.items() if k != "uri"} for e in exports]
         assert strip == [{k: v for k, v in e.items() if k != "uri"} for e in without]
 
@@ -99,7 +90,7 @@ def test_empty_lists_nothing_but_names_still_open(images: Any, tmp_path: Path) -
     with serve(images, "exportname-list=empty") as server:
         assert listing(server.uri) == []
         assert raw_list(server) == (Rep.ACK, [])
-        assert read_all(server.uri_for("c"), tmp_path) == images[1]["c"]
+        assert read_export(server.uri_for("c"), tmp_path) == images[1]["c"]
 
 
 @pytest.mark.parametrize(
@@ -117,7 +108,7 @@ def test_defaultonly_lists_the_canonical_default(
         exports = listing(server.uri)
         assert [e["export-name"] for e in exports] == [expected]
         assert exports[0]["export-size"] == len(images[1][expected])
-        assert read_all(server.uri, tmp_path) == images[1][expected]
+        assert read_export(server.uri, tmp_path) == images[1][expected]
 
 
 def test_defaultonly_lists_nothing_when_the_default_is_not_permitted(images: Any) -> None:
@@ -133,7 +124,7 @@ def test_explicit_lists_exactly_the_given_names(images: Any, tmp_path: Path) -> 
         assert [e["export-name"] for e in exports] == ["c", "a"]
         assert [e["export-size"] for e in exports] == [len(images[1]["c"]), len(images[1]["a"])]
         # Not strict: an unlisted name still opens.
-        assert read_all(server.uri_for("b"), tmp_path) == images[1]["b"]
+        assert read_export(server.uri_for("b"), tmp_path) == images[1]["b"]
     # The list need not reflect reality: a name that does not exist below is listed.
     with serve(images, "exportname-list=explicit", "exportname=ghost") as server:
         assert raw_list(server) == (Rep.ACK, ["ghost"])
@@ -171,7 +162,7 @@ def test_strict_allows_only_the_given_names(images: Any, tmp_path: Path) -> None
         with RawClient(server.socket) as client:
             reply = client.export_name("a")
             assert reply is not None and reply.size == len(data["a"])
-        assert read_all(server.uri_for("a"), tmp_path) == data["a"]
+        assert read_export(server.uri_for("a"), tmp_path) == data["a"]
     # Listing is independent of strictness: keep still shows everything below.
     with serve(images, "exportname-strict=true", "exportname=a") as server:
         assert raw_list(server) == (Rep.ACK, NAMES)
@@ -192,8 +183,8 @@ def test_strict_default_export_needs_an_empty_exportname(images: Any, tmp_path: 
     with serve(
         images, "exportname-strict=true", "exportname=", "default-export=b", "exportname=c"
     ) as server:
-        assert info(server.uri)["export-name"] == "b"
-        assert read_all(server.uri, tmp_path) == data["b"]
+        assert export_info(server.uri)["export-name"] == "b"
+        assert read_export(server.uri, tmp_path) == data["b"]
         with RawClient(server.socket) as client:
             assert client.info("a").reply == Rep.ERR_UNKNOWN
             assert client.info("b").name == "b"  # the default's canonical name
@@ -208,7 +199,7 @@ def test_strict_default_export_needs_an_empty_exportname(images: Any, tmp_path: 
     with trionbd_process(
         FILTER, "file", str(images[0] / "a"), "exportname-strict=true", "exportname="
     ) as server:
-        assert read_all(server.uri, tmp_path) == data["a"]
+        assert read_export(server.uri, tmp_path) == data["a"]
 
 
 # --- default-export ------------------------------------------------------------------------
@@ -216,13 +207,13 @@ def test_strict_default_export_needs_an_empty_exportname(images: Any, tmp_path: 
 
 def test_default_export_replaces_the_default_below(images: Any, tmp_path: Path) -> None:
     with serve(images, "default-export=c") as server:
-        shown = info(server.uri)
+        shown = export_info(server.uri)
         assert shown["export-name"] == "c"
         assert shown["export-size"] == len(images[1]["c"])
-        assert read_all(server.uri, tmp_path) == images[1]["c"]
-        assert read_all(server.uri_for("a"), tmp_path) == images[1]["a"]
+        assert read_export(server.uri, tmp_path) == images[1]["c"]
+        assert read_export(server.uri_for("a"), tmp_path) == images[1]["a"]
     with serve(images, "default-export=") as server:  # empty: the default below
-        assert info(server.uri)["export-name"] == "a"
+        assert export_info(server.uri)["export-name"] == "a"
 
 
 # --- exportdesc ----------------------------------------------------------------------------
@@ -236,13 +227,13 @@ def test_exportdesc_keep_none_fixed(images: Any) -> None:
     sizes = [len(images[1][n]) for n in NAMES]
     with serve(images, "exportdesc=keep") as server:
         assert descriptions(server) == [f"regular file, {s} bytes" for s in sizes]
-        assert info(server.uri_for("b"))["description"] == f"regular file, {sizes[1]} bytes"
+        assert export_info(server.uri_for("b"))["description"] == f"regular file, {sizes[1]} bytes"
     with serve(images, "exportdesc=none") as server:
         assert descriptions(server) == [None, None, None]
-        assert "description" not in info(server.uri_for("b"))
+        assert "description" not in export_info(server.uri_for("b"))
     with serve(images, "exportdesc=fixed:a: fixed, description") as server:
         assert descriptions(server) == ["a: fixed, description"] * 3
-        assert info(server.uri_for("b"))["description"] == "a: fixed, description"
+        assert export_info(server.uri_for("b"))["description"] == "a: fixed, description"
     with serve(images, "exportname-list=explicit", "exportname=b", "exportdesc=fixed:F") as server:
         assert descriptions(server) == ["F"]
 
@@ -255,7 +246,7 @@ def test_exportdesc_script_gets_the_name_in_dollar_name(images: Any) -> None:
     env = {**os.environ, "DIR": str(d)}
     with trionbd_process(FILTER, "file", f"dir={d}", script, env=env) as server:
         exports = listing(server.uri)
-        shown = info(server.uri_for(odd))
+        shown = export_info(server.uri_for(odd))
     names = sorted([*NAMES, odd])
     assert [e["export-name"] for e in exports] == names
     sizes = {**{n: len(v) for n, v in data.items()}, odd: 512}
@@ -344,17 +335,10 @@ def _alive(pid: int) -> bool:
     ],
 )
 def test_bad_parameters_exit_2_with_a_message(param: str, message: str, images: Any) -> None:
-    result = subprocess.run(
-        [PYTHON, "-m", "trionbd", "-f", FILTER, "file", f"dir={images[0]}", param],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    result = trionbd_exit(FILTER, "file", f"dir={images[0]}", param)
     assert result.returncode == 2
     assert "exportname: bad value for" in result.stderr
     assert message in result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def test_manual() -> None:

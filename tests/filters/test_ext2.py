@@ -39,14 +39,14 @@ from tests.formats.test_ext2 import (
 from tests.formats.test_ext2 import run as e2run
 from tests.server.nbdclient import connect
 from tests.support import (
-    PYTHON,
-    ROOT,
     Running,
     libnbd_python,
+    listing,
     nbdsh,
+    read_export,
     run,
     serving,
-    short_tmpdir,
+    trionbd_exit,
     trionbd_process,
 )
 from trionbd.chain import Chain
@@ -187,16 +187,9 @@ def copy_image(image: Path, dst: Path) -> Path:
 # ------------------------------------------------------------------------------ clients
 
 
-def listing(uri: str) -> dict[str, dict[str, Any]]:
+def exports_by_name(uri: str) -> dict[str, dict[str, Any]]:
     """``nbdinfo --list --json``: every export by name."""
-    data = json.loads(run(["nbdinfo", "--list", "--json", uri]))
-    return {e["export-name"]: e for e in data["exports"]}
-
-
-def nbdcopy(uri: str, out: Path) -> bytes:
-    out.unlink(missing_ok=True)
-    run(["nbdcopy", uri, str(out)])
-    return out.read_bytes()
+    return {e["export-name"]: e for e in listing(uri)}
 
 
 def served_data_ranges(uri: str) -> list[tuple[int, int]]:
@@ -237,13 +230,8 @@ def debugfs_cat(image: Path, path: str) -> bytes:
 
 def trionbd_fails(*args: str) -> str:
     """Run ``trionbd ARGS``, which must exit with status 1 at start-up; its stderr."""
-    with short_tmpdir() as tmp:
-        result = subprocess.run(
-            [PYTHON, "-m", "trionbd", "-f", "-U", str(tmp / "sock"), *args],
-            capture_output=True, text=True, timeout=120, cwd=ROOT,
-        )  # fmt: skip
+    result = trionbd_exit(*args, timeout=120)
     assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
     return result.stderr
 
 
@@ -261,7 +249,7 @@ def served(request: pytest.FixtureRequest, images: Callable[[str], Path]) -> Ite
 
 def test_nbdinfo_lists_every_regular_file_with_size_and_mode(served: Any, src: Path) -> None:
     config, image, server = served
-    exports = listing(server.uri)
+    exports = exports_by_name(server.uri)
     expected = source_files(src)  # hard links included, symlinks and the rest not
     assert sorted(exports) == sorted(expected)
     assert "/d1/hard" in exports and "/fifo" not in exports and "/fast" not in exports
@@ -281,14 +269,13 @@ def test_nbdinfo_lists_every_regular_file_with_size_and_mode(served: Any, src: P
 def test_every_file_reads_back_with_nbdcopy(served: Any, src: Path, tmp_path: Path) -> None:
     _config, _image, server = served
     for name, path in source_files(src).items():
-        assert nbdcopy(server.uri_for(name), tmp_path / "out") == path.read_bytes(), name
+        assert read_export(server.uri_for(name), tmp_path) == path.read_bytes(), name
     # names without the leading slash, and paths through symbolic links and '..'
     assert (
-        nbdcopy(server.uri_for("sizes/s4097"), tmp_path / "out")
-        == (src / "sizes/s4097").read_bytes()
+        read_export(server.uri_for("sizes/s4097"), tmp_path) == (src / "sizes/s4097").read_bytes()
     )
     for name, target in VIA_LINKS.items():
-        assert nbdcopy(server.uri_for(name), tmp_path / "out") == (src / target).read_bytes()
+        assert read_export(server.uri_for(name), tmp_path) == (src / target).read_bytes()
 
 
 def test_block_status_matches_the_source_holes(served: Any, src: Path) -> None:
@@ -518,7 +505,7 @@ def test_a_file_system_the_reader_must_not_write_is_read_only(
     image = copy_image(images("ext4-4k"), tmp_path / "ro.img")
     debugfs(image, "feature FEATURE_R20", write=True)  # an unknown RO_COMPAT feature
     with trionbd_process("file", str(image), EXT2) as server:
-        exports = listing(server.uri)
+        exports = exports_by_name(server.uri)
         log = server.stderr
     assert all(e["is_read_only"] for e in exports.values())
     assert "is served read-only: unknown read-only-compatible feature(s) FEATURE_R20" in log
@@ -535,9 +522,9 @@ def test_a_journal_that_needs_recovery(
     stderr = trionbd_fails("file", str(image), EXT2, "ext2-allow-recovery=true")
     assert "ext2-allow-recovery=true needs a read-only server (-r)" in stderr
     with trionbd_process("-r", "file", str(image), EXT2, "ext2-allow-recovery=true") as server:
-        exports = listing(server.uri)
+        exports = exports_by_name(server.uri)
         assert (
-            nbdcopy(server.uri_for("/d1/d2/deep.bin"), tmp_path / "o")
+            read_export(server.uri_for("/d1/d2/deep.bin"), tmp_path)
             == (src / "d1/d2/deep.bin").read_bytes()
         )
     assert exports["/d1/d2/deep.bin"]["is_read_only"]
@@ -579,7 +566,7 @@ def test_a_damaged_inode_or_extent_tree_fails_only_its_file(
         f.seek(offset + 0x10)
         f.write(b"\xff")
     with trionbd_process("file", str(image), EXT2) as server:
-        exports = listing(server.uri)
+        exports = exports_by_name(server.uri)
         assert sorted(exports) == sorted(
             set(source_files(src)) - {"/hello.txt", "/d1/hard", "/sizes/s100000"}
         )
@@ -588,7 +575,7 @@ def test_a_damaged_inode_or_extent_tree_fails_only_its_file(
         message = refusal(server, "sizes/s100000")
         assert "'sizes/s100000': inode" in message and "bad extent header magic" in message
         for name in ("/d1/d2/deep.bin", "/sparse_many"):
-            assert nbdcopy(server.uri_for(name), tmp_path / "o") == (src / name[1:]).read_bytes()
+            assert read_export(server.uri_for(name), tmp_path) == (src / name[1:]).read_bytes()
         log = server.stderr
     assert re.search(r"ext2: image .*d\.img: not listing '/hello\.txt': inode \d+", log)
     assert re.search(r"not listing '/sizes/s100000': inode \d+: .*bad extent header magic", log)
@@ -603,15 +590,15 @@ def test_ext2file_serves_one_file_under_any_name(
     image = images("ext4-1k")
     deep = (src / "d1/d2/deep.bin").read_bytes()
     with trionbd_process("file", str(image), EXT2, "ext2file=/d1/d2/deep.bin") as server:
-        exports = listing(server.uri)
+        exports = exports_by_name(server.uri)
         assert list(exports) == ["/d1/d2/deep.bin"]
         assert exports["/d1/d2/deep.bin"]["description"] == (
             "regular file, 300000 bytes, mode 0644"
         )
-        assert nbdcopy(server.uri, tmp_path / "o") == deep  # the default export
-        assert nbdcopy(server.uri_for("whatever"), tmp_path / "o") == deep
+        assert read_export(server.uri, tmp_path) == deep  # the default export
+        assert read_export(server.uri_for("whatever"), tmp_path) == deep
     with trionbd_process("file", str(image), EXT2, "ext2file=/chain1") as server:
-        assert nbdcopy(server.uri, tmp_path / "o") == (src / "hello.txt").read_bytes()
+        assert read_export(server.uri, tmp_path) == (src / "hello.txt").read_bytes()
     stderr = trionbd_fails("file", str(image), EXT2, "ext2file=/nothere")
     assert f"ext2: image {image}: '/nothere': no entry 'nothere'" in stderr
     stderr = trionbd_fails("file", str(image), EXT2, "ext2file=/d1")
@@ -623,13 +610,13 @@ def test_ext2file_exportname_takes_the_path_from_the_client(
 ) -> None:
     image = images("ext3-4k")
     with trionbd_process("file", str(image), EXT2, "ext2file=exportname") as server:
-        assert sorted(listing(server.uri)) == sorted(source_files(src))
+        assert sorted(exports_by_name(server.uri)) == sorted(source_files(src))
         for name, source in {
             "/sizes/s150": "sizes/s150",
             "d1/hard": "hello.txt",
             "linkdir/deep.bin": "d1/d2/deep.bin",
         }.items():
-            assert nbdcopy(server.uri_for(name), tmp_path / "o") == (src / source).read_bytes()
+            assert read_export(server.uri_for(name), tmp_path) == (src / source).read_bytes()
         assert "is a directory" in refusal(server, "d1/d2")
 
 
@@ -653,10 +640,10 @@ def test_product_names_over_a_directory_of_images(
 ) -> None:
     files = source_files(src)
     with trionbd_process("file", f"dir={image_dir}", EXT2) as server:
-        exports = listing(server.uri)
+        exports = exports_by_name(server.uri)
         assert sorted(exports) == sorted(f"{i}.img{p}" for i in "ab" for p in files)
         for name in ("a.img/d1/d2/deep.bin", "b.img//d1/d2/deep.bin", "b.img/linkdir/deep.bin"):
-            got = nbdcopy(server.uri_for(name), tmp_path / "o")
+            got = read_export(server.uri_for(name), tmp_path)
             assert got == (src / "d1/d2/deep.bin").read_bytes(), name
         assert served_data_ranges(server.uri_for("a.img/sparse_many")) == source_data_ranges(
             src / "sparse_many"
@@ -670,18 +657,18 @@ def test_product_names_over_a_directory_of_images(
         with open(image_dir / "c.img", "r+b") as f:
             f.write((image_dir / "a.img").read_bytes())
         assert (
-            nbdcopy(server.uri_for("c.img/hello.txt"), tmp_path / "o")
+            read_export(server.uri_for("c.img/hello.txt"), tmp_path)
             == (src / "hello.txt").read_bytes()
         )
-        assert len(listing(server.uri)) == 3 * len(files)
+        assert len(exports_by_name(server.uri)) == 3 * len(files)
     assert re.search(r"ext2: image c\.img: bad superblock magic .* \(not listed\)", log)
 
 
 def test_product_with_ext2file_names_the_images(image_dir: Path, src: Path, tmp_path: Path) -> None:
     with trionbd_process("file", f"dir={image_dir}", EXT2, "ext2file=/d1/hard") as server:
-        exports = listing(server.uri)
+        exports = exports_by_name(server.uri)
         assert sorted(exports) == ["a.img", "b.img"]
         for name in exports:
-            assert nbdcopy(server.uri_for(name), tmp_path / "o") == (src / "hello.txt").read_bytes()
+            assert read_export(server.uri_for(name), tmp_path) == (src / "hello.txt").read_bytes()
         assert "bad superblock magic" in refusal(server, "c.img")
         assert "no image named 'z.img'" in refusal(server, "z.img")

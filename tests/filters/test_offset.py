@@ -7,12 +7,11 @@ import errno
 import json
 import os
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.support import PYTHON, libnbd_python, nbdsh, random_file, run, trionbd_process
+from tests.support import libnbd_python, nbdsh, random_file, run, trionbd_exit, trionbd_process
 from trionbd.chain import Chain, NBDError
 from trionbd.filters.offset import OffsetFilter
 from trionbd.plugins.memory import MemoryPlugin
@@ -229,19 +228,6 @@ def test_a_bad_window_fails_that_client_and_the_server_keeps_serving(tmp_path: P
 
 def test_bad_parameters_exit_with_status_2(tmp_path: Path) -> None:
     random_file(tmp_path / "disk.img", 1000)
-    result = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "trionbd",
-            "--filter=offset",
-            "file",
-            str(tmp_path / "disk.img"),
-            "offset=x",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = trionbd_exit("--filter=offset", "file", str(tmp_path / "disk.img"), "offset=x")
     assert result.returncode == 2
     assert "offset=x" in result.stderr and "not a size" in result.stderr

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import random
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.filters.test_offset import block_status_map, seek_map
-from tests.support import PYTHON, nbdsh, random_file, run, trionbd_process
+from tests.support import nbdsh, random_file, run, trionbd_exit, trionbd_process
 
 MIB = 1024 * 1024
 SECTOR = 512
@@ -191,19 +190,8 @@ def test_the_extended_partition_is_refused(tmp_path: Path, mbr: Disk) -> None:
 @pytest.mark.parametrize("value", ["0", "-1", "one"])
 def test_bad_partition_numbers_exit_with_status_2(tmp_path: Path, value: str) -> None:
     random_file(tmp_path / "disk.img", 1000)
-    result = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "trionbd",
-            "--filter=partition",
-            "file",
-            str(tmp_path / "disk.img"),
-            f"partition={value}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = trionbd_exit(
+        "--filter=partition", "file", str(tmp_path / "disk.img"), f"partition={value}"
     )
     assert result.returncode == 2, result.stderr
     assert "partition" in result.stderr and value in result.stderr

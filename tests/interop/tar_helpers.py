@@ -11,7 +11,6 @@ import os
 import random
 import tarfile
 from pathlib import Path
-from typing import Any
 
 from tests.support import run
 
@@ -23,7 +22,7 @@ KiB = 1024
 MiB = 1024 * 1024
 
 
-def write_tree(root: Path, files: dict[str, bytes], seed: int = 0) -> None:
+def write_tree(root: Path, files: dict[str, bytes]) -> None:
     """Create ``files`` (path -> content) under ``root`` with mode 0644 and MTIME."""
     for name, data in files.items():
         path = root / name
@@ -72,22 +71,6 @@ def data_offsets(archive: Path) -> dict[str, int]:
     tarfile, independently of the filter), by name without a leading ``./``."""
     with tarfile.open(archive) as tar:
         return {m.name.removeprefix("./"): m.offset_data for m in tar if m.isreg()}
-
-
-def listing(uri: str) -> list[dict[str, Any]]:
-    """``nbdinfo --list --json``: the exports in the order the server listed them."""
-    exports: list[dict[str, Any]] = json.loads(run(["nbdinfo", "--list", "--json", uri]))["exports"]
-    return exports
-
-
-def read_export(uri: str, tmp: Path) -> bytes:
-    """Every byte of an export, copied by nbdcopy."""
-    out = tmp / "nbdcopy.out"
-    out.unlink(missing_ok=True)
-    run(["nbdcopy", uri, str(out)])
-    data = out.read_bytes()
-    out.unlink()
-    return data
 
 
 def seek_map(path: Path) -> list[tuple[int, int, int]]:

@@ -29,7 +29,7 @@ from tests.interop.tar_helpers import (
     seek_map,
     write_tree,
 )
-from tests.support import nbdsh, run, trionbd_process
+from tests.support import export_info, nbdsh, run, trionbd_process
 
 NBDSH_ERRORS = """
 import errno, json
@@ -130,7 +130,7 @@ def test_zero_and_trim_stay_inside_the_member(tmp_path: Path) -> None:
         nbdsh(server.uri_for("first"), "h.zero(600, 100)")
         nbdsh(server.uri_for("last.bin"), "h.zero(513, 0, nbd.CMD_FLAG_NO_HOLE)")
         nbdsh(server.uri_for("dir/disk.img"), "h.trim(64 * 1024, 4096); h.flush()")
-        info = json.loads(run(["nbdinfo", "--json", server.uri_for("first")]))["exports"][0]
+        info = export_info(server.uri_for("first"))
     assert info["can_trim"] and info["can_zero"]
     for name, offset, length in (
         ("first", 100, 600),
