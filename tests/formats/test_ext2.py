@@ -873,6 +873,47 @@ async def test_extent_block_corruption(build: Callable[[str], Path]) -> None:
         await fs.extents(await fs.lookup("/sparse_many"))
 
 
+@pytest.mark.parametrize("pointer", ["DIND", "TIND"])
+async def test_block_map_pointing_back_at_itself_is_refused(pointer: str, tmp_path: Path) -> None:
+    """Indirect blocks that all point at one block full of its own number would map it
+    tens of thousands (1 KiB blocks, double indirection) to millions (triple) of times;
+    the map is refused once the file uses more blocks than the file system has."""
+    src = tmp_path / "src"
+    write(src, "f", random.Random(9).randbytes(20_000))  # 12 direct blocks, then IND
+    image = mkfs(tmp_path / "self.img", src, "ext2", 1024, "", "2M")
+    fs = await Image.load(image).open()
+    ino = await fs.lookup("/f")
+    ind = struct.unpack("<15I", (await fs.inode(ino)).i_block)[12]
+    debugfs(image, f"sif /f block[{pointer}] {ind}", write=True)
+    debugfs(image, f"sif /f size {16 << 30}", write=True)  # 16.7M blocks
+    img = Image.load(image)
+    img.data[ind * 1024 : (ind + 1) * 1024] = struct.pack("<256I", *[ind] * 256)
+    fs = await img.open()
+    match = rf"inode {ino}: indirect block {ind}: the file uses more blocks than the file system "
+    with pytest.raises(FormatError, match=match + r"has \(2048\)"):
+        await fs.extents(ino)
+
+
+async def test_extents_mapping_the_same_blocks_again_are_refused(tmp_path: Path) -> None:
+    """Three extents over the same 1000 blocks: 3000 blocks of a 2048-block file system.
+    (A directory mapped that way, with a deeper tree, would be read many times over.)"""
+    src = tmp_path / "src"
+    write(src, "f", random.Random(9).randbytes(20_000))
+    image = mkfs(tmp_path / "x.img", src, "ext4", 1024, "^metadata_csum,^has_journal", "2M")
+    offset = imap(image, "/f", 1024)
+    img = Image.load(image)
+    root = struct.pack("<HHHHI", 0xF30A, 3, 4, 0, 0) + b"".join(
+        struct.pack("<IHHI", 1000 * k, 1000, 0, 1) for k in range(3)
+    )
+    img.data[offset + 0x28 : offset + 0x28 + len(root)] = root
+    struct.pack_into("<I", img.data, offset + 0x4, 3000 * 1024)  # i_size
+    fs = await img.open()
+    ino = await fs.lookup("/f")
+    match = rf"inode {ino}: extent tree root in i_block: extent 2: the file uses more blocks "
+    with pytest.raises(FormatError, match=match + "than the file system has"):
+        await fs.extents(ino)
+
+
 async def test_directory_block_corruption(build: Callable[[str], Path]) -> None:
     image = build("ext4-4k")
     offset = bmap(image, "/d1", 0, 4096)

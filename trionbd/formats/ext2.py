@@ -15,7 +15,8 @@ Guarantees:
   from parsing (a failing ``pread`` itself propagates unchanged; a negative offset or
   length passed to :meth:`FileMap.lookup` or :meth:`Ext2FS.read` is a ValueError).  No
   read is ever issued outside ``[0, size)``, and corrupt pointers cannot make the reader
-  loop: tree depths are bounded and directory cycles are detected.
+  loop or grow without bound: tree depths are bounded, directory cycles are detected,
+  and a file whose map uses more blocks than the file system has is refused.
 * Features that change how data must be read and that this reader does not implement
   (unknown INCOMPAT bits, compression, encryption, ``dirdata``, a journal that still
   needs recovery unless explicitly allowed) are refused at :meth:`Ext2FS.open` with
@@ -1001,6 +1002,15 @@ class Ext2FS:
                 f"(blocks {self._first_data_block}..{self.blocks_count - 1})"
             )
 
+    def _check_used(self, used: int, what: str) -> None:
+        """A file cannot use more blocks than the file system has: a map that does (its
+        blocks pointing back at each other) would otherwise grow without bound."""
+        if used > self.blocks_count:
+            raise FormatError(
+                f"{what}: the file uses more blocks than the file system has "
+                f"({self.blocks_count}): a corrupt map, or blocks mapped more than once"
+            )
+
     async def _block(self, blk: int, what: str) -> bytes:
         """One metadata block, cached."""
         data = self._blocks.get(blk)
@@ -1331,6 +1341,7 @@ class Ext2FS:
     ) -> tuple[list[tuple[int, int, int]], int]:
         ino, bs = inode.ino, self.block_size
         runs: list[tuple[int, int, int]] = []
+        used = 0  # blocks mapped by initialized extents
         root_where = f"inode {ino}: extent tree root in i_block"
         magic, _entries, _max, root_depth, _gen = _EXTENT_HDR.unpack_from(inode.i_block, 0)
         if root_depth > MAX_EXTENT_DEPTH:
@@ -1382,6 +1393,8 @@ class Ext2FS:
                         prev_end = lblk + length
                         if not uninit and lblk < nblocks:
                             runs.append((lblk, length, pblk))
+                            used += length
+                            self._check_used(used, f"{where}: extent {e}")
                     else:
                         lblk, leaf_lo, leaf_hi, _unused = _EXTENT_IDX.unpack_from(node, pos)
                         if lblk < prev_end or lblk >= hi:
@@ -1423,6 +1436,7 @@ class Ext2FS:
             if ptr and base < nblocks:
                 pending.append((ptr, level, base))
             base += a**level
+        used = len(runs) + len(pending)  # data and indirect blocks of the file
         fmt = struct.Struct(f"<{a}I")
         while pending:
             what = f"inode {ino}: indirect blocks"
@@ -1434,22 +1448,26 @@ class Ext2FS:
             for ptr, level, base in pending:
                 vals = fmt.unpack(blocks[ptr])
                 if level == 1:
-                    self._add_leaf_pointers(ino, ptr, vals, base, nblocks, runs)
-                    continue
-                span = a ** (level - 1)
-                for i, v in enumerate(vals):
-                    lb = base + i * span
-                    if lb >= nblocks:
-                        break
-                    if v:
-                        nxt.append((v, level - 1, lb))
+                    used += self._add_leaf_pointers(ino, ptr, vals, base, nblocks, runs)
+                else:
+                    queued = len(nxt)
+                    span = a ** (level - 1)
+                    for i, v in enumerate(vals):
+                        lb = base + i * span
+                        if lb >= nblocks:
+                            break
+                        if v:
+                            nxt.append((v, level - 1, lb))
+                    used += len(nxt) - queued
+                self._check_used(used, f"inode {ino}: indirect block {ptr}")
             pending = nxt
         return runs
 
     def _add_leaf_pointers(
         self, ino: int, ptr: int, vals: tuple[int, ...], base: int, nblocks: int,
         runs: list[tuple[int, int, int]],
-    ) -> None:  # fmt: skip
+    ) -> int:  # fmt: skip
+        """Add the data blocks of a level-1 indirect block to ``runs``; return their number."""
         n = min(len(vals), nblocks - base)
         v0 = vals[0]
         if (
@@ -1459,7 +1477,7 @@ class Ext2FS:
         ):
             self._check_block(v0, n, f"inode {ino}: indirect block {ptr} entries")
             runs.append((base, n, v0))
-            return
+            return n
         for i in range(n):
             v = vals[i]
             if v:
@@ -1474,6 +1492,7 @@ class Ext2FS:
                     runs[-1] = (last[0], last[1] + 1, last[2])
                 else:
                     runs.append((base + i, 1, v))
+        return n - vals[:n].count(0)
 
     # ---------------------------------------------------------------- file data
 
