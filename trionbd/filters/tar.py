@@ -23,7 +23,9 @@ then served by offset arithmetic straight from the layer below:
   block status and as hole chunks in structured reads. Writes land in the stored data
   regions; a write that would put non-zero bytes into a hole fails with ENOSPC (the
   archive has no room for them) and writes nothing at all; zeroes written into a hole
-  change nothing and succeed. Trim and zero act on the stored regions only.
+  change nothing and succeed. Trim and zero act on the stored regions only; a zero
+  request with NO_HOLE (the client asks for allocated zeroes) that touches a hole fails
+  with ENOSPC and zeroes nothing.
 
 Writable when the layer below is (and without ``-r``); flush, FUA, multi-conn and cache
 are those of the layer below; the size is the member's size.
@@ -351,6 +353,17 @@ class TarFilter(Filter):
             await next.trim(length, where, flags)
 
     async def zero(self, next: Next, h: Served, count: int, offset: int, flags: int) -> None:
+        if flags & CmdFlag.NO_HOLE and h.sparse and offset + count <= h.size:
+            # Allocated zeroes asked for: a hole of the archive has no bytes to give.
+            for seg in h.member.segments(offset, count):
+                if seg.archive_offset is None:
+                    raise NBDError(
+                        errno.ENOSPC,
+                        f"tar: zero of {count} bytes at offset {offset} with NO_HOLE needs "
+                        f"allocated bytes in the hole [{seg.offset}, {seg.offset + seg.length}) "
+                        f"of sparse member {h.member.name!r}: the archive stores no bytes there "
+                        "(nothing written)",
+                    )
         for where, length in _stored(h, "zero", count, offset, errno.ENOSPC):
             await next.zero(length, where, flags)
 
