@@ -255,6 +255,26 @@ async def test_zeroing_is_emulated_with_writes_of_zeroes_and_one_flush_for_fua()
     assert plugin.calls[-1] == ("flush", 0) and plugin.calls.count(("flush", 0)) == 1
 
 
+async def test_emulated_zeroing_with_native_fua_sends_fua_with_every_write() -> None:
+    """FUA covers the whole zeroed range: with native FUA each write of zeroes carries it
+    (as nbdkit's emulation does), not only the last one."""
+
+    class NativeFua(Flushable):
+        async def can_fua(self, h: Any) -> FuaMode:
+            return FuaMode.NATIVE
+
+    plugin = NativeFua()
+    ctx = await open_top(plugin)
+    count, offset = 2 * EMULATION_CHUNK + 100, 5
+    await ctx.zero(count, offset, CmdFlag.FUA)
+    assert [c[1:] for c in plugin.calls] == [
+        (EMULATION_CHUNK, offset, int(CmdFlag.FUA), True),
+        (EMULATION_CHUNK, offset + EMULATION_CHUNK, int(CmdFlag.FUA), True),
+        (100, offset + 2 * EMULATION_CHUNK, int(CmdFlag.FUA), True),
+    ]
+    assert all(c[0] == "pwrite" for c in plugin.calls)
+
+
 async def test_fast_zero_fails_at_once_when_zeroing_is_emulated() -> None:
     plugin = Writable()
     ctx = await open_top(plugin)

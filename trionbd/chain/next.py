@@ -380,16 +380,15 @@ class Next:
             raise NBDError(errno.ENOTSUP, f"{self.layer.name}: zeroing would not be fast")
         if caps.zero is ZeroMode.NATIVE:
             await self._with_fua(self._zero, count, offset, flags)
-            return
+        else:
+            await self._with_fua(self._write_zeroes, count, offset, flags & CmdFlag.FUA)
+
+    async def _write_zeroes(self, count: int, offset: int, flags: int) -> None:
+        """Zeroing emulated with writes of zeroes, each with ``flags`` (FUA or 0)."""
         end = offset + count
         while offset < end:
             n = min(end - offset, EMULATION_CHUNK)
-            last = offset + n == end
-            await self.pwrite(
-                _ZEROES[:n] if n < EMULATION_CHUNK else _ZEROES,
-                offset,
-                (flags & CmdFlag.FUA) if last else 0,
-            )
+            await self._pwrite(_ZEROES[:n] if n < EMULATION_CHUNK else _ZEROES, offset, flags)
             offset += n
 
     async def extents(self, count: int, offset: int, flags: int = 0) -> list[Extent]:
