@@ -181,7 +181,6 @@ DX_HASH_EOF = 0x7FFFFFFF
 _M32 = 0xFFFFFFFF
 
 # Superblock s_flags
-_FLAG_SIGNED_HASH = 0x1
 _FLAG_UNSIGNED_HASH = 0x2
 # Superblock s_state
 _STATE_ERRORS = 0x2
@@ -194,7 +193,6 @@ _FL_ENCRYPT = 0x800
 _FL_INDEX = 0x1000
 _FL_HUGE_FILE = 0x40000
 _FL_EXTENTS = 0x80000
-_FL_VERITY = 0x100000
 _FL_INLINE_DATA = 0x10000000
 _FL_CASEFOLD = 0x40000000
 
@@ -316,10 +314,9 @@ _INCOMPAT_REFUSED = {
     Incompat.ENCRYPT: "file contents and names may be encrypted, which cannot be read",
 }
 
-_RO_COMPAT_KNOWN = 0
-for _bit in RoCompat:
-    _RO_COMPAT_KNOWN |= _bit.value
-_RO_COMPAT_KNOWN &= ~RoCompat.BTREE_DIR.value  # never implemented anywhere
+_RO_COMPAT_KNOWN = sum(bit.value for bit in RoCompat if bit is not RoCompat.BTREE_DIR)
+"""RO_COMPAT bits this reader knows (an int: ``~`` of a flag would drop unknown bits);
+btree_dir was never implemented anywhere."""
 
 
 def _bit_names(value: int, names: dict[int, str], prefix: str) -> list[str]:
@@ -576,11 +573,6 @@ class Inode:
     @property
     def encrypted(self) -> bool:
         return bool(self.flags & _FL_ENCRYPT)
-
-    @property
-    def verity(self) -> bool:
-        """fs-verity protected: the file is immutable (content readable as usual)."""
-        return bool(self.flags & _FL_VERITY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -961,9 +953,7 @@ class Ext2FS:
         self._backup_bgs = struct.unpack_from("<II", sb, 0x24C)
         seed = struct.unpack_from("<IIII", sb, 0xEC)
         self._hash_seed: tuple[int, int, int, int] = (seed[0], seed[1], seed[2], seed[3])
-        self._def_hash_version = sb[0xFC]
         self._s_flags = _u32(sb, 0x160)
-        self._state = _u16(sb, 0x3A)
         self._filetype = bool(incompat & Incompat.FILETYPE)
 
         reasons = []
@@ -976,7 +966,7 @@ class Ext2FS:
                 reasons.append(f"feature {_RO_COMPAT_NAMES[ro_bit]} forbids writes")
         if self.needs_recovery:
             reasons.append("the journal needs recovery (feature needs_recovery)")
-        if self._state & _STATE_ERRORS:
+        if _u16(sb, 0x3A) & _STATE_ERRORS:  # s_state
             reasons.append("the filesystem is marked as having errors (run e2fsck)")
         self.read_only_reason = "; ".join(reasons) or None
 
