@@ -218,9 +218,8 @@ class ExportTable(Plugin):
             await self._start(lifetime, entry)
 
     async def report(self) -> None:
-        for entry in self._entries.values():
-            for layer in reversed(entry.chain.layers):
-                await layer.target.report()
+        for entry in list(self._entries.values()):
+            await entry.chain.report()
 
     def unload(self) -> None:
         for entry in self._entries.values():

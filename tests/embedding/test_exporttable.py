@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import random
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -357,6 +359,29 @@ async def test_memory_backends_with_real_clients_byte_for_byte() -> None:
             await trio.run_process(["nbdcopy", two, str(tmp / "two")])
             assert (tmp / "back").read_bytes() == data
             assert (tmp / "two").read_bytes() == bytes(8 * MiB)
+
+
+async def test_report_reaches_every_backend_whatever_another_does(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGUSR1's report: a backend whose report fails is logged and stops no other; a
+    plain ``def`` report runs in a worker thread."""
+
+    class Fails(Disk):
+        async def report(self) -> None:
+            raise OSError(errno.EIO, "cannot write the report")
+
+    threads: list[int] = []
+
+    class Threaded(Disk):
+        def report(self) -> None:  # type: ignore[override]
+            threads.append(threading.get_ident())
+
+    table = trionbd.ExportTable({"failing": Fails(18), "threaded": Threaded(19)})
+    with caplog.at_level(logging.ERROR):
+        await table.report()
+    assert len(threads) == 1 and threads[0] != threading.get_ident()
+    assert "disk: report failed: [Errno 5] cannot write the report" in caplog.text
 
 
 async def test_a_table_outside_a_server_adds_and_removes_without_starting_anything() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,8 @@ from .types import (
     FuaMode,
     ZeroMode,
 )
+
+log = logging.getLogger(__name__)
 
 EMULATION_CHUNK = 1 << 20
 """Largest single write (zero emulation) or read (cache emulation) issued by emulation."""
@@ -488,6 +491,15 @@ class Chain:
         for layer in self.layers:
             layer.target.get_ready()
         self.ready = True
+
+    async def report(self) -> None:
+        """Call every layer's ``report``, client side first; a failure is logged and the
+        other layers still report."""
+        for layer in reversed(self.layers):
+            try:
+                await layer.callback("report")()
+            except Exception as e:
+                log.error("%s: report failed: %s", layer.name, e)
 
     def unload(self) -> None:
         """Call every layer's ``unload``, client side first."""
