@@ -5,7 +5,6 @@ plain ``def`` callbacks in worker threads."""
 from __future__ import annotations
 
 import errno
-import json
 import threading
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -15,7 +14,7 @@ import trio
 import trio.testing
 
 from tests.server.nbdclient import connect
-from tests.support import libnbd_python, run, serving, trionbd_process
+from tests.support import export_info, libnbd_python, serving, trionbd_process
 from trionbd.chain import (
     CacheMode,
     Chain,
@@ -164,7 +163,7 @@ async def test_read_only_forces_write_capabilities_off() -> None:
 
 def test_the_command_with_r_serves_read_only() -> None:
     with trionbd_process("-r", "memory", "1M") as server:
-        info = json.loads(run(["nbdinfo", "--json", server.uri]))["exports"][0]
+        info = export_info(server.uri)
         out = libnbd_python(
             f"""
 import nbd

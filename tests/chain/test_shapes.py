@@ -10,8 +10,6 @@ Every byte of every listed export is compared with the source.
 
 from __future__ import annotations
 
-import functools
-import json
 import random
 import time
 from pathlib import Path
@@ -22,7 +20,15 @@ import trio
 
 from tests.chain.raw_client import RawClient
 from tests.chain.shape_filters import DIRECTORY_SIZE, Directory, format_directory
-from tests.support import Running, libnbd_python, run, serving, trionbd_process
+from tests.support import (
+    Running,
+    export_info,
+    libnbd_python,
+    listing,
+    read_export,
+    serving,
+    trionbd_process,
+)
 from trionbd.chain import Chain
 from trionbd.plugins.file import FilePlugin
 from trionbd.protocol.constants import Opt, Rep
@@ -73,19 +79,6 @@ def directory(tmp_path: Path) -> tuple[Path, dict[str, dict[str, bytes]]]:
     return d, contents
 
 
-def listing(uri: str) -> list[dict[str, Any]]:
-    """``nbdinfo --list --json``: the exports, in the order the server listed them."""
-    exports: list[dict[str, Any]] = json.loads(run(["nbdinfo", "--list", "--json", uri]))["exports"]
-    return exports
-
-
-def read_all(uri: str, tmp: Path) -> bytes:
-    out = tmp / "copy"
-    out.unlink(missing_ok=True)
-    run(["nbdcopy", uri, str(out)])
-    return out.read_bytes()
-
-
 def check_exports(server: Running, expected: dict[str, bytes], tmp: Path) -> list[dict[str, Any]]:
     """The listing names exactly ``expected`` (in that order) with the right sizes, and
     every export serves exactly its bytes."""
@@ -94,7 +87,7 @@ def check_exports(server: Running, expected: dict[str, bytes], tmp: Path) -> lis
     for e in exports:
         data = expected[e["export-name"]]
         assert e["export-size"] == len(data), e
-        assert read_all(server.uri_for(e["export-name"]), tmp) == data, e["export-name"]
+        assert read_export(server.uri_for(e["export-name"]), tmp) == data, e["export-name"]
     return exports
 
 
@@ -159,10 +152,7 @@ async def test_own_list_is_built_before_any_client_and_shared(image: Any) -> Non
         shared = server.lifetime.contexts[0]
         uri = server.uris[0]
         for _ in range(2):
-            out = await trio.to_thread.run_sync(
-                functools.partial(run, ["nbdinfo", "--list", "--json", uri])
-            )
-            assert len(json.loads(out)["exports"]) == len(items)
+            assert len(await trio.to_thread.run_sync(listing, uri)) == len(items)
         # Clients came and went; the shared context is still the only one and still open.
         assert server.lifetime.contexts == [shared]
         assert not shared.closed
@@ -210,10 +200,10 @@ def test_default_export_resolves_through_the_chain(
 ) -> None:
     arg = f"file={image[0]}" if source == "file" else f"dir={directory[0]}"
     with trionbd_process(*filters, "file", arg) as server:
-        info = json.loads(run(["nbdinfo", "--json", server.uri]))["exports"][0]
+        info = export_info(server.uri)
         listed = listing(server.uri)
-        data = read_all(server.uri, tmp_path)
-        named = read_all(server.uri_for(canonical), tmp_path)
+        data = read_export(server.uri, tmp_path)
+        named = read_export(server.uri_for(canonical), tmp_path)
     assert info["export-name"] == canonical  # NBD_INFO_NAME
     by_name = {e["export-name"]: e for e in listed}
     assert info["export-size"] == by_name[canonical]["export-size"] == len(data)

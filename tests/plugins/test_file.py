@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.server.nbdclient import connect
-from tests.support import random_file, run, serving, trionbd_process
+from tests.support import listing, random_file, run, serving, trionbd_process
 from trionbd.chain import ConfigError
 from trionbd.plugins import file as file_module
 from trionbd.plugins.file import FilePlugin
@@ -261,9 +260,9 @@ async def test_dir_with_real_clients(tmp_path: Path) -> None:
     disks = {f"disk{i}.img": random_file(images / f"disk{i}.img", 65536 * i, seed=i)
              for i in (1, 2, 3)}  # fmt: skip
     with trionbd_process("file", f"dir={images}") as server:
-        listing = json.loads(run(["nbdinfo", "--list", "--json", server.uri]))
-        assert [e["export-name"] for e in listing["exports"]] == sorted(disks)
-        assert [e["export-size"] for e in listing["exports"]] == [65536, 131072, 196608]
+        exports = listing(server.uri)
+        assert [e["export-name"] for e in exports] == sorted(disks)
+        assert [e["export-size"] for e in exports] == [65536, 131072, 196608]
         for name, data in disks.items():
             copy = tmp_path / f"copy-{name}"
             run(["nbdcopy", server.uri_for(name), str(copy)])
