@@ -800,6 +800,17 @@ async def test_superblock_nonsense_fields(build: Callable[[str], Path]) -> None:
         await Ext2FS.open(img.pread, len(img.data) // 2)
 
 
+async def test_short_pread_is_a_format_error(build: Callable[[str], Path]) -> None:
+    img = Image.load(build("ext2-4k"))
+
+    async def short(offset: int, length: int) -> bytes:
+        return (await img.pread(offset, length))[:-1]
+
+    match = r"^short read of the superblock: asked for 1024 bytes at offset 1024, got 1023$"
+    with pytest.raises(FormatError, match=match):
+        await Ext2FS.open(short, len(img.data))
+
+
 async def test_group_descriptor_corruption(build: Callable[[str], Path]) -> None:
     img = Image.load(build("ext4-4k"))  # metadata_csum: crc32c
     img.flip(4096 + 0x0C)  # group 0's free block count

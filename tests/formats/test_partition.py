@@ -436,6 +436,17 @@ async def test_mbr_two_extended_partitions_rejected() -> None:
 # -- no table -------------------------------------------------------------------------------
 
 
+async def test_short_pread_is_a_format_error() -> None:
+    disk = raw_disk(100, {0: boot_record(mbr_entry(0, 0x83, 1, 10))})
+
+    async def short(offset: int, length: int) -> bytes:
+        return bytes(disk[offset : offset + length - 1])
+
+    match = r"^short read of the MBR at sector 0: asked for 512 bytes at offset 0, got 511$"
+    with pytest.raises(FormatError, match=match):
+        await read_partition_table(short, len(disk))
+
+
 @pytest.mark.parametrize("size", [0, 100, 512, 1024 * 1024])
 async def test_blank_disk_has_no_table(size: int) -> None:
     with pytest.raises(FormatError, match=r"^no MBR or GPT partition table found"):

@@ -19,4 +19,15 @@ class FormatError(Exception):
     """
 
 
-__all__ = ["FormatError", "Pread"]
+async def read_exactly(pread: Pread, offset: int, length: int, what: str) -> bytes:
+    """``await pread(offset, length)`` as ``bytes``; an answer of another length is a
+    :class:`FormatError` naming ``what`` was being read and where."""
+    data = await pread(offset, length)
+    if len(data) != length:
+        raise FormatError(
+            f"short read of {what}: asked for {length} bytes at offset {offset}, got {len(data)}"
+        )
+    return bytes(data)
+
+
+__all__ = ["FormatError", "Pread", "read_exactly"]

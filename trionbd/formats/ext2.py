@@ -65,7 +65,7 @@ from typing import Generic, TypeVar
 
 import crc32c
 
-from trionbd.formats import FormatError, Pread
+from trionbd.formats import FormatError, Pread, read_exactly
 
 __all__ = [
     "MAX_SYMLINK_FOLLOWS",
@@ -818,10 +818,8 @@ class Ext2FS:
                 f"image of {size} bytes is too small for an ext2/3/4 filesystem "
                 f"(the superblock ends at byte {SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE})"
             )
-        sb = await pread(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE)
-        if len(sb) != SUPERBLOCK_SIZE:
-            raise FormatError(f"short read of the superblock: {len(sb)} bytes")
-        fs = cls(pread, size, bytes(sb), allow_needs_recovery)
+        sb = await read_exactly(pread, SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, "the superblock")
+        fs = cls(pread, size, sb, allow_needs_recovery)
         root = await fs.inode(ROOT_INO)
         if not root.is_dir:
             raise FormatError(f"root inode {ROOT_INO} is a {root.kind}, not a directory")
@@ -979,11 +977,7 @@ class Ext2FS:
                 f"{what}: bytes {offset}..{offset + length} lie outside the image "
                 f"({self._size} bytes)"
             )
-        data = await self._pread(offset, length)
-        if len(data) != length:
-            raise FormatError(f"{what}: short read at byte offset {offset}: "
-                              f"{len(data)} of {length} bytes")  # fmt: skip
-        return bytes(data)
+        return await read_exactly(self._pread, offset, length, what)
 
     def _check_block(self, blk: int, count: int, what: str) -> None:
         if blk < self._first_data_block or blk + count > self.blocks_count or count < 0:

@@ -58,7 +58,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from trionbd.formats import FormatError, Pread
+from trionbd.formats import FormatError, Pread, read_exactly
 
 __all__ = [
     "GPT_SECTOR_SIZE_4K",
@@ -180,11 +180,11 @@ async def read_partition_table(pread: Pread, disk_size: int) -> PartitionTable:
             f"no MBR or GPT partition table found (the disk is {disk_size} bytes, "
             f"smaller than one {SECTOR_SIZE}-byte sector)"
         )
-    mbr = await _read(pread, 0, SECTOR_SIZE, "the MBR at sector 0")
+    mbr = await read_exactly(pread, 0, SECTOR_SIZE, "the MBR at sector 0")
     if mbr[510:512] != _MBR_SIGNATURE:
         hint = ""
         if disk_size >= 2 * SECTOR_SIZE:
-            if await _read(pread, SECTOR_SIZE, 8, "LBA 1") == _GPT_SIGNATURE:
+            if await read_exactly(pread, SECTOR_SIZE, 8, "LBA 1") == _GPT_SIGNATURE:
                 hint = " (a GPT header is at LBA 1, but there is no protective MBR)"
         raise FormatError(f"no MBR or GPT partition table found{hint}")
     entries = [_MbrEntry.parse(mbr, i) for i in range(4)]
@@ -201,15 +201,6 @@ async def read_partition_table(pread: Pread, disk_size: int) -> PartitionTable:
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-async def _read(pread: Pread, offset: int, length: int, what: str) -> bytes:
-    data = await pread(offset, length)
-    if len(data) != length:
-        raise FormatError(
-            f"short read of {what}: asked for {length} bytes at offset {offset}, got {len(data)}"
-        )
-    return bytes(data)
 
 
 class _Extent(NamedTuple):
@@ -327,7 +318,9 @@ async def _read_logical(pread: Pread, container: int, extended: _MbrEntry) -> li
                 f"MBR EBR of partition {number} at sector {ebr_lba} lies outside {where}"
             )
         visited.add(ebr_lba)
-        ebr = await _read(pread, ebr_lba * SECTOR_SIZE, SECTOR_SIZE, f"the EBR at sector {ebr_lba}")
+        ebr = await read_exactly(
+            pread, ebr_lba * SECTOR_SIZE, SECTOR_SIZE, f"the EBR at sector {ebr_lba}"
+        )
         if ebr[510:512] != _MBR_SIGNATURE:
             raise FormatError(
                 f"MBR EBR of partition {number} at sector {ebr_lba} has no 0x55AA signature"
@@ -371,9 +364,9 @@ def _guid(raw: bytes) -> str:
 async def _read_gpt(pread: Pread, disk_size: int) -> PartitionTable:
     sector_size = SECTOR_SIZE
     if disk_size >= 2 * SECTOR_SIZE and (
-        await _read(pread, SECTOR_SIZE, 8, "LBA 1") != _GPT_SIGNATURE
+        await read_exactly(pread, SECTOR_SIZE, 8, "LBA 1") != _GPT_SIGNATURE
         and disk_size >= 2 * GPT_SECTOR_SIZE_4K
-        and await _read(pread, GPT_SECTOR_SIZE_4K, 8, "4K LBA 1") == _GPT_SIGNATURE
+        and await read_exactly(pread, GPT_SECTOR_SIZE_4K, 8, "4K LBA 1") == _GPT_SIGNATURE
     ):
         sector_size = GPT_SECTOR_SIZE_4K
     disk_sectors = disk_size // sector_size
@@ -448,7 +441,9 @@ async def _load_gpt_header(
     """
     if lba >= disk_sectors:
         raise FormatError(f"the disk ({disk_sectors} sectors) is too small to hold it")
-    sector = await _read(pread, lba * sector_size, sector_size, f"the GPT header at LBA {lba}")
+    sector = await read_exactly(
+        pread, lba * sector_size, sector_size, f"the GPT header at LBA {lba}"
+    )
     (
         signature,
         _revision,
@@ -516,7 +511,7 @@ async def _load_gpt_header(
             f"partition entry array (LBAs {entries_lba}..{array_end - 1}) overlaps the "
             f"usable LBAs {first_usable}..{last_usable}"
         )
-    array = await _read(
+    array = await read_exactly(
         pread,
         entries_lba * sector_size,
         array_bytes,
