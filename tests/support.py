@@ -233,6 +233,21 @@ def random_file(path: Path, size: int, seed: int = 1) -> bytes:
     return data
 
 
+def all_tasks() -> set[trio.lowlevel.Task]:
+    """Every task of the current Trio run, walked down from the root task (compare a
+    snapshot from before with one from after to find leftover tasks)."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    found: set[trio.lowlevel.Task] = set()
+    todo = [root]
+    while todo:
+        task = todo.pop()
+        found.add(task)
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return found
+
+
 @contextlib.asynccontextmanager
 async def serving(
     target: Chain | Plugin, config: ServerConfig | None = None

@@ -20,7 +20,7 @@ import trio
 import trio.testing
 
 from tests.server.nbdclient import connect
-from tests.support import PYTHON, ROOT, serving, short_tmpdir
+from tests.support import PYTHON, ROOT, all_tasks, serving, short_tmpdir
 from trionbd.chain import Chain, Filter, Layer, NBDError, Next, StartupError
 from trionbd.chain.plugin import Plugin
 from trionbd.nursery import Lifetime, open_lifetime
@@ -128,20 +128,6 @@ class Opener(Filter):
 
 def closes(events: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
     return [e for e in events if e[0] in ("close", "closed")]
-
-
-def all_tasks() -> set[trio.lowlevel.Task]:
-    """Every task of this run, walked from the root task."""
-    found: set[trio.lowlevel.Task] = set()
-    stack = [trio.lowlevel.current_root_task()]
-    while stack:
-        task = stack.pop()
-        if task is None:
-            continue
-        found.add(task)
-        for nursery in task.child_nurseries:
-            stack.extend(nursery.child_tasks)
-    return found
 
 
 # --- order ---------------------------------------------------------------------------------

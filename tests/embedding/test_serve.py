@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 import trionbd
-from tests.support import short_tmpdir
+from tests.support import all_tasks, short_tmpdir
 from trionbd.plugins.memory import MemoryPlugin
 
 KiB = 1024
@@ -44,19 +44,6 @@ async def start_fails(target: trionbd.Plugin, spec: str) -> BaseException:
         assert len(group.exceptions) == 1, group
         return group.exceptions[0]
     raise AssertionError(f"serving on {spec!r} did not fail")
-
-
-def all_tasks() -> set[trio.lowlevel.Task]:
-    """Every task of this run, walking down from the root task."""
-    found: set[trio.lowlevel.Task] = set()
-    todo = [trio.lowlevel.current_root_task()]
-    while todo:
-        task = todo.pop()
-        assert task is not None
-        found.add(task)
-        for nursery in task.child_nurseries:
-            todo.extend(nursery.child_tasks)
-    return found
 
 
 class Gated(trionbd.Plugin):
