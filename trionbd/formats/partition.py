@@ -350,7 +350,6 @@ async def _read_logical(pread: Pread, container: int, extended: _MbrEntry) -> li
 
 class _GptHeader(NamedTuple):
     disk_guid: bytes
-    entries_lba: int
     num_entries: int
     entry_size: int
     first_usable: int
@@ -523,5 +522,5 @@ async def _load_gpt_header(
             f"partition entry array CRC32 mismatch (stored 0x{entries_crc:08x}, "
             f"computed 0x{computed:08x})"
         )
-    header = _GptHeader(disk_guid, entries_lba, num_entries, entry_size, first_usable, last_usable)
+    header = _GptHeader(disk_guid, num_entries, entry_size, first_usable, last_usable)
     return header, array
