@@ -299,12 +299,8 @@ class TarMember:
         return f"regular file, {size}, mode {self.mode & 0o7777:04o}, mtime {when}"
 
 
-# Nodes of the name tree built while scanning; links are resolved after the scan.
-
-
-@dataclass(frozen=True, slots=True)
-class _Regular:
-    member: TarMember
+# Nodes of the name tree built while scanning (a regular member is its own node); links
+# are resolved after the scan.
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,11 +320,11 @@ class _Symlink:
 class _HardLink:
     target: str
     header_offset: int
-    node: _Regular | _Special | _Symlink | None
+    node: TarMember | _Special | _Symlink | None
     """What the target name stood for when the link was read; None if nothing."""
 
 
-_Node = _Regular | _Special | _Symlink | _HardLink
+_Node = TarMember | _Special | _Symlink | _HardLink
 
 
 class TarIndex:
@@ -355,8 +351,8 @@ class TarIndex:
         self._dirs = frozenset(dirs)
         self.members: dict[str, TarMember] = {}
         for key, node in nodes.items():
-            if isinstance(node, _Regular):
-                self.members[key] = node.member
+            if isinstance(node, TarMember):
+                self.members[key] = node
             elif not isinstance(node, _Special):
                 try:
                     self.members[key] = self._resolve(key)
@@ -393,8 +389,6 @@ class TarIndex:
         node = self._nodes.get(path)
         if node is None:
             return ""
-        if isinstance(node, _Regular):
-            return f" (header at offset {node.member.header_offset})"
         return f" (header at offset {node.header_offset})"
 
     def _resolve(self, key: str) -> TarMember:
@@ -452,8 +446,8 @@ class TarIndex:
         node = self._nodes.get(path)
         if isinstance(node, _HardLink):
             node = node.node  # not a symlink: the loop above already followed it
-        if isinstance(node, _Regular):
-            return node.member
+        if isinstance(node, TarMember):
+            return node
         what = f"{key!r}" if path == key else f"{key!r} (resolved to {path!r})"
         if isinstance(node, _Special):
             kind = node.kind
@@ -510,8 +504,6 @@ class _ArchiveFile:
         self._window = MIN_WINDOW
         self.error: Exception | None = None
         """The exception ``pread`` raised, if it did; it must reach the caller as is."""
-        self.preads = 0
-        """Number of ``pread`` calls made (for tests and measurements)."""
         self.last_read = 0
         """Offset of the most recent read request."""
 
@@ -578,7 +570,6 @@ class _ArchiveFile:
         except Exception as exc:
             self.error = exc
             raise
-        self.preads += 1
         if len(data) != length:
             raise FormatError(
                 f"{self._archive}: short read at offset {pos}: asked for {length} bytes, "
@@ -604,7 +595,7 @@ def _make_node(info: tarfile.TarInfo, key: str, archive: str) -> _Node:
     if info.isreg():
         sparse = cast("list[tuple[int, int]] | None", info.sparse)
         try:
-            member = TarMember(
+            return TarMember(
                 name=key,
                 type=info.type,
                 header_offset=header,
@@ -623,7 +614,6 @@ def _make_node(info: tarfile.TarInfo, key: str, archive: str) -> _Node:
             raise FormatError(
                 f"{archive}: member {key!r} (header at offset {header}): {exc}"
             ) from None
-        return _Regular(member)
     if info.issym():
         return _Symlink(info.linkname, header)
     kind = _KIND_BY_TYPE.get(info.type, MemberKind.OTHER)
@@ -725,9 +715,7 @@ def _scan(reader: _ArchiveFile, size: int, archive: str) -> TarIndex:
             nodes.pop(key, None)
             nodes[key] = node
         _check_end(reader, tar.offset, size, archive)
-    except FormatError:
-        raise
-    except MemoryError:
+    except (FormatError, MemoryError):
         raise
     except Exception as exc:
         if reader.error is not None:
