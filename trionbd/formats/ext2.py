@@ -129,6 +129,9 @@ ITABLE_CHUNK_BYTES = 256 << 10
 GDT_CHUNK_BYTES = 1 << 20
 """The group descriptor table is read and cached in aligned chunks of this many bytes."""
 
+GDT_CACHE_CHUNKS = 64
+"""Raw group descriptor table chunks kept in the LRU cache (64 x 1 MiB)."""
+
 INODE_CACHE_ENTRIES = 131072
 """Parsed inodes kept in the LRU cache."""
 
@@ -797,7 +800,7 @@ class Ext2FS:
         self._size = size
         self._parse_superblock(sb, allow_needs_recovery)
         self._groups: dict[int, _Group] = {}
-        self._gdt_chunks: _LRU[int, bytes] = _LRU(64)
+        self._gdt_chunks: _LRU[int, bytes] = _LRU(GDT_CACHE_CHUNKS)
         self._itable: _LRU[tuple[int, int], bytes] = _LRU(ITABLE_CACHE_CHUNKS)
         self._inodes: _LRU[int, Inode] = _LRU(INODE_CACHE_ENTRIES)
         self._blocks: _LRU[int, bytes] = _LRU(BLOCK_CACHE_BLOCKS)
