@@ -17,7 +17,8 @@ import trio.testing
 import trionbd.client as nbd
 from tests.support import nbdkit_process, serving, trionbd_process
 from trionbd.chain import Chain, NBDError, Plugin, Sparse
-from trionbd.protocol import ServerConnection
+from trionbd.plugins.memory import MemoryPlugin
+from trionbd.protocol import ServerConnection, wire
 from trionbd.protocol.client import (
     parse_info_replies,
     parse_meta_context_reply,
@@ -32,8 +33,9 @@ from trionbd.protocol.events import (
     Request,
     _NeedData,
 )
-from trionbd.server import ServerConfig
+from trionbd.server import ServerConfig, open_tcp_listeners, serve
 from trionbd.server.listeners import Address
+from trionbd.server.transport import Transport
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
@@ -241,9 +243,6 @@ async def test_connect_uri() -> None:
 
 
 async def test_connect_tcp_to_an_in_process_server() -> None:
-    from trionbd.plugins.memory import MemoryPlugin
-    from trionbd.server import open_tcp_listeners, serve
-
     listeners = await open_tcp_listeners(0, "127.0.0.1")
     async with trio.open_nursery() as nursery:
         server = await nursery.start(serve, MemoryPlugin(size=MiB), listeners)
@@ -406,8 +405,6 @@ async def test_block_status_with_a_request_beyond_the_end_is_an_error() -> None:
 async def old_server(stream: trio.abc.Stream, data: bytearray, seen: list[object]) -> None:
     """Refuses every option but EXPORT_NAME (as pre-GO servers do) and serves reads and
     writes with simple replies."""
-    from trionbd.protocol import wire
-
     proto = ServerConnection()
     await stream.send_all(proto.greeting())
     while True:
@@ -488,8 +485,6 @@ def test_parse_uri_errors(uri: str, complaint: str) -> None:
 
 
 def test_parse_option_reply_payloads() -> None:
-    from trionbd.protocol import wire
-
     info = parse_info_replies(
         "",
         [
@@ -557,8 +552,6 @@ async def test_pipelining_reaches_the_server() -> None:
 async def test_a_closed_transport_never_touches_its_old_descriptor() -> None:
     """The client's reader and writer may run after another task closed the connection;
     the descriptor number may already belong to a new socket by then."""
-    from trionbd.server.transport import Transport
-
     ours, peer = trio.socket.socketpair()
     transport = Transport(trio.SocketStream(ours))
     await transport.aclose()

@@ -8,13 +8,14 @@ import errno
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.server.nbdclient import connect
-from tests.support import listing, random_file, run, serving, trionbd_process
+from tests.support import libnbd_python, listing, random_file, run, serving, trionbd_process
 from trionbd.chain import ConfigError
 from trionbd.plugins import file as file_module
 from trionbd.plugins.file import FilePlugin
@@ -382,8 +383,6 @@ def test_configuration_errors(tmp_path: Path) -> None:
 
 @contextlib.contextmanager
 def tmp_in(parent: Path) -> Iterator[Path]:
-    import tempfile
-
     path = Path(tempfile.mkdtemp(dir=parent))
     try:
         yield path
@@ -393,7 +392,5 @@ def tmp_in(parent: Path) -> Iterator[Path]:
 
 def libnbd(uri: str, script: str) -> str:
     """Run ``script`` with a libnbd handle ``h`` connected to ``uri`` (and ``nbd``)."""
-    from tests.support import libnbd_python
-
     prologue = f"import nbd\nh = nbd.NBD()\nh.connect_uri({uri!r})\n"
     return libnbd_python(prologue + script + "\nh.shutdown()\n")

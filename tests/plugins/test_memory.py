@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
+import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -101,21 +104,16 @@ print("ok")
         assert out.strip() == "ok"
 
 
-def test_copy_in_and_out_with_nbdcopy(tmp_path: object) -> None:
-    from pathlib import Path
-
-    tmp = Path(str(tmp_path))
-    data = random_file(tmp / "src.img", 5 * MiB + 4096)
+def test_copy_in_and_out_with_nbdcopy(tmp_path: Path) -> None:
+    data = random_file(tmp_path / "src.img", 5 * MiB + 4096)
     with trionbd_process("memory", "8M") as server:
-        run(["nbdcopy", str(tmp / "src.img"), server.uri])
-        run(["nbdcopy", server.uri, str(tmp / "back.img")])
-    back = (tmp / "back.img").read_bytes()
+        run(["nbdcopy", str(tmp_path / "src.img"), server.uri])
+        run(["nbdcopy", server.uri, str(tmp_path / "back.img")])
+    back = (tmp_path / "back.img").read_bytes()
     assert back == data + bytes(8 * MiB - len(data))
 
 
 def test_size_is_required_and_parsed() -> None:
-    import pytest
-
     with pytest.raises(ConfigError, match="parameter 'size' is required"):
         MemoryPlugin.from_params([])
     with pytest.raises(ConfigError, match="larger than the maximum size"):
@@ -138,8 +136,6 @@ op = st.tuples(
 def test_data_and_extents_match_a_model(
     ops: list[tuple[str, int, int]], qoffset: int, qcount: int
 ) -> None:
-    import trio
-
     async def check() -> None:
         plugin = MemoryPlugin(SIZE)
         ctx = await Chain(plugin).top.open(False, "")

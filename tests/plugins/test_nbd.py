@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import trionbd.client as nbd
 from tests.support import (
     SYSTEM_PYTHON,
     Running,
@@ -172,8 +173,6 @@ def test_upstream_error_codes_reach_the_client() -> None:
 
 async def test_upstream_error_messages_reach_the_client() -> None:
     """What the upstream said about a failed request arrives with the error code."""
-    import trionbd.client as nbd
-
     args = ("--filter=error", "memory", "1M", "error=ENOSPC", "error-pwrite-rate=1")
     with trionbd_process(*args) as up, proxy(up) as px:
         async with await nbd.connect_unix(px.socket) as c:
