@@ -248,6 +248,8 @@ async def test_a_request_cancelled_by_the_backend_gets_an_error_and_nothing_else
         await c.go()
         before = task_count()
         stuck = await c.send(Cmd.READ, SLOW, 4096)  # waits in the plugin
+        await trio.testing.wait_all_tasks_blocked()  # (tasks start in any order)
+        assert plugin.waiting == 1
         queued = await c.send(Cmd.READ, 0, 4096)  # waits for the plugin's lock
         timed_out = {}
         for _ in range(2):
