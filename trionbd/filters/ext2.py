@@ -89,7 +89,6 @@ from ..chain import (
     Next,
     Param,
     ProductNames,
-    Sparse,
     StartupError,
     ZeroMode,
     parse_bool,
@@ -105,7 +104,9 @@ from ..formats.ext2 import (
     Inode,
     Segment,
 )
-from ..protocol.constants import CmdFlag, State
+from ..protocol.constants import State
+from . import _formats
+from ._formats import Piece
 
 if TYPE_CHECKING:
     from ..nursery import Lifetime
@@ -157,14 +158,19 @@ def _open_error(label: str, path: str, e: FormatError) -> NBDError:
     return NBDError(code, f"ext2: {label}: {path!r}: {e}")
 
 
-def _no_allocation(h: File, hole: Segment, what: str) -> NBDError:
+def _no_allocation(h: File, hole: Piece, what: str) -> NBDError:
     """The error for a request that would need blocks allocated in ``hole``."""
+    start, length, _ = hole
     return NBDError(
         errno.ENOSPC,
-        f"{h.where}: cannot {what}: bytes {hole.offset}..{hole.offset + hole.length} of the "
-        "file are a hole or an uninitialized extent, and block allocation is not supported "
-        "(nothing was written)",
+        f"{h.where}: cannot {what}: bytes {start}..{start + length} of the file are a hole "
+        "or an uninitialized extent, and block allocation is not supported (nothing was "
+        "written)",
     )
+
+
+def _pieces(segments: list[Segment]) -> list[Piece]:
+    return [(s.offset, s.length, s.physical) for s in segments]
 
 
 class Ext2Filter(Filter):
@@ -231,14 +237,11 @@ class Ext2Filter(Filter):
         ctx = await self._contexts.get(export)
         size = await ctx.get_size()
 
-        async def pread(offset: int, length: int) -> bytes:
-            return await ctx.pread(length, offset)
-
         def skip(path: str, e: FormatError) -> None:
             log.warning("ext2: %s: not listing %r: %s", label, path, e)
 
         try:
-            fs = await Ext2FS.open(pread, size, allow_needs_recovery=True)
+            fs = await Ext2FS.open(_formats.reader(ctx), size, allow_needs_recovery=True)
             self._check_recovery(fs, label)
             await fs.check_group_descriptors()
             files = []
@@ -377,43 +380,26 @@ class Ext2Filter(Filter):
         if fmap.inline is not None:
             return fmap.inline[offset : offset + count]
         segments = fmap.lookup(offset, count)
-        if len(segments) == 1 and segments[0].physical is not None:
+        if len(segments) == 1 and segments[0].physical is not None:  # one run: one call below
             return await next.pread(count, segments[0].physical, flags)
-        parts = []
-        holes = []
-        for seg in segments:
-            if seg.physical is None:
-                parts.append(bytes(seg.length))
-                holes.append((seg.offset - offset, seg.length))
-            else:
-                parts.append(await next.pread(seg.length, seg.physical, flags))
-        data = b"".join(parts)
-        return Sparse(data, tuple(holes)) if holes else data
+        return await _formats.read(next, _pieces(segments), offset, flags)
 
     async def pwrite(self, next: Next, h: File, buf: bytes, offset: int, flags: int) -> None:
         segments = h.fmap.lookup(offset, len(buf))
         if len(segments) == 1 and segments[0].physical is not None:
             await next.pwrite(buf, segments[0].physical, flags)
             return
-        for seg in segments:  # check everything before writing anything
-            start = seg.offset - offset
-            if seg.physical is None and buf.count(0, start, start + seg.length) != seg.length:
-                raise _no_allocation(h, seg, f"write {len(buf)} bytes at offset {offset}")
-        for seg in segments:
-            if seg.physical is not None:
-                start = seg.offset - offset
-                await next.pwrite(buf[start : start + seg.length], seg.physical, flags)
+
+        def refuse(hole: Piece) -> NBDError:
+            return _no_allocation(h, hole, f"write {len(buf)} bytes at offset {offset}")
+
+        await _formats.write(next, _pieces(segments), buf, offset, flags, refuse)
 
     async def zero(self, next: Next, h: File, count: int, offset: int, flags: int) -> None:
-        segments = h.fmap.lookup(offset, count)
-        if flags & CmdFlag.NO_HOLE:
-            for seg in segments:
-                if seg.physical is None:
-                    what = f"write {count} allocated zero bytes at offset {offset}"
-                    raise _no_allocation(h, seg, what)
-        for seg in segments:
-            if seg.physical is not None:
-                await next.zero(seg.length, seg.physical, flags)
+        def refuse(hole: Piece) -> NBDError:
+            return _no_allocation(h, hole, f"write {count} allocated zero bytes at offset {offset}")
+
+        await _formats.zero(next, _pieces(h.fmap.lookup(offset, count)), flags, refuse)
 
     async def extents(
         self, next: Next, h: File, count: int, offset: int, flags: int

@@ -32,6 +32,7 @@ import errno
 from ..chain import ConfigError, NBDError, Next, Param, parse_int
 from ..formats import FormatError
 from ..formats.partition import read_partition_table
+from . import _formats
 from .offset import Window, WindowFilter
 
 
@@ -50,13 +51,9 @@ class PartitionFilter(WindowFilter):
 
     async def window(self, next: Next) -> Window:
         size = await next.get_size()
-
-        async def pread(offset: int, length: int) -> bytes:
-            return await next.pread(length, offset)
-
         what = f"partition: {next.layer.name} export {next.export_name!r}"
         try:
-            part = (await read_partition_table(pread, size)).get(self.partition)
+            part = (await read_partition_table(_formats.reader(next), size)).get(self.partition)
         except FormatError as e:
             raise NBDError(errno.EIO, f"{what}: {e}") from None
         if part.is_extended:

@@ -70,13 +70,14 @@ from ..chain import (
     Next,
     Param,
     ProductNames,
-    Sparse,
     StartupError,
 )
 from ..formats import FormatError
 from ..formats.tar import TarIndex, TarLookupError, TarMember, normalize_name, read_tar_index
 from ..nursery import Lifetime
 from ..protocol.constants import CmdFlag, State
+from . import _formats
+from ._formats import Piece
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,12 @@ class Served:
             member.sparse is not None,
             describe(name, member),
         )
+
+    def pieces(self, offset: int, count: int) -> list[Piece]:
+        """The member's bytes ``[offset, offset + count)`` as pieces of the archive."""
+        if not self.sparse:
+            return [(offset, count, self.start + offset)]
+        return [(s.offset, s.length, s.archive_offset) for s in self.member.segments(offset, count)]
 
 
 def describe(name: str, member: TarMember) -> str:
@@ -216,11 +223,7 @@ class TarFilter(Filter):
 
     async def _read(self, ctx: Next, label: str) -> TarIndex:
         size = await ctx.get_size()
-
-        async def pread(offset: int, length: int) -> bytes:
-            return await ctx.pread(length, offset)
-
-        return await read_tar_index(pread, size, name=label, limiter=self.limiter)
+        return await read_tar_index(_formats.reader(ctx), size, name=label, limiter=self.limiter)
 
     async def _get(self, export: str) -> Archive:
         try:
@@ -303,118 +306,80 @@ class TarFilter(Filter):
     # --- data ----------------------------------------------------------------------------
 
     async def pread(self, next: Next, h: Served, count: int, offset: int, flags: int) -> bytes:
-        if offset + count > h.size:
-            raise _outside(h, "read", count, offset, errno.EINVAL)
-        if not h.sparse:
+        if not h.sparse and offset + count <= h.size:  # the common case: one call below
             return await next.pread(count, h.start + offset, flags)
-        segments = h.member.segments(offset, count)
-        first = segments[0].archive_offset
-        if len(segments) == 1 and first is not None:
-            return await next.pread(count, first, flags)
-        pieces: list[bytes] = []
-        holes: list[tuple[int, int]] = []
-        for seg in segments:
-            if seg.archive_offset is None:
-                pieces.append(bytes(seg.length))
-                holes.append((seg.offset - offset, seg.length))
-            else:
-                pieces.append(await next.pread(seg.length, seg.archive_offset, flags))
-        return Sparse(b"".join(pieces), tuple(holes))
+        pieces = _pieces(h, "read", count, offset, errno.EINVAL)
+        return await _formats.read(next, pieces, offset, flags)
 
     async def pwrite(self, next: Next, h: Served, buf: bytes, offset: int, flags: int) -> None:
         count = len(buf)
-        if offset + count > h.size:
-            raise _outside(h, "write", count, offset, errno.ENOSPC)
-        if not h.sparse:
+        if not h.sparse and offset + count <= h.size:
             await next.pwrite(buf, h.start + offset, flags)
             return
-        segments = h.member.segments(offset, count)
-        # Check the whole request before writing anything: no partial writes.
-        for seg in segments:
-            start = seg.offset - offset
-            if (
-                seg.archive_offset is None
-                and buf[start : start + seg.length].count(0) != seg.length
-            ):
-                raise NBDError(
-                    errno.ENOSPC,
-                    f"tar: write of {count} bytes at offset {offset} puts data into the hole "
-                    f"[{seg.offset}, {seg.offset + seg.length}) of sparse member "
-                    f"{h.member.name!r}: the archive stores no bytes there (nothing written)",
-                )
-        for seg in segments:
-            if seg.archive_offset is not None:
-                start = seg.offset - offset
-                data = buf if seg.length == count else buf[start : start + seg.length]
-                await next.pwrite(data, seg.archive_offset, flags)
+
+        def refuse(hole: Piece) -> NBDError:
+            return _hole(h, hole, f"write of {count} bytes at offset {offset} puts data into")
+
+        pieces = _pieces(h, "write", count, offset, errno.ENOSPC)
+        await _formats.write(next, pieces, buf, offset, flags, refuse)
 
     async def trim(self, next: Next, h: Served, count: int, offset: int, flags: int) -> None:
-        for where, length in _stored(h, "trim", count, offset, errno.EINVAL):
-            await next.trim(length, where, flags)
+        for _, length, below in _pieces(h, "trim", count, offset, errno.EINVAL):
+            if below is not None:
+                await next.trim(length, below, flags)
 
     async def zero(self, next: Next, h: Served, count: int, offset: int, flags: int) -> None:
-        if flags & CmdFlag.NO_HOLE and h.sparse and offset + count <= h.size:
-            # Allocated zeroes asked for: a hole of the archive has no bytes to give.
-            for seg in h.member.segments(offset, count):
-                if seg.archive_offset is None:
-                    raise NBDError(
-                        errno.ENOSPC,
-                        f"tar: zero of {count} bytes at offset {offset} with NO_HOLE needs "
-                        f"allocated bytes in the hole [{seg.offset}, {seg.offset + seg.length}) "
-                        f"of sparse member {h.member.name!r}: the archive stores no bytes there "
-                        "(nothing written)",
-                    )
-        for where, length in _stored(h, "zero", count, offset, errno.ENOSPC):
-            await next.zero(length, where, flags)
+        def refuse(hole: Piece) -> NBDError:
+            what = f"zero of {count} bytes at offset {offset} with NO_HOLE needs allocated bytes in"
+            return _hole(h, hole, what)
+
+        pieces = _pieces(h, "zero", count, offset, errno.ENOSPC)
+        await _formats.zero(next, pieces, flags, refuse)
 
     async def cache(self, next: Next, h: Served, count: int, offset: int, flags: int) -> None:
-        for where, length in _stored(h, "cache", count, offset, errno.EINVAL):
-            await next.cache(length, where, flags)
+        for _, length, below in _pieces(h, "cache", count, offset, errno.EINVAL):
+            if below is not None:
+                await next.cache(length, below, flags)
 
     async def extents(
         self, next: Next, h: Served, count: int, offset: int, flags: int
     ) -> list[Extent]:
-        if offset + count > h.size:
-            raise _outside(h, "block status", count, offset, errno.EINVAL)
-        if not h.sparse:
-            # The layer below (the archive file may itself be sparse), shifted back.
-            below = await next.extents(count, h.start + offset, flags)
-            return [Extent(e.offset - h.start, e.length, e.flags) for e in below]
         out: list[Extent] = []
-        for seg in h.member.segments(offset, count):
-            if seg.archive_offset is None:
-                out.append(Extent(seg.offset, seg.length, _HOLE))
+        for start, length, below in _pieces(h, "block status", count, offset, errno.EINVAL):
+            if below is None:
+                out.append(Extent(start, length, _HOLE))
             else:
-                shift = seg.offset - seg.archive_offset
-                below = await next.extents(seg.length, seg.archive_offset, flags)
-                out += [Extent(e.offset + shift, e.length, e.flags) for e in below]
-                if out[-1].offset + out[-1].length < seg.offset + seg.length:
-                    break  # the layer below answered for part of the region only
+                # The layer below's answer (the archive file may itself be sparse), shifted.
+                shift = start - below
+                answer = await next.extents(length, below, flags)
+                out += [Extent(e.offset + shift, e.length, e.flags) for e in answer]
+                if out[-1].offset + out[-1].length < start + length:
+                    break  # the layer below answered for part of the piece only
             if flags & CmdFlag.REQ_ONE or len(out) >= MAX_EXTENTS:
                 break
         return out
 
 
-def _outside(h: Served, verb: str, count: int, offset: int, code: int) -> NBDError:
-    return NBDError(
-        code,
-        f"tar: {verb} of {count} bytes at offset {offset} is beyond the end of member "
-        f"{h.member.name!r} ({h.size} bytes)",
-    )
-
-
-def _stored(h: Served, verb: str, count: int, offset: int, code: int) -> list[tuple[int, int]]:
-    """The archive ranges ``(offset, length)`` holding the member's bytes in the range;
-    holes of a sparse member are left out (they hold nothing and read as zeroes)."""
+def _pieces(h: Served, verb: str, count: int, offset: int, code: int) -> list[Piece]:
+    """``h.pieces(offset, count)``; ``NBDError(code)`` if the range goes past the member's
+    end (nothing outside the member can be reached)."""
     if offset + count > h.size:
-        raise _outside(h, verb, count, offset, code)
-    if not h.sparse:
-        return [(h.start + offset, count)]
-    return [
-        (seg.archive_offset, seg.length)
-        for seg in h.member.segments(offset, count)
-        if seg.archive_offset is not None
-    ]
+        raise NBDError(
+            code,
+            f"tar: {verb} of {count} bytes at offset {offset} is beyond the end of member "
+            f"{h.member.name!r} ({h.size} bytes)",
+        )
+    return h.pieces(offset, count)
+
+
+def _hole(h: Served, hole: Piece, what: str) -> NBDError:
+    """The error for a request (``what`` it does) that needs bytes stored in ``hole``."""
+    start, length, _ = hole
+    return NBDError(
+        errno.ENOSPC,
+        f"tar: {what} the hole [{start}, {start + length}) of sparse member "
+        f"{h.member.name!r}: the archive stores no bytes there (nothing written)",
+    )
 
 
 FILTER = TarFilter
