@@ -141,6 +141,8 @@ class File:
     inode: Inode
     fmap: FileMap
     read_only_reason: str | None
+    """Why the file must not be written (inline data, a file system the reader must not
+    write to), or None."""
 
 
 def describe(inode: Inode) -> str:
@@ -350,6 +352,8 @@ class Ext2Filter(Filter):
                 )
         image = await self.images.get(export)
         file = await self._file(image, path if self.path is None else self.path)
+        # A file that must not be written opens the layer below read-only: the export is
+        # then read-only too (can_write is the layer below's).
         next = await below.open(readonly or file.read_only_reason is not None, export, is_tls)
         return next, file
 
@@ -360,9 +364,6 @@ class Ext2Filter(Filter):
 
     async def export_description(self, next: Next, h: File) -> str | None:
         return describe(h.inode)
-
-    async def can_write(self, next: Next, h: File) -> bool:
-        return h.read_only_reason is None and await next.can_write()
 
     async def can_trim(self, next: Next, h: File) -> bool:
         return False
