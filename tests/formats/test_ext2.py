@@ -25,6 +25,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.formats.support import MemoryImage, data_ranges, write, write_sparse
 from trionbd.formats import FormatError
 from trionbd.formats.ext2 import (
     MAX_SYMLINK_FOLLOWS,
@@ -58,21 +59,12 @@ MiB = 1 << 20
 # ------------------------------------------------------------------------------ helpers
 
 
-class Image:
-    """An image held in memory, read through an async pread that records every call."""
-
-    def __init__(self, data: bytes | bytearray) -> None:
-        self.data = bytearray(data)
-        self.reads: list[tuple[int, int]] = []
+class Image(MemoryImage):
+    """A file system image in memory, opened with ``open``."""
 
     @classmethod
     def load(cls, path: Path) -> Image:
         return cls(path.read_bytes())
-
-    async def pread(self, offset: int, length: int) -> bytes:
-        assert 0 <= offset and offset + length <= len(self.data), "read outside the image"
-        self.reads.append((offset, length))
-        return bytes(self.data[offset : offset + length])
 
     async def open(self, **kwargs: bool) -> Ext2FS:
         return await Ext2FS.open(self.pread, len(self.data), **kwargs)
@@ -128,22 +120,8 @@ def read_at(path: Path, offset: int, length: int) -> bytes:
 
 def source_data_ranges(path: Path) -> list[tuple[int, int]] | None:
     """SEEK_DATA/SEEK_HOLE map of a source file, or None if its filesystem shows no holes."""
-    size = path.stat().st_size
-    out = []
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            out.append((start, end))
-            pos = end
-    if out == [(0, size)]:
-        return None
-    return out
+    out = data_ranges(path)
+    return None if out == [(0, path.stat().st_size)] else out
 
 
 def check_hole_map(fmap: FileMap, content: bytes, bs: int) -> None:
@@ -166,37 +144,24 @@ LONG_TARGET = "./" * 40 + "hello.txt"  # 89 bytes: a slow (or inline) symlink
 SPARSE_BIG_SIZE = 70 * MiB  # reaches triple indirection with 1 KiB blocks (> 64.26 MiB)
 
 
-def write(root: Path, rel: str, data: bytes) -> None:
-    p = root / rel
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(data)
-
-
-def write_sparse(root: Path, rel: str, size: int, regions: list[int], rng: random.Random) -> None:
-    with open(root / rel, "wb") as f:
-        for off in regions:
-            f.seek(off)
-            f.write(rng.randbytes(min(4096, size - off)))
-        f.truncate(size)
-
-
 def build_tree(root: Path) -> None:
     rng = random.Random(20240601)
-    write(root, "hello.txt", b"hello, world\n")
-    write(root, "empty", b"")
+    write(root / "hello.txt", b"hello, world\n")
+    write(root / "empty", b"")
     for n in (1, 59, 60, 61, 100, 1023, 1024, 1025, 4095, 4096, 4097, 12 * 1024 + 1, 100_000):
-        write(root, f"sizes/size_{n}", rng.randbytes(n))
-    write(root, "d1/d2/d3/deep.bin", rng.randbytes(300_000))
-    write(root, "dir with space/h\u00e9llo w\u00f6rld.txt", b"unicode name\n")
-    write(root, "d1/" + "n" * 255, b"longest name\n")
-    write(root, "zeros_inside", rng.randbytes(4096) + bytes(16384) + rng.randbytes(4096))
-    write(root, "tiny_dir/a", b"a")
+        write(root / f"sizes/size_{n}", rng.randbytes(n))
+    write(root / "d1/d2/d3/deep.bin", rng.randbytes(300_000))
+    write(root / "dir with space/h\u00e9llo w\u00f6rld.txt", b"unicode name\n")
+    write(root / ("d1/" + "n" * 255), b"longest name\n")
+    write(root / "zeros_inside", rng.randbytes(4096) + bytes(16384) + rng.randbytes(4096))
+    write(root / "tiny_dir/a", b"a")
     for i in range(5):
-        write(root, f"mid_dir/f{i}", b"m" * i)
+        write(root / f"mid_dir/f{i}", b"m" * i)
     (root / "empty_dir").mkdir()
-    write_sparse(root, "sparse_many", 300 * 65536 + 100, [i * 65536 for i in range(300)], rng)
+    regions = [(i * 65536, 4096) for i in range(300)]
+    write_sparse(root / "sparse_many", 300 * 65536 + 100, regions, rng)
     big_regions = [0, 200 << 10, 1 * MiB, 30 * MiB, 66 * MiB, SPARSE_BIG_SIZE - 4096]
-    write_sparse(root, "sparse_big", SPARSE_BIG_SIZE, big_regions, rng)
+    write_sparse(root / "sparse_big", SPARSE_BIG_SIZE, [(r, 4096) for r in big_regions], rng)
     os.link(root / "hello.txt", root / "d1/hard")
     os.link(root / "hello.txt", root / "d1/d2/hard2")
     links = {
@@ -319,7 +284,7 @@ async def test_block_map_triple_indirection_4k(tmp_path: Path) -> None:
     tind = 12 + 1024 + 1024 * 1024  # first block mapped through the triple-indirect block
     size = (tind + 100) * 4096
     regions = [0, 12 * 4096, 5 * MiB, (tind + 16) * 4096, size - 4096]
-    write_sparse(src, "huge", size, regions, rng)
+    write_sparse(src / "huge", size, [(r, 4096) for r in regions], rng)
     image = mkfs(tmp_path / "bm.img", src, "ext4", 4096, "^extent,^64bit", "16M")
     assert "(TIND)" in debugfs(image, "stat /huge")
     fs = await Image.load(image).open()
@@ -345,7 +310,7 @@ async def test_extent_tree_of_depth_one(build: Callable[[str], Path]) -> None:
 async def test_uninitialized_extents_read_as_zeros(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    write(src, "f", random.Random(3).randbytes(3 * 4096))
+    write(src / "f", random.Random(3).randbytes(3 * 4096))
     image = mkfs(tmp_path / "u.img", src, "ext4", 4096, "", "8M")
     # Mark the file's one extent uninitialized: ee_len |= 0x8000 (debugfs fixes checksums).
     fs = await Image.load(image).open()
@@ -366,7 +331,7 @@ async def test_meta_bg_descriptors(tmp_path: Path) -> None:
     rng = random.Random(5)
     for d in range(20):
         for i in range(60):
-            write(src, f"d{d}/f{i}", rng.randbytes(100 + i))
+            write(src / f"d{d}/f{i}", rng.randbytes(100 + i))
     image = mkfs(
         tmp_path / "mb.img", src, "ext4", 1024, "meta_bg,^resize_inode", "48M",
         ("-g", "1024", "-N", "2048"),
@@ -890,7 +855,7 @@ async def test_block_map_pointing_back_at_itself_is_refused(pointer: str, tmp_pa
     tens of thousands (1 KiB blocks, double indirection) to millions (triple) of times;
     the map is refused once the file uses more blocks than the file system has."""
     src = tmp_path / "src"
-    write(src, "f", random.Random(9).randbytes(20_000))  # 12 direct blocks, then IND
+    write(src / "f", random.Random(9).randbytes(20_000))  # 12 direct blocks, then IND
     image = mkfs(tmp_path / "self.img", src, "ext2", 1024, "", "2M")
     fs = await Image.load(image).open()
     ino = await fs.lookup("/f")
@@ -909,7 +874,7 @@ async def test_extents_mapping_the_same_blocks_again_are_refused(tmp_path: Path)
     """Three extents over the same 1000 blocks: 3000 blocks of a 2048-block file system.
     (A directory mapped that way, with a deeper tree, would be read many times over.)"""
     src = tmp_path / "src"
-    write(src, "f", random.Random(9).randbytes(20_000))
+    write(src / "f", random.Random(9).randbytes(20_000))
     image = mkfs(tmp_path / "x.img", src, "ext4", 1024, "^metadata_csum,^has_journal", "2M")
     offset = imap(image, "/f", 1024)
     img = Image.load(image)
@@ -968,12 +933,12 @@ FUZZ_PATHS = ["/hello.txt", "/fast", "/slow", "/d/sub/f0", "/big/n_0042", "/spar
 
 def build_fuzz_tree(root: Path) -> None:
     rng = random.Random(42)
-    write(root, "hello.txt", b"hello\n")
-    write(root, "d/sub/f0", rng.randbytes(3000))
-    write(root, "d/sub/f1", rng.randbytes(20_000))
+    write(root / "hello.txt", b"hello\n")
+    write(root / "d/sub/f0", rng.randbytes(3000))
+    write(root / "d/sub/f1", rng.randbytes(20_000))
     for i in range(120):
-        write(root, f"big/n_{i:04d}", b"")
-    write_sparse(root, "sparse", 40 * 8192, [i * 8192 for i in range(40)], rng)
+        write(root / f"big/n_{i:04d}", b"")
+    write_sparse(root / "sparse", 40 * 8192, [(i * 8192, 4096) for i in range(40)], rng)
     os.symlink("hello.txt", root / "fast")
     os.symlink("d/" + "./" * 40 + "sub/f0", root / "slow")
     os.symlink("loop", root / "loop")

@@ -23,7 +23,8 @@ import pytest
 import trio
 from hypothesis import HealthCheck, event, given, settings
 
-from trionbd.formats import FormatError, Pread
+from tests.formats.support import MemoryImage
+from trionbd.formats import FormatError
 from trionbd.formats.partition import (
     MAX_GPT_ENTRIES,
     MAX_LOGICAL_PARTITIONS,
@@ -46,19 +47,8 @@ GPT_FIELDS = (
 # -- helpers ----------------------------------------------------------------------------
 
 
-def pread_of(data: bytes | bytearray) -> Pread:
-    """An in-memory pread that, like a real disk, refuses to read past the end."""
-    frozen = bytes(data)
-
-    async def pread(offset: int, length: int) -> bytes:
-        assert 0 <= offset and offset + length <= len(frozen), (offset, length)
-        return frozen[offset : offset + length]
-
-    return pread
-
-
 async def read(data: bytes | bytearray) -> PartitionTable:
-    return await read_partition_table(pread_of(data), len(data))
+    return await read_partition_table(MemoryImage(data).pread, len(data))
 
 
 def make_image(directory: Path, name: str, size: int, script: str) -> tuple[bytes, Any]:
