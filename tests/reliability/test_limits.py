@@ -15,12 +15,14 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
 from tests.server.nbdclient import Client, connect
 from tests.support import serving
-from trionbd.chain import Plugin
+from trionbd.chain import ConfigError, Plugin
+from trionbd.cli import Options, parse_args
 from trionbd.plugins.memory import MemoryPlugin
 from trionbd.protocol import Cmd, DataChunk, Opt, Rep, wire
 from trionbd.server import Server, ServerConfig, serve
@@ -42,6 +44,35 @@ async def eof_at(c: Client) -> float:
     """Wait until the server closes ``c``; the time then."""
     assert await closed(c)
     return trio.current_time()
+
+
+# --- the command line --------------------------------------------------------------------
+
+
+def config_of(*args: str) -> ServerConfig:
+    opts = parse_args([*args, "memory", "1M"])
+    assert isinstance(opts, Options)
+    return opts.config
+
+
+def test_command_line_limits() -> None:
+    default = config_of()
+    assert (default.handshake_timeout, default.idle_timeout, default.max_connections) == (
+        10.0, None, None,
+    )  # fmt: skip
+    assert default.max_buffered == 256 * MiB
+    config = config_of("--handshake-timeout=2.5", "--idle-timeout=60", "--max-connections=3")
+    assert (config.handshake_timeout, config.idle_timeout, config.max_connections) == (
+        2.5, 60.0, 3,
+    )  # fmt: skip
+    assert config_of("--handshake-timeout=0", "--idle-timeout=0").idle_timeout is None
+    for bad, message in [
+        ("--idle-timeout=-1", "--idle-timeout=-1.0: a number of seconds, at least 0"),
+        ("--handshake-timeout=-5", "--handshake-timeout=-5.0: a number of seconds"),
+        ("--max-connections=0", "--max-connections=0: at least 1 client"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            config_of(bad)
 
 
 # --- the handshake timeout ---------------------------------------------------------------
