@@ -48,6 +48,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import trio
@@ -78,6 +79,7 @@ DATA = 1
 """Block state: the overlay holds the block."""
 ZEROED = 2
 """Block state: trimmed or zeroed; reads as zeroes."""
+_HOLE = State.HOLE | State.ZERO
 
 
 def parse_block_size(text: str) -> int:
@@ -123,17 +125,27 @@ class Overlay:
         start = block * self.block_size
         return start, min(self.block_size, self.size - start)
 
-    def run_end(self, block: int, end: int) -> int:
-        """The first block after ``block`` whose state differs, or past ``end`` (bytes)."""
-        last = (end - 1) // self.block_size + 1
-        state = self.states[block]
-        stop = last
-        for other in (UNWRITTEN, DATA, ZEROED):
-            if other != state:
-                found = self.states.find(other, block + 1, last)
-                if found != -1:
-                    stop = min(stop, found)
-        return stop
+    def runs(self, offset: int, count: int) -> Iterator[tuple[int, int, int]]:
+        """``(state, start, stop)``: ``[offset, offset + count)`` cut where the state of
+        its blocks changes. Each run is found when it is asked for, so a caller that
+        awaits between runs sees the states as they are then."""
+        states, size = self.states, self.block_size
+        pos, end = offset, offset + count
+        last = (end - 1) // size + 1  # the block after the last one touched
+        while pos < end:
+            block = pos // size
+            state = states[block]
+            stop = last  # the first block after ``block`` in another state, or ``last``
+            for other in (UNWRITTEN, DATA, ZEROED):
+                if other != state and (found := states.find(other, block + 1, stop)) != -1:
+                    stop = found
+            stop = min(end, stop * size)
+            yield state, pos, stop
+            pos = stop
+
+    def blocks(self, start: int, stop: int) -> range:
+        """The blocks that ``[start, stop)`` touches."""
+        return range(start // self.block_size, (stop - 1) // self.block_size + 1)
 
     def pieces(self, offset: int, count: int) -> list[tuple[int, int, int, int]]:
         """``(block, offset_in_block, start, stop)`` for each block a request touches;
@@ -349,23 +361,18 @@ class CowFilter(Filter):
     async def pread(self, next: Next, h: Overlay, count: int, offset: int, flags: int) -> bytes:
         copy_up = self.copy_on_read()
         parts: list[bytes] = []
-        pos, end = offset, offset + count
-        while pos < end:
-            block = pos // h.block_size
-            state = h.states[block]
-            stop = min(end, h.run_end(block, end) * h.block_size)
+        for state, start, stop in h.runs(offset, count):
             if state == DATA:
-                parts.append(h.read_data(stop - pos, pos))
+                parts.append(h.read_data(stop - start, start))
             elif state == ZEROED:
-                parts.append(bytes(stop - pos))
-            elif copy_up:
-                start = block * h.block_size
-                stop = min(end, start + h.block_size)
-                data = await h.copy_up(next, block)
-                parts.append(data[pos - start : stop - start])
+                parts.append(bytes(stop - start))
+            elif not copy_up:
+                parts.append(await next.pread(stop - start, start, flags))
             else:
-                parts.append(await next.pread(stop - pos, pos, flags))
-            pos = stop
+                for block in h.blocks(start, stop):
+                    first = block * h.block_size
+                    data = await h.copy_up(next, block)
+                    parts.append(data[max(start - first, 0) : stop - first])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def pwrite(self, next: Next, h: Overlay, buf: bytes, offset: int, flags: int) -> None:
@@ -390,37 +397,27 @@ class CowFilter(Filter):
         self, next: Next, h: Overlay, count: int, offset: int, flags: int
     ) -> list[Extent]:
         out: list[Extent] = []
-        pos, end = offset, offset + count
-        while pos < end:
-            block = pos // h.block_size
-            state = h.states[block]
-            stop = min(end, h.run_end(block, end) * h.block_size)
+        for state, start, stop in h.runs(offset, count):
             if state == UNWRITTEN:
-                below = await next.extents(stop - pos, pos, flags)
+                below = await next.extents(stop - start, start, flags)
                 out += below
-                reached = below[-1].offset + below[-1].length
-                if reached < stop:
+                if below[-1].offset + below[-1].length < stop:
                     break  # the layer below answered for less; the client asks again
             else:
-                out.append(Extent(pos, stop - pos, 0 if state == DATA else State.HOLE | State.ZERO))
-            pos = stop
+                out.append(Extent(start, stop - start, 0 if state == DATA else _HOLE))
             if flags & CmdFlag.REQ_ONE:
                 break
         return out
 
     async def cache(self, next: Next, h: Overlay, count: int, offset: int, flags: int) -> None:
-        pos, end = offset, offset + count
-        while pos < end:
-            block = pos // h.block_size
-            stop_block = h.run_end(block, end)
-            stop = min(end, stop_block * h.block_size)
-            if h.states[block] == UNWRITTEN:
-                if self.on_cache:
-                    for b in range(block, stop_block):
-                        await h.copy_up(next, b)
-                else:
-                    await next.cache(stop - pos, pos, flags)
-            pos = stop
+        for state, start, stop in h.runs(offset, count):
+            if state != UNWRITTEN:
+                continue
+            if self.on_cache:
+                for block in h.blocks(start, stop):
+                    await h.copy_up(next, block)
+            else:
+                await next.cache(stop - start, start, flags)
 
 
 FILTER = CowFilter
