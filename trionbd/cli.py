@@ -558,21 +558,12 @@ async def _watch_signals(
     count = 0
     async for signum in signals:
         if signum == signal.SIGUSR1:
-            await report(server.chain)
+            await server.chain.report()
             continue
         count += 1
         log.info("%s received", signal.Signals(signum).name)
         server.shutdown(0 if count > 1 else None)
         scope.cancel()
-
-
-async def report(chain: Chain) -> None:
-    """Call ``report()`` of every layer, client side first; failures are logged."""
-    for layer in reversed(chain.layers):
-        try:
-            await layer.target.report()
-        except Exception as e:
-            log.error("%s: report failed: %s", layer.name, e)
 
 
 def setup_logging(verbose: bool, target: str) -> None:

@@ -73,6 +73,16 @@ class SlowUnload(MemoryPlugin):
         time.sleep(1.5)
 
 
+class PlainReport(MemoryPlugin):
+    """A memory disk whose ``report`` is a plain ``def`` (run in a worker thread): it
+    touches the file named by ``REPORT_MARKER``."""
+
+    name = "plainreport"
+
+    def report(self) -> None:  # type: ignore[override]
+        Path(os.environ["REPORT_MARKER"]).touch()
+
+
 @contextmanager
 def server(
     *args: str, env: dict[str, str] | None = None
@@ -198,6 +208,20 @@ def test_sighup_and_sigusr1_while_serving_are_harmless() -> None:
         assert run(["nbdinfo", "--size", uri]).strip() == "1048576"
         proc.send_signal(signal.SIGTERM)
         stopped(proc, time.monotonic())
+
+
+def test_sigusr1_reports_through_a_plain_def_report(tmp_path: Path) -> None:
+    marker = tmp_path / "reported"
+    plugin = "tests.interop.test_signals:PlainReport"
+    with server(plugin, "1M", env={"REPORT_MARKER": str(marker)}) as (proc, _):
+        proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while not marker.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = stopped(proc, time.monotonic())
+    assert "report failed" not in err, err
 
 
 def test_sigusr1_after_the_signal_receiver_closed_does_not_kill(tmp_path: Path) -> None:
