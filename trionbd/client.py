@@ -72,6 +72,7 @@ from .protocol.client import (
 from .protocol.constants import (
     BASE_ALLOCATION,
     DEFAULT_PORT,
+    REP_FLAG_ERROR,
     Cmd,
     CmdFlag,
     Err,
@@ -321,7 +322,7 @@ class Handshake:
                     )
                 if event.reply == Rep.ACK:
                     return replies
-                if event.reply & (1 << 31):
+                if event.reply & REP_FLAG_ERROR:
                     message = event.payload.decode("utf-8", "replace")
                     raise OptionError(option, event.reply, message)
                 replies.append(event)

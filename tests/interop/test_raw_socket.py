@@ -77,7 +77,7 @@ class Raw:
         while True:
             kind, payload = self.reply(option)
             out.append((kind, payload))
-            if kind == REP_ACK or kind & (1 << 31):
+            if kind == REP_ACK or kind & ERR:
                 return out
 
     def go(self, name: bytes = b"") -> list[tuple[int, bytes]]:

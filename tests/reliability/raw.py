@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from trionbd.protocol import (
     NEED_DATA,
+    REP_FLAG_ERROR,
     ClientConnection,
     Cmd,
     ConnectionClosed,
@@ -68,7 +69,7 @@ class RawClient:
             event = self.event()
             assert isinstance(event, OptionReply), event
             replies.append(event)
-            if event.reply == Rep.ACK or event.reply & (1 << 31):
+            if event.reply == Rep.ACK or event.reply & REP_FLAG_ERROR:
                 return replies
 
     def go(self, name: str = "", structured: bool = True) -> None:

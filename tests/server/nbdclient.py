@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from trionbd.protocol import (
+    REP_FLAG_ERROR,
     ClientConnection,
     Cmd,
     ConnectionClosed,
@@ -63,7 +64,7 @@ class Client:
             event = await self.event()
             assert isinstance(event, OptionReply), event
             replies.append(event)
-            if event.reply == Rep.ACK or event.reply & (1 << 31):
+            if event.reply == Rep.ACK or event.reply & REP_FLAG_ERROR:
                 return replies
 
     async def go(

@@ -19,6 +19,7 @@ from .constants import (
     IHAVEOPT,
     MAX_REQUEST,
     NBDMAGIC,
+    REP_FLAG_ERROR,
     REPLY_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
@@ -192,7 +193,7 @@ class ClientConnection:
             return self._need(f"{length} bytes of option reply payload")
         self._pos += OPTION_REPLY_HEADER.size
         payload = self._take(length)
-        if reply == Rep.ACK or reply & (1 << 31):
+        if reply == Rep.ACK or reply & REP_FLAG_ERROR:
             self._pending_option = None
             if reply == Rep.ACK:
                 if length:

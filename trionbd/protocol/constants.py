@@ -49,30 +49,31 @@ class Opt(IntEnum):
     EXTENDED_HEADERS = 11
 
 
-_ERR = 1 << 31
+REP_FLAG_ERROR = 1 << 31
+"""Set in the type of every error reply to an option (``NBD_REP_FLAG_ERROR``)."""
 
 
 class Rep(IntEnum):
-    """Option reply types. Errors have bit 31 set."""
+    """Option reply types. Errors have REP_FLAG_ERROR set."""
 
     ACK = 1
     SERVER = 2
     INFO = 3
     META_CONTEXT = 4
-    ERR_UNSUP = _ERR | 1
-    ERR_POLICY = _ERR | 2
-    ERR_INVALID = _ERR | 3
-    ERR_PLATFORM = _ERR | 4
-    ERR_TLS_REQD = _ERR | 5
-    ERR_UNKNOWN = _ERR | 6
-    ERR_SHUTDOWN = _ERR | 7
-    ERR_BLOCK_SIZE_REQD = _ERR | 8
-    ERR_TOO_BIG = _ERR | 9
-    ERR_EXT_HEADER_REQD = _ERR | 10
+    ERR_UNSUP = REP_FLAG_ERROR | 1
+    ERR_POLICY = REP_FLAG_ERROR | 2
+    ERR_INVALID = REP_FLAG_ERROR | 3
+    ERR_PLATFORM = REP_FLAG_ERROR | 4
+    ERR_TLS_REQD = REP_FLAG_ERROR | 5
+    ERR_UNKNOWN = REP_FLAG_ERROR | 6
+    ERR_SHUTDOWN = REP_FLAG_ERROR | 7
+    ERR_BLOCK_SIZE_REQD = REP_FLAG_ERROR | 8
+    ERR_TOO_BIG = REP_FLAG_ERROR | 9
+    ERR_EXT_HEADER_REQD = REP_FLAG_ERROR | 10
 
     @property
     def is_error(self) -> bool:
-        return bool(self & _ERR)
+        return bool(self & REP_FLAG_ERROR)
 
 
 class Info(IntEnum):
