@@ -5,7 +5,9 @@ on anything: a layer of the chain, an in-memory image in a test, a local file.
 Readers never import Trio's socket machinery and never touch the network.
 """
 
-from collections.abc import Awaitable, Callable
+from bisect import bisect_right
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 Pread = Callable[[int, int], Awaitable[bytes]]
 """``await pread(offset, length)`` returns exactly ``length`` bytes at ``offset``."""
@@ -30,4 +32,41 @@ async def read_exactly(pread: Pread, offset: int, length: int, what: str) -> byt
     return bytes(data)
 
 
-__all__ = ["FormatError", "Pread", "read_exactly"]
+_Segment = TypeVar("_Segment")
+
+
+def map_range(
+    starts: Sequence[int],
+    ends: Sequence[int],
+    sources: Sequence[int],
+    offset: int,
+    end: int,
+    segment: Callable[[int, int, int | None], _Segment],
+) -> list[_Segment]:
+    """Cover bytes ``[offset, end)`` of a file or member stored in runs, in order.
+
+    Run ``i`` holds bytes ``[starts[i], ends[i])``, stored from ``sources[i]`` on; the runs
+    are sorted and do not overlap, and the bytes outside them are holes. Returns
+    ``segment(offset, length, source)`` for each piece, ``source`` None for a hole; a
+    reader's lookup (``FileMap.lookup``, ``TarMember.segments``) passes its ``Segment``.
+    Costs O(log r + k) for r runs and k pieces.
+    """
+    out: list[_Segment] = []
+    count = len(starts)
+    i = bisect_right(starts, offset) - 1
+    if i < 0 or ends[i] <= offset:
+        i += 1  # offset is in the hole before run i
+    pos = offset
+    while pos < end:
+        if i < count and starts[i] <= pos:
+            stop = min(end, ends[i])
+            out.append(segment(pos, stop - pos, sources[i] + pos - starts[i]))
+            i += 1
+        else:
+            stop = min(end, starts[i]) if i < count else end
+            out.append(segment(pos, stop - pos, None))
+        pos = stop
+    return out
+
+
+__all__ = ["FormatError", "Pread", "map_range", "read_exactly"]

@@ -65,7 +65,7 @@ from typing import Generic, TypeVar
 
 import crc32c
 
-from trionbd.formats import FormatError, Pread, read_exactly
+from trionbd.formats import FormatError, Pread, map_range, read_exactly
 
 __all__ = [
     "MAX_SYMLINK_FOLLOWS",
@@ -606,7 +606,7 @@ class FileMap:
     file (or a fast symlink) :attr:`inline` holds the bytes and there are no runs.
     """
 
-    __slots__ = ("_lens", "_phys", "_starts", "block_size", "depth", "inline", "size")
+    __slots__ = ("_ends", "_phys", "_starts", "depth", "inline", "size")
 
     def __init__(
         self,
@@ -617,20 +617,24 @@ class FileMap:
         inline: bytes | None = None,
         depth: int = 0,
     ) -> None:
+        """``runs`` are ``(logical block, blocks, physical block)``; they are kept in bytes,
+        clipped to ``size``."""
         self.size = size
         """File size in bytes; :meth:`lookup` clips to it."""
-        self.block_size = block_size
         self.inline = inline
         """The file's bytes when they live in the inode, else None."""
         self.depth = depth
         """Extent tree depth (0 for block maps and inline files)."""
         self._starts = array("q")
-        self._lens = array("q")
+        self._ends = array("q")
         self._phys = array("q")
         for lblk, length, pblk in runs or ():
-            self._starts.append(lblk)
-            self._lens.append(length)
-            self._phys.append(pblk)
+            start = lblk * block_size
+            end = min((lblk + length) * block_size, size)
+            if end > start:
+                self._starts.append(start)
+                self._ends.append(end)
+                self._phys.append(pblk * block_size)
 
     def __len__(self) -> int:
         """Number of mapped runs."""
@@ -641,13 +645,9 @@ class FileMap:
         return f"<FileMap size={self.size} {kind}>"
 
     def runs(self) -> Iterator[Segment]:
-        """The mapped runs in order, as byte segments clipped to :attr:`size`."""
-        bs = self.block_size
-        for start, length, phys in zip(self._starts, self._lens, self._phys, strict=True):
-            off = start * bs
-            end = min((start + length) * bs, self.size)
-            if end > off:
-                yield Segment(off, end - off, phys * bs)
+        """The mapped runs in order, as byte segments."""
+        for start, end, phys in zip(self._starts, self._ends, self._phys, strict=True):
+            yield Segment(start, end - start, phys)
 
     def data_ranges(self) -> list[tuple[int, int]]:
         """``(offset, end)`` byte ranges holding data, adjacent runs merged (SEEK_DATA)."""
@@ -672,39 +672,13 @@ class FileMap:
         if self.inline is not None:
             raise ValueError("inline-data file: its bytes are in FileMap.inline")
         end = min(offset + length, self.size)
-        out: list[Segment] = []
         if offset >= end:
-            return out
-        bs = self.block_size
-        starts, lens, phys = self._starts, self._lens, self._phys
-        n = len(starts)
-        i = bisect_right(starts, offset // bs) - 1
-        if i >= 0:  # fast path: the whole range inside one run (a read of a few blocks)
-            run_off = starts[i] * bs
-            if end <= run_off + lens[i] * bs:
-                return [Segment(offset, end - offset, phys[i] * bs + (offset - run_off))]
-        else:
-            i = 0
-        pos = offset
-        while pos < end:
-            if i < n:
-                run_off = starts[i] * bs
-                run_end = run_off + lens[i] * bs
-                if run_end <= pos:
-                    i += 1
-                    continue
-                if run_off <= pos:
-                    seg_end = min(end, run_end)
-                    out.append(Segment(pos, seg_end - pos, phys[i] * bs + (pos - run_off)))
-                    pos = seg_end
-                    i += 1
-                    continue
-                seg_end = min(end, run_off)
-            else:
-                seg_end = end
-            out.append(Segment(pos, seg_end - pos, None))
-            pos = seg_end
-        return out
+            return []
+        starts = self._starts
+        i = bisect_right(starts, offset) - 1
+        if i >= 0 and end <= self._ends[i]:  # inside one run: the common read of a few blocks
+            return [Segment(offset, end - offset, self._phys[i] + offset - starts[i])]
+        return map_range(starts, self._ends, self._phys, offset, end, Segment)
 
 
 # --------------------------------------------------------------------------------------

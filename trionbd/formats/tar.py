@@ -64,7 +64,6 @@ Example::
 
 from __future__ import annotations
 
-import bisect
 import enum
 import io
 import tarfile
@@ -75,7 +74,7 @@ from typing import NoReturn, cast
 
 import trio
 
-from trionbd.formats import FormatError, Pread
+from trionbd.formats import FormatError, Pread, map_range
 
 BLOCK_SIZE = 512
 """Size of a tar header and the unit member data is padded to."""
@@ -264,24 +263,7 @@ class TarMember:
             return []
         if self.sparse is None:
             return [Segment(offset, length, self.offset_data + offset)]
-        starts, ends, sources = self._starts, self._ends, self._sources
-        count = len(starts)
-        end = offset + length
-        pos = offset
-        i = bisect.bisect_right(starts, pos) - 1
-        if i < 0 or ends[i] <= pos:
-            i += 1  # pos is in the hole before region i
-        out: list[Segment] = []
-        while pos < end:
-            if i < count and starts[i] <= pos:
-                stop = min(end, ends[i])
-                out.append(Segment(pos, stop - pos, sources[i] + pos - starts[i]))
-                i += 1
-            else:
-                stop = min(end, starts[i]) if i < count else end
-                out.append(Segment(pos, stop - pos, None))
-            pos = stop
-        return out
+        return map_range(self._starts, self._ends, self._sources, offset, offset + length, Segment)
 
     def description(self) -> str:
         """A one-line human description, e.g. for ``nbdinfo --list``.
