@@ -1,20 +1,19 @@
 """A small blocking NBD client over a Unix socket, for checking exact option replies.
 
-Built on the project's sans-IO ``ClientConnection``; used where real clients hide the
-reply codes (which ``NBD_REP_ERR_*`` arrived, its message, whether the connection is
-still usable afterwards).
+The raw client of tests/reliability/raw.py, greeted on construction, with a few
+conveniences; used where real clients hide the reply codes (which ``NBD_REP_ERR_*``
+arrived, its message, whether the connection is still usable afterwards).
 """
 
 from __future__ import annotations
 
-import socket
 import struct
 from dataclasses import dataclass
 
+from tests.reliability import raw
 from trionbd.protocol import wire
-from trionbd.protocol.client import ClientConnection
-from trionbd.protocol.constants import Cmd, Info, Opt, Rep
-from trionbd.protocol.events import NEED_DATA, ExportNameReply, OptionReply, SimpleReply
+from trionbd.protocol.constants import REP_FLAG_ERROR, Cmd, Info, Opt, Rep
+from trionbd.protocol.events import ExportNameReply, SimpleReply
 
 TIMEOUT = 60.0
 
@@ -31,43 +30,12 @@ class InfoResult:
     description: str | None = None
 
 
-class RawClient:
+class RawClient(raw.RawClient):
     """One connection: greeting and client flags are exchanged on construction."""
 
     def __init__(self, path: str):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.connect(path)
-        self.proto = ClientConnection()
-        self._event()  # greeting
-        self.sock.sendall(self.proto.client_flags())
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> RawClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _event(self) -> object:
-        while True:
-            event = self.proto.next_event()
-            if event is not NEED_DATA:
-                return event
-            self.proto.receive_data(self.sock.recv(1 << 16))
-
-    def option(self, option: int, payload: bytes = b"") -> list[OptionReply]:
-        """Send one option; return every reply up to and including the final one."""
-        self.sock.sendall(self.proto.option(option, payload))
-        replies: list[OptionReply] = []
-        while True:
-            event = self._event()
-            assert isinstance(event, OptionReply), event
-            replies.append(event)
-            if event.reply == Rep.ACK or event.reply & (1 << 31):
-                return replies
+        super().__init__(path, TIMEOUT)
+        self.greeting()
 
     def list_names(self) -> tuple[int, list[str]]:
         """``NBD_OPT_LIST``: the final reply code and the names listed."""
@@ -85,7 +53,7 @@ class RawClient:
         replies = self.option(option, payload)
         final = replies[-1]
         result = InfoResult(final.reply)
-        if final.reply & (1 << 31):
+        if final.reply & REP_FLAG_ERROR:
             result.message = final.payload.decode("utf-8", "replace")
             return result
         for r in replies[:-1]:
@@ -101,17 +69,17 @@ class RawClient:
 
     def export_name(self, name: str) -> ExportNameReply | None:
         """The old EXPORT_NAME option: the reply, or None if the server hung up."""
-        self.sock.sendall(self.proto.option(Opt.EXPORT_NAME, name.encode()))
+        self.send(self.proto.option(Opt.EXPORT_NAME, name.encode()))
         try:
-            event = self._event()
+            event = self.event()
         except Exception:
             return None
         return event if isinstance(event, ExportNameReply) else None
 
     def read(self, offset: int, length: int, cookie: int = 1) -> bytes:
         """A READ after GO (simple replies); raises on an error reply."""
-        self.sock.sendall(self.proto.request(cookie, Cmd.READ, 0, offset, length))
-        event = self._event()
+        self.send(self.request(cookie, Cmd.READ, offset, length))
+        event = self.event()
         assert isinstance(event, SimpleReply), event
         assert event.error == 0, f"read failed with NBD error {event.error}"
         return event.data

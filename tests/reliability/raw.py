@@ -1,8 +1,10 @@
 """Blocking raw-socket clients and process probes for the reliability tests.
 
 A :class:`RawClient` speaks NBD through the sans-IO :class:`ClientConnection` on a plain
-socket, so a test controls every byte (and can break off anywhere); :func:`fd_count`
-and :func:`rss` look at the server process from outside through ``/proc``.
+socket, so a test controls every byte (and can break off anywhere; tests/chain/
+raw_client.py greets on construction and adds conveniences for option replies);
+:func:`fd_count` and :func:`rss` look at the server process from outside through
+``/proc``.
 """
 
 from __future__ import annotations
