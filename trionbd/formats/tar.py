@@ -70,7 +70,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import NoReturn, cast
+from typing import NamedTuple, NoReturn, cast
 
 import trio
 
@@ -157,13 +157,13 @@ def normalize_name(name: str) -> str:
     return "/".join(part for part in name.split("/") if part and part != ".")
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
     """A piece of a member's logical byte range.
 
     Logical bytes ``[offset, offset + length)`` of the member are the archive bytes
     ``[archive_offset, archive_offset + length)``, or zeros when ``archive_offset`` is
-    None (a hole of a sparse member).
+    None (a hole of a sparse member). A named tuple: made once or more per read, it costs
+    half of what a frozen dataclass does.
     """
 
     offset: int
