@@ -174,8 +174,6 @@ def markdown(results: Results) -> str:
         f"- {st['server_lifetime']}",
         f"- Data in {st['data_fs']} ({st['data_dir']}), wholly in the page cache in 4 KiB "
         "pages; dirty pages are written back before each sample.",
-        "- trionbd serves the listings of thousands of names with `--handshake-timeout=0` "
-        "(nbdinfo's listing outlasts its default 10 s negotiation budget).",
         "- Load average (1, 5, 15 min) at the start: "
         + ", ".join(f"{x:.2f}" for x in results["load_average_start"])
         + "; at the end: "

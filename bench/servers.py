@@ -61,8 +61,6 @@ class Target:
     """Bytes of the export (of the one served file or member)."""
     exports: tuple[str, ...] = ()
     """Names that must be listed (``dir``, or ``tar``/``ext2`` when ``entry`` is None)."""
-    options: tuple[str, ...] = ()
-    """Server options added before the plugin name."""
 
 
 def command(server: str, target: Target, sock: str, trionbd: str) -> list[str] | None:
@@ -71,7 +69,7 @@ def command(server: str, target: Target, sock: str, trionbd: str) -> list[str] |
     if server == "qemu-nbd":
         if target.kind != "file":
             return None
-        return ["qemu-nbd", "-k", sock, *QEMU_NBD_OPTIONS, *target.options, path]
+        return ["qemu-nbd", "-k", sock, *QEMU_NBD_OPTIONS, path]
     if target.kind == "file":
         chain = ["file", path]
     elif target.kind == "dir":
@@ -83,12 +81,12 @@ def command(server: str, target: Target, sock: str, trionbd: str) -> list[str] |
             return None  # nbdkit's tar and ext2 filters serve one named file only
         chain = ["file", path, f"--filter={target.kind}", *params]
     if server == "trionbd":
-        return [trionbd, "-f", "-U", sock, *target.options, *chain]
+        return [trionbd, "-f", "-U", sock, *chain]
     if server == "nbdkit":
-        # nbdkit wants its options before the plugin name.
+        # nbdkit wants its filters before the plugin name.
         filters = [word for word in chain if word.startswith("--filter=")]
         rest = [word for word in chain if not word.startswith("--filter=")]
-        return ["nbdkit", "-f", "-U", sock, *target.options, *filters, *rest]
+        return ["nbdkit", "-f", "-U", sock, *filters, *rest]
     raise ValueError(f"unknown server {server!r}")
 
 

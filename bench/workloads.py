@@ -292,11 +292,6 @@ def memory(server: Running, target: Target, s: Settings) -> Measured:
 
 
 ALL = ("trionbd", "nbdkit", "qemu-nbd")
-TRIONBD_LIST_OPTIONS = ("--handshake-timeout=0",)
-"""For the listings of thousands of exports: nbdinfo --list keeps one connection
-negotiating while it opens every export in turn, which takes longer than trionbd's
-default 10 s handshake timeout (a total budget for the whole negotiation). nbdkit 1.32
-has no such timeout."""
 FILTER_SERVERS = ("trionbd", "nbdkit")
 
 
@@ -320,18 +315,18 @@ def workloads(fx: Fixtures, s: Settings) -> list[Workload]:
     def many_dir() -> dict[str, Target]:
         path, names = fx.many_dir
         return {
-            "trionbd": Target("dir", path, exports=tuple(names), options=TRIONBD_LIST_OPTIONS),
+            "trionbd": Target("dir", path, exports=tuple(names)),
             "nbdkit": Target("dir", path, exports=tuple(names)),
         }
 
     def many_tar() -> dict[str, Target]:
         path, names = fx.many_tar
-        t = Target("tar", path, None, exports=tuple(names), options=TRIONBD_LIST_OPTIONS)
+        t = Target("tar", path, None, exports=tuple(names))
         return {"trionbd": t}
 
     def many_ext4() -> dict[str, Target]:
         path, names = fx.many_ext4
-        t = Target("ext2", path, None, exports=tuple(names), options=TRIONBD_LIST_OPTIONS)
+        t = Target("ext2", path, None, exports=tuple(names))
         return {"trionbd": t}
 
     size = _size(s.file_size)
@@ -439,9 +434,7 @@ def workloads(fx: Fixtures, s: Settings) -> list[Workload]:
             "start-up: until the socket accepts + nbdinfo --list",
             "Time from starting the server until its socket accepts a connection, plus "
             "`nbdinfo --list --json` (which also opens every listed export); every expected "
-            "name must be listed. For the listings of thousands of names trionbd runs with "
-            "`--handshake-timeout=0`: the listing outlasts its default 10 s budget for the "
-            "whole negotiation.",
+            "name must be listed.",
             (
                 Metric("total_s", "start-up + list, s", "s", False),
                 Metric("list_s", "nbdinfo --list alone, s", "s", False),
