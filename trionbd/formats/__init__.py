@@ -2,7 +2,9 @@
 
 Every reader takes an async ``pread(offset, length) -> bytes`` callable, so it works
 on anything: a layer of the chain, an in-memory image in a test, a local file.
-Readers never import Trio's socket machinery and never touch the network.
+Readers never import Trio's socket machinery and never touch the network. What they
+share is here: the :class:`FormatError` they raise, :func:`read_exactly` (a checked
+``pread``) and :func:`map_range` (a byte range of a file or member stored in runs).
 """
 
 from bisect import bisect_right
