@@ -599,7 +599,8 @@ class DirEntry:
 
 
 class FileMap:
-    """A file's logical-to-physical map: sorted, non-overlapping runs of whole blocks.
+    """A file's logical-to-physical map: sorted, non-overlapping runs of whole blocks
+    (the last one cut at the file's size).
 
     Runs of adjacent blocks that are also physically adjacent are merged.  Holes and
     uninitialized extents are absent from the runs and read as zeros.  For an inline-data
@@ -783,7 +784,7 @@ class Ext2FS:
 
     @classmethod
     async def open(cls, pread: Pread, size: int, *, allow_needs_recovery: bool = False) -> Ext2FS:
-        """Read and validate the superblock, group descriptor 0 and the root directory.
+        """Read and validate the superblock, group descriptor 0 and the root inode.
 
         ``size`` is the image size in bytes; nothing outside it is ever read.  Raises
         :class:`Ext2Unsupported` for a feature that prevents reading (named in the
