@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -226,11 +228,50 @@ def trionbd_exit(
 
 def random_file(path: Path, size: int, seed: int = 1) -> bytes:
     """Write ``size`` pseudo-random bytes to ``path`` and return them."""
-    import random
-
     data = random.Random(seed).randbytes(size)
     path.write_bytes(data)
     return data
+
+
+def sparse_file(path: Path, size: int, runs: Sequence[tuple[int, int]], seed: int = 7) -> bytes:
+    """A file of ``size`` bytes, holes (as far as the file system keeps them) except
+    pseudo-random bytes in the ``(offset, length)`` runs; returns its content."""
+    rng = random.Random(seed)
+    content = bytearray(size)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in runs:
+            chunk = rng.randbytes(length)
+            f.seek(offset)
+            f.write(chunk)
+            content[offset : offset + length] = chunk
+    return bytes(content)
+
+
+def seek_map(path: Path, start: int = 0, end: int | None = None) -> list[tuple[int, int, int]]:
+    """The SEEK_DATA/SEEK_HOLE map of ``path`` (of its bytes ``[start, end)``, offsets
+    relative to ``start``) as ``(offset, length, flags)`` runs, flags as base:allocation
+    gives them: 0 for data, 3 (hole, zero) for a hole."""
+    out: list[tuple[int, int, int]] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end = os.fstat(fd).st_size if end is None else end
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                assert e.errno == errno.ENXIO
+                data = end
+            if data > pos:
+                stop, flags = min(data, end), 3
+            else:
+                stop, flags = min(os.lseek(fd, pos, os.SEEK_HOLE), end), 0
+            out.append((pos - start, stop - pos, flags))
+            pos = stop
+    finally:
+        os.close(fd)
+    return out
 
 
 def all_tasks() -> set[trio.lowlevel.Task]:

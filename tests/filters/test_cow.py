@@ -134,11 +134,11 @@ print(h.pread(h.get_size(), 0).hex())
         extents = block_status_map(server.uri)
     assert seen == expected
     assert extents == [
-        [0, BLOCK, 0],
-        [BLOCK, 2 * BLOCK, HOLE],
-        [3 * BLOCK, 2 * BLOCK, 0],
-        [5 * BLOCK, BLOCK, HOLE],
-        [6 * BLOCK, 10 * BLOCK, 0],
+        (0, BLOCK, 0),
+        (BLOCK, 2 * BLOCK, HOLE),
+        (3 * BLOCK, 2 * BLOCK, 0),
+        (5 * BLOCK, BLOCK, HOLE),
+        (6 * BLOCK, 10 * BLOCK, 0),
     ]
     assert sha(path) == before
 
@@ -156,11 +156,11 @@ def test_block_status_merges_the_overlay_with_the_layer_below(tmp_path: Path) ->
         nbdsh(server.uri, script)
         extents = block_status_map(server.uri)
     assert extents == [
-        [0, 3 * BLOCK, HOLE],  # trimmed in the overlay, then a hole of the file
-        [3 * BLOCK, BLOCK, 0],  # written: block 3
-        [4 * BLOCK, 4 * BLOCK, HOLE],  # the file's hole
-        [8 * BLOCK, BLOCK, 0],  # the file's data
-        [9 * BLOCK, 7 * BLOCK, HOLE],  # the file's hole, and block 12 zeroed
+        (0, 3 * BLOCK, HOLE),  # trimmed in the overlay, then a hole of the file
+        (3 * BLOCK, BLOCK, 0),  # written: block 3
+        (4 * BLOCK, 4 * BLOCK, HOLE),  # the file's hole
+        (8 * BLOCK, BLOCK, 0),  # the file's data
+        (9 * BLOCK, 7 * BLOCK, HOLE),  # the file's hole, and block 12 zeroed
     ]
     assert sha(path) == before
 

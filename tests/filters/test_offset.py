@@ -3,15 +3,22 @@ libnbd against slices of the served file and against its SEEK_DATA/SEEK_HOLE map
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import random
 from pathlib import Path
 
 import pytest
 
-from tests.support import libnbd_python, nbdsh, random_file, run, trionbd_exit, trionbd_process
+from tests.support import (
+    libnbd_python,
+    nbdsh,
+    random_file,
+    run,
+    seek_map,
+    sparse_file,
+    trionbd_exit,
+    trionbd_process,
+)
 from trionbd.chain import Chain, NBDError
 from trionbd.filters.offset import OffsetFilter
 from trionbd.plugins.memory import MemoryPlugin
@@ -46,52 +53,11 @@ print(json.dumps(out))
 """
 
 
-def block_status_map(uri: str) -> list[list[int]]:
-    """``[offset, length, flags]`` runs of the whole export, as libnbd sees them
+def block_status_map(uri: str) -> list[tuple[int, int, int]]:
+    """``(offset, length, flags)`` runs of the whole export, as libnbd sees them
     (neighbours with equal flags merged)."""
-    result: list[list[int]] = json.loads(libnbd_python(_MAP_SCRIPT.replace("URI", repr(uri))))
-    return result
-
-
-def seek_map(path: Path, start: int, end: int) -> list[list[int]]:
-    """The SEEK_DATA/SEEK_HOLE map of ``path`` between ``start`` and ``end``, relative to
-    ``start``, as ``[offset, length, flags]`` runs (holes read as zero)."""
-    out: list[list[int]] = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pos = start
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                assert e.errno == errno.ENXIO
-                data = end
-            if data > pos:
-                stop, flags = min(data, end), HOLE
-            else:
-                stop, flags = min(os.lseek(fd, pos, os.SEEK_HOLE), end), 0
-            if out and out[-1][2] == flags:
-                out[-1][1] += stop - pos
-            else:
-                out.append([pos - start, stop - pos, flags])
-            pos = stop
-    finally:
-        os.close(fd)
-    return out
-
-
-def sparse_file(path: Path, size: int, runs: list[tuple[int, int]], seed: int = 7) -> bytes:
-    """A sparse file of ``size`` bytes with random data only in ``runs`` (offset, length)."""
-    rng = random.Random(seed)
-    data = bytearray(size)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset, length in runs:
-            chunk = rng.randbytes(length)
-            data[offset : offset + length] = chunk
-            f.seek(offset)
-            f.write(chunk)
-    return bytes(data)
+    runs = json.loads(libnbd_python(_MAP_SCRIPT.replace("URI", repr(uri))))
+    return [(offset, length, flags) for offset, length, flags in runs]
 
 
 def test_nbdcopy_reads_exactly_the_window(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.filters.test_offset import block_status_map, seek_map
-from tests.support import nbdsh, random_file, run, trionbd_exit, trionbd_process
+from tests.filters.test_offset import block_status_map
+from tests.support import nbdsh, random_file, run, seek_map, trionbd_exit, trionbd_process
 
 MIB = 1024 * 1024
 SECTOR = 512

@@ -94,9 +94,9 @@ def test_block_alignment_follows_the_order(tmp_path: Path, cow_nearest_plugin: b
         extents = block_status_map(server.uri)
     assert seen == bytes(BLOCK) + contents[1][BLOCK:70000]
     if cow_nearest_plugin:
-        assert extents[0] == [0, parts[1][1], 0]  # all data: the zeroes were written
+        assert extents[0] == (0, parts[1][1], 0)  # all data: the zeroes were written
     else:
-        assert extents[0] == [0, BLOCK, HOLE]
+        assert extents[0] == (0, BLOCK, HOLE)
 
 
 def test_offset_over_partition_is_a_window_of_the_partition(tmp_path: Path) -> None:

@@ -25,10 +25,9 @@ from tests.interop.tar_helpers import (
     gnu_tar,
     make_sparse,
     random_bytes,
-    seek_map,
     write_tree,
 )
-from tests.support import run, serving
+from tests.support import run, seek_map, serving
 from trionbd.chain import (
     Chain,
     Export,

@@ -12,7 +12,7 @@ import random
 import tarfile
 from pathlib import Path
 
-from tests.support import run
+from tests.support import run, sparse_file
 
 TAR = "--filter=tar"
 MTIME = 1_700_000_000
@@ -38,19 +38,11 @@ def random_bytes(size: int, seed: int) -> bytes:
 
 def make_sparse(path: Path, size: int, data: list[tuple[int, int]], seed: int) -> bytes:
     """A sparse file of ``size`` bytes with random bytes in the ``data`` ranges (holes
-    elsewhere, as far as the file system allows); returns its content."""
-    rng = random.Random(seed)
-    content = bytearray(size)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset, length in data:
-            chunk = rng.randbytes(length)
-            f.seek(offset)
-            f.write(chunk)
-            content[offset : offset + length] = chunk
+    elsewhere, as far as the file system allows), mode 0644 and MTIME; its content."""
+    content = sparse_file(path, size, data, seed)
     path.chmod(0o644)
     os.utime(path, (MTIME, MTIME))
-    return bytes(content)
+    return content
 
 
 def gnu_tar(archive: Path, src: Path, members: list[str], *options: str) -> Path:
@@ -71,31 +63,6 @@ def data_offsets(archive: Path) -> dict[str, int]:
     tarfile, independently of the filter), by name without a leading ``./``."""
     with tarfile.open(archive) as tar:
         return {m.name.removeprefix("./"): m.offset_data for m in tar if m.isreg()}
-
-
-def seek_map(path: Path) -> list[tuple[int, int, int]]:
-    """``(offset, length, type)`` runs of a file from SEEK_DATA/SEEK_HOLE, with the
-    types of ``nbdinfo --map`` (0 data, 3 hole and zero)."""
-    out: list[tuple[int, int, int]] = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                data = size
-            if data > pos:
-                out.append((pos, data - pos, 3))
-                pos = data
-                continue
-            hole = os.lseek(fd, pos, os.SEEK_HOLE)
-            out.append((pos, hole - pos, 0))
-            pos = hole
-    finally:
-        os.close(fd)
-    return merge(out)
 
 
 def nbd_map(uri: str) -> list[tuple[int, int, int]]:

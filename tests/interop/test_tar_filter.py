@@ -24,7 +24,6 @@ from tests.interop.tar_helpers import (
     make_sparse,
     nbd_map,
     random_bytes,
-    seek_map,
     write_tree,
 )
 from tests.support import (
@@ -36,6 +35,7 @@ from tests.support import (
     nbdsh,
     read_export,
     run,
+    seek_map,
     short_tmpdir,
     trionbd_exit,
     trionbd_process,

@@ -26,10 +26,9 @@ from tests.interop.tar_helpers import (
     make_sparse,
     nbd_map,
     random_bytes,
-    seek_map,
     write_tree,
 )
-from tests.support import export_info, nbdsh, run, trionbd_process
+from tests.support import export_info, nbdsh, run, seek_map, trionbd_process
 
 NBDSH_ERRORS = """
 import errno, json
