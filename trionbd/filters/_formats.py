@@ -20,7 +20,8 @@ from ..protocol.constants import CmdFlag
 Piece = tuple[int, int, int | None]
 """``(offset, length, below)``: ``length`` bytes at ``offset`` of the served data are at
 offset ``below`` of the layer below, or in a hole (zeroes, nothing stored) when ``below``
-is None. The pieces of a request are in order and cover it exactly."""
+is None. The pieces of a request are in order and cover it exactly. The readers'
+``Segment`` named tuples are pieces as they are."""
 
 Refuse = Callable[[Piece], NBDError]
 """The error for a request that needs bytes stored in the hole it is given."""

@@ -102,7 +102,6 @@ from ..formats.ext2 import (
     Ext2Unsupported,
     FileMap,
     Inode,
-    Segment,
 )
 from ..protocol.constants import State
 from . import _formats
@@ -169,10 +168,6 @@ def _no_allocation(h: File, hole: Piece, what: str) -> NBDError:
         "or an uninitialized extent, and block allocation is not supported (nothing was "
         "written)",
     )
-
-
-def _pieces(segments: list[Segment]) -> list[Piece]:
-    return [(s.offset, s.length, s.physical) for s in segments]
 
 
 class Ext2Filter(Filter):
@@ -383,7 +378,7 @@ class Ext2Filter(Filter):
         segments = fmap.lookup(offset, count)
         if len(segments) == 1 and segments[0].physical is not None:  # one run: one call below
             return await next.pread(count, segments[0].physical, flags)
-        return await _formats.read(next, _pieces(segments), offset, flags)
+        return await _formats.read(next, segments, offset, flags)
 
     async def pwrite(self, next: Next, h: File, buf: bytes, offset: int, flags: int) -> None:
         segments = h.fmap.lookup(offset, len(buf))
@@ -394,13 +389,13 @@ class Ext2Filter(Filter):
         def refuse(hole: Piece) -> NBDError:
             return _no_allocation(h, hole, f"write {len(buf)} bytes at offset {offset}")
 
-        await _formats.write(next, _pieces(segments), buf, offset, flags, refuse)
+        await _formats.write(next, segments, buf, offset, flags, refuse)
 
     async def zero(self, next: Next, h: File, count: int, offset: int, flags: int) -> None:
         def refuse(hole: Piece) -> NBDError:
             return _no_allocation(h, hole, f"write {count} allocated zero bytes at offset {offset}")
 
-        await _formats.zero(next, _pieces(h.fmap.lookup(offset, count)), flags, refuse)
+        await _formats.zero(next, h.fmap.lookup(offset, count), flags, refuse)
 
     async def extents(
         self, next: Next, h: File, count: int, offset: int, flags: int

@@ -55,7 +55,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -111,11 +111,11 @@ class Served:
             describe(name, member),
         )
 
-    def pieces(self, offset: int, count: int) -> list[Piece]:
+    def pieces(self, offset: int, count: int) -> Sequence[Piece]:
         """The member's bytes ``[offset, offset + count)`` as pieces of the archive."""
         if not self.sparse:
             return [(offset, count, self.start + offset)]
-        return [(s.offset, s.length, s.archive_offset) for s in self.member.segments(offset, count)]
+        return self.member.segments(offset, count)
 
 
 def describe(name: str, member: TarMember) -> str:
@@ -360,7 +360,7 @@ class TarFilter(Filter):
         return out
 
 
-def _pieces(h: Served, verb: str, count: int, offset: int, code: int) -> list[Piece]:
+def _pieces(h: Served, verb: str, count: int, offset: int, code: int) -> Sequence[Piece]:
     """``h.pieces(offset, count)``; ``NBDError(code)`` if the range goes past the member's
     end (nothing outside the member can be reached)."""
     if offset + count > h.size:
