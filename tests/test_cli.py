@@ -8,14 +8,16 @@ Parsing is tested in process (``parse_args``/``build_chain``); what needs a proc
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.support import PYTHON, ROOT, run, short_tmpdir, trionbd_process
+from tests.support import PYTHON, ROOT, SYSTEM_PYTHON, run, short_tmpdir, trionbd_process
 from trionbd import cli
 from trionbd.chain import ConfigError, Filter, Param
 from trionbd.cli import build_chain, help_text, parse_args
@@ -34,6 +36,19 @@ class Tag(Filter):
     def __init__(self, tag: str = "", size: str = "") -> None:
         self.tag = tag
         self.size = size
+
+
+class Interrupting(MemoryPlugin):
+    """Reads at 4096 raise KeyboardInterrupt, at 8192 SystemExit(3), as plugin code may."""
+
+    name = "interrupting"
+
+    async def pread(self, h: Any, count: int, offset: int, flags: int) -> bytes:
+        if offset == 4096:
+            raise KeyboardInterrupt
+        if offset == 8192:
+            raise SystemExit(3)
+        return await super().pread(h, count, offset, flags)
 
 
 def trionbd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -132,6 +147,36 @@ def test_exit_status_2_from_the_real_command() -> None:
     result = trionbd("memory", "1M", "colour=blue")
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == ("trionbd: unknown parameter 'colour' (not a parameter of memory)\n")
+
+
+@pytest.mark.parametrize(
+    ("offset", "raised"), [(4096, "KeyboardInterrupt"), (8192, "SystemExit(3)")]
+)
+def test_a_plugin_raising_keyboard_interrupt_or_system_exit_stops_with_one_line(
+    offset: int, raised: str
+) -> None:
+    with short_tmpdir() as tmp:
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "trionbd", "-f", "--print-uri", "-U", str(tmp / "sock"),
+             "tests.test_cli:Interrupting", "1M"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            uri = proc.stdout.readline().strip()
+            read = run([SYSTEM_PYTHON, "-m", "nbd", "-u", uri, "-c", f"h.pread(16, {offset})"],
+                       check=False)  # fmt: skip
+            assert read == ""
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 1, err
+    where = r"\(/\S+/tests/test_cli\.py:\d+\)"
+    assert re.fullmatch(
+        f"trionbd: {re.escape(raised)} raised in pread {where} stopped the server\n", err
+    ), err
 
 
 def test_cannot_listen_exits_1(capsys: pytest.CaptureFixture[str]) -> None:

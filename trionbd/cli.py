@@ -17,9 +17,10 @@ with its status. ``-s`` serves one client on stdin/stdout. ``LISTEN_PID``/``LIST
 down gracefully (a second one cuts the grace period short); SIGUSR1 asks every layer
 for a report; SIGHUP is ignored.
 
-Exit status: 0 after a clean shutdown, 1 when the server cannot start, 2 for a bad
-command line or parameter; with ``--run``, the command's status (128+N if signal N
-killed it).
+Exit status: 0 after a clean shutdown, 1 when the server cannot start (or plugin code
+stopped it by raising ``KeyboardInterrupt`` or ``SystemExit``: one line says what and
+where), 2 for a bad command line or parameter; with ``--run``, the command's status
+(128+N if signal N killed it).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import re
 import signal
 import socket
 import sys
+import traceback
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -618,7 +620,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"trionbd: {e}", file=sys.stderr)
         return 1
     cleanup: list[str] = []
-    failed: list[BaseException] = []
+    failed: list[str] = []
     status = 1
     try:
         try:
@@ -629,21 +631,33 @@ def run(argv: Sequence[str] | None = None) -> int:
             if opts.exit_with_parent:
                 daemon.exit_with_parent()
         except StartupError as e:
-            failed.append(e)
+            failed.append(str(e))
         else:
             stdio = daemon.take_stdio() if opts.single else None
             readiness = daemon.Readiness() if foreground else daemon.fork_into_background()
             try:
                 status = trio.run(serve_main, chain, opts, sockets, stdio, readiness, cleanup)
             except* StartupError as group:
-                failed += leaves(group)
+                failed += [str(e) for e in leaves(group)]
+            except* (KeyboardInterrupt, SystemExit) as group:
+                failed += [stopped_by(e) for e in leaves(group)]
     finally:
         for path in cleanup:
             daemon.remove_quietly(path)
         chain.unload()
-    for error in failed:
-        print(f"trionbd: {error}", file=sys.stderr)
+    for message in failed:
+        print(f"trionbd: {message}", file=sys.stderr)
     return 1 if failed else status
+
+
+def stopped_by(error: BaseException) -> str:
+    """One line for a ``KeyboardInterrupt`` or ``SystemExit`` raised while serving
+    (plugin code may raise them; the signals themselves are handled): what was raised
+    where. It still stops the server, as it would a library server."""
+    what = repr(error) if error.args else type(error).__name__
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" in {frames[-1].name} ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{what} raised{where} stopped the server"
 
 
 def leaves(error: BaseException) -> list[BaseException]:
