@@ -80,7 +80,7 @@ _INLINE = frozenset({_READ, _WRITE, _BLOCK_STATUS})
 _FLUSH, _TRIM, _ZERO, _CACHE = int(Cmd.FLUSH), int(Cmd.TRIM), int(Cmd.WRITE_ZEROES), int(Cmd.CACHE)
 _DF = int(CmdFlag.DF)
 
-_PAYLOAD = frozenset({int(Cmd.READ), int(Cmd.WRITE)})
+_PAYLOAD = frozenset({_READ, _WRITE})
 """Commands whose requests hold payload in memory (counted against max_buffered)."""
 
 _ERRNO = {
@@ -591,7 +591,7 @@ class Connection:
                     self.debug("bad request: %s", event.message)
                     self.requests += 1
                     self.errors += 1
-                    batch += self._error(event.cookie, event.command, event.error, event.message)
+                    batch += self._error(event.cookie, event.error, event.message)
                 elif kind is Disconnect or kind is ConnectionClosed:
                     self.debug("client disconnected (%s)", kind.__name__)
                     break
@@ -613,7 +613,7 @@ class Connection:
             if isinstance(event, Request | BadRequest):
                 self.requests += 1
                 self.errors += 1
-                await self._send(self._error(event.cookie, event.command, Err.ESHUTDOWN, message))
+                await self._send(self._error(event.cookie, Err.ESHUTDOWN, message))
             elif event is NEED_DATA:
                 with trio.CancelScope() as self._receive_scope:
                     proto.receive_data(await self.transport.receive())
@@ -706,7 +706,7 @@ class Connection:
                 # The reader waits without a deadline while requests are in flight.
                 self._receive_scope.deadline = trio.current_time() + idle
 
-    def _error(self, cookie: int, command: int, error: int, message: str) -> list[Buffer]:
+    def _error(self, cookie: int, error: int, message: str) -> list[Buffer]:
         if self.proto.structured:
             return [wire.error_chunk(cookie, error, message)]
         return [wire.simple_reply(cookie, error)]
@@ -753,16 +753,16 @@ class Connection:
         except NBDError as e:
             self.errors += 1
             self.debug("cookie %d: %s", req.cookie, e)
-            return self._error(req.cookie, cmd, nbd_error(e.errno, req.flags), e.message)
+            return self._error(req.cookie, nbd_error(e.errno, req.flags), e.message)
         except OSError as e:
             self.errors += 1
             code = e.errno or errno.EIO
             self.debug("cookie %d: %s", req.cookie, e)
-            return self._error(req.cookie, cmd, nbd_error(code, req.flags), str(e))
+            return self._error(req.cookie, nbd_error(code, req.flags), str(e))
         except Exception:
             self.errors += 1
             log.exception("conn %d: request %s failed unexpectedly", self.id, req)
-            return self._error(req.cookie, cmd, Err.EIO, "internal server error")
+            return self._error(req.cookie, Err.EIO, "internal server error")
 
     def _empty_read(self, cookie: int) -> list[Buffer]:
         if self.proto.structured:
