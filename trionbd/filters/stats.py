@@ -244,7 +244,10 @@ class StatsFilter(Filter):
         self, below: Layer, readonly: bool, export_name: str, is_tls: bool
     ) -> tuple[Next, Any]:
         next = await below.open(readonly, export_name, is_tls)
-        return next, self.exports.setdefault(export_name, _new_export())
+        stats = self.exports.get(export_name)
+        if stats is None:  # not setdefault: its default would be built on every open
+            stats = self.exports[export_name] = _new_export()
+        return next, stats
 
     async def _timed(
         self,
