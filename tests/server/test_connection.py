@@ -147,6 +147,28 @@ async def test_open_errors_become_option_errors(name: str, reply: Rep) -> None:
         assert (err.reply, err.payload) == (reply, f"cannot open {name}".encode())
 
 
+class Undescribable(Disks):
+    async def export_description(self, h: str) -> str | None:
+        if h == "b":
+            raise NBDError(errno.EIO, "no description of b")
+        return await super().export_description(h)
+
+
+async def test_a_go_that_failed_leaves_no_context_behind() -> None:
+    """The context GO opened is closed when the description fails, and the client,
+    still negotiating, uses no export: closing the connections of every export
+    leaves it alone."""
+    async with serving(Undescribable()) as server:
+        c = await connect(server)
+        await c.handshake()
+        [err] = await c.option(Opt.GO, wire.name_and_infos("b", []))
+        assert (err.reply, err.payload) == (Rep.ERR_UNKNOWN, b"no description of b")
+        assert await server.close_connections(server.chain.top, lambda ctx: True, 1) == 0
+        got = await c.option(Opt.GO, wire.name_and_infos("a", []))
+        assert got[-1].reply == Rep.ACK
+        assert await c.read(0, 8) == pattern_bytes(8, 0)
+
+
 async def test_export_name_enters_transmission() -> None:
     async with serving(Disks()) as server:
         c = await connect(server)

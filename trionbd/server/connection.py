@@ -162,7 +162,9 @@ class Connection:
         self.proto = ServerConnection(self.config.handshake_flags)
         self.info = ClientInfo(conn_id, _peer_name(stream))
         self.ctx: Next | None = None
-        """The context of the export chosen for transmission (set once it is open)."""
+        """The context of the export chosen for transmission: set as soon as GO or
+        EXPORT_NAME has opened it (``Server.close_connections`` sees the export in use
+        while the answer is sent), back to ``None`` if GO then fails."""
         self.draining = False
         self.retire_deadline: float | None = None
         """Set by :meth:`retire`: when a retired connection closes at the latest."""
@@ -443,6 +445,7 @@ class Connection:
             try:
                 description = await ctx.export_description()
             except Exception as e:
+                self.ctx = None
                 with trio.CancelScope(shield=True):
                     await ctx.close()
                 await self._option_failed(event.option, f"describing export {name!r}", e)
