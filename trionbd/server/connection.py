@@ -1,11 +1,19 @@
 """One client connection: the handshake, then transmission until the client leaves.
 
+Options are answered one at a time from the chain; the client has ``handshake_timeout``
+seconds for each of them. A client over the connection limit, or one that has not sent
+STARTTLS under ``--tls=require``, has its options refused unseen (:meth:`Connection._refusal`).
+
 Requests of one connection are served concurrently: each runs as a task in the
-connection's request nursery and its reply goes out under the connection's send lock.
-When every layer of the chain is ``nonblocking`` (memory, page-cache files), READ,
-WRITE and BLOCK_STATUS are instead served inline by the reader, and the replies of
-everything parsed from one receive leave in one ``sendmsg``: a task per 4 KiB read
-costs more than the read itself.
+connection's request nursery, at most ``max_in_flight`` of them, holding at most
+``max_buffered`` bytes of payload; beyond either the reader waits. The first task to
+finish sends the replies queued meanwhile in as few ``writev`` calls as possible, under
+the send lock; a request holds its slot and its payload bytes until its reply has left
+(:meth:`Connection._reply`). When every layer of the chain is ``nonblocking`` (memory, page-cache
+files), READ, WRITE and BLOCK_STATUS are instead served inline by the reader, and their
+replies leave together once the reader has parsed everything received (or BATCH_BYTES
+wait): a task per 4 KiB read costs more than the read itself. With ``idle_timeout``, a
+connection that sends nothing while none of its requests is in flight is closed.
 
 Each connection counts its requests, the bytes read and written and its errors (plain
 integer attributes, summed per export by ``Server.stats``). A connection whose export

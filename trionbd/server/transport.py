@@ -10,7 +10,8 @@ every EAGER_RECEIVES-th receive: the connection stays cancellable and fair to it
 neighbours while a client that keeps us busy (``nbdinfo --list`` asking about thousands
 of exports) does not pay a scheduler pass per message.
 
-After :meth:`Transport.start_tls` every byte goes through a ``trio.SSLStream``.
+Any other stream (the pipes of ``-s``, memory streams in tests) and, after
+:meth:`Transport.start_tls`, a ``trio.SSLStream`` go through Trio's stream methods.
 """
 
 from __future__ import annotations
