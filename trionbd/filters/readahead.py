@@ -8,7 +8,8 @@ the next window is twice as large (64 KiB doubling up to 64 MiB). Any other miss
 the window to 64 KiB. This turns many small sequential reads into few large ones,
 which pays off when each request to the layer below is expensive (a remote or
 decompressing plugin, a slow disk). Over a local file the kernel reads ahead already
-and the filter only adds copying. Random reads cost at most one 64 KiB read each.
+and the filter only adds copying. A random read costs one read of the layer below:
+64 KiB, or the read's own size if that is larger.
 
 Consistency:
 
@@ -18,8 +19,9 @@ Consistency:
   issued after a write's reply always sees that write.
 * Flush drops the flushing connection's buffer, so a client can pick up changes made to
   the data behind the server's back.
-* Reads of one connection go through its buffer one at a time (in arrival order), so a
-  client with many reads in flight still reads each window once.
+* Reads of one connection that its buffer cannot serve go to the layer below one at a
+  time (in arrival order), so a client with many reads in flight still reads each
+  window once; a read the buffer holds is answered at once.
 
 Cache requests are served by reading through the buffer (a prefetch into it).
 
