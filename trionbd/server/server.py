@@ -197,13 +197,9 @@ class Server:
         conn = Connection(self, stream, next(self._ids), refusal=reason)
         log.warning("conn %d: refused: %s", conn.id, reason)
         self._refusing += 1
-        self.connections.add(conn)
-        if self.shutting_down:
-            conn.drain()
         try:
-            await conn.run()
+            await self._serve_connection(conn, None)
         finally:
-            self.connections.discard(conn)
             self._refusing -= 1
 
     async def serve_stream(self, stream: trio.abc.Stream) -> None:
@@ -226,13 +222,17 @@ class Server:
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one client on ``stream`` in the calling task."""
-        conn = Connection(self, stream, next(self._ids))
+        await self._serve_connection(Connection(self, stream, next(self._ids)), self._one_at_a_time)
+
+    async def _serve_connection(self, conn: Connection, one_at_a_time: trio.Lock | None) -> None:
+        """Run ``conn`` (under ``one_at_a_time``, if given) as one of ``connections``;
+        then add its counters to the closed connections' counters of its export."""
         self.connections.add(conn)
         if self.shutting_down:
             conn.drain()
         try:
-            if self._one_at_a_time is not None:
-                async with self._one_at_a_time:
+            if one_at_a_time is not None:
+                async with one_at_a_time:
                     await conn.run()
             else:
                 await conn.run()
@@ -241,10 +241,6 @@ class Server:
             name = conn.info.export_name
             if name is not None:
                 self._past[name] = self._past.get(name, ExportStats()) + ExportStats.of(conn, False)
-
-
-def as_chain(target: Chain | Plugin) -> Chain:
-    return target if isinstance(target, Chain) else Chain(target)
 
 
 async def serve(
@@ -271,7 +267,7 @@ async def serve(
     before forking), ``serve`` calls every layer's ``get_ready`` first and ``unload``
     at the end: whoever calls ``get_ready`` calls ``unload``.
     """
-    chain = as_chain(target)
+    chain = target if isinstance(target, Chain) else Chain(target)
     config = config or ServerConfig()
     owns_chain = not chain.ready
     given = [listeners] if isinstance(listeners, str | trio.SocketListener) else list(listeners)
@@ -330,4 +326,4 @@ async def _run_shielded(
         parent.cancel_scope.cancel()
 
 
-__all__ = ["ExportStats", "ListenerSpec", "Server", "as_chain", "serve"]
+__all__ = ["ExportStats", "ListenerSpec", "Server", "serve"]
