@@ -311,7 +311,8 @@ def build_chain(opts: Options) -> Chain:
         raise ConfigError("no plugin given (try: trionbd --help)")
     plugin_cls = load(Plugin, opts.plugin)
     filter_classes = [load(Filter, name) for name in opts.filters]
-    routed: list[list[tuple[str, str]]] = [[] for _ in range(len(filter_classes) + 1)]
+    owners: list[type[Plugin] | type[Filter]] = [*filter_classes, plugin_cls]
+    routed: list[list[tuple[str, str]]] = [[] for _ in owners]
     magic_seen = False
     for word in opts.params:
         key, sep, value = word.partition("=")
@@ -321,7 +322,6 @@ def build_chain(opts: Options) -> Chain:
             magic_seen = True
             routed[-1].append((plugin_cls.magic_param, word))
             continue
-        owners: list[type[Plugin] | type[Filter]] = [*filter_classes, plugin_cls]
         for i, cls in enumerate(owners):
             if any(p.name == key for p in cls.params):
                 routed[i].append((key, value))
