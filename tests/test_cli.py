@@ -23,6 +23,7 @@ from trionbd.chain import ConfigError, Filter, Param
 from trionbd.cli import build_chain, help_text, parse_args
 from trionbd.plugins.memory import MemoryPlugin
 from trionbd.protocol.constants import HandshakeFlag
+from trionbd.server import Address
 
 TAG = "tests.test_cli:Tag"
 
@@ -358,6 +359,4 @@ def test_tcp_port_0_picks_a_free_port_and_prints_a_usable_uri() -> None:
     ],
 )
 def test_tcp_uris(host: str, port: int, uri: str) -> None:
-    from trionbd.server import Address
-
     assert Address(host=host, port=port).uri("disk") == uri

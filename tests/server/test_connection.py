@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.server.nbdclient import Client, assemble, connect, error_of, memory_client
+from tests.server.nbdclient import assemble, connect, error_of, memory_client
 from tests.support import serving
 from trionbd.chain import Chain, Export, NBDError, Plugin
 from trionbd.chain.next import Caps
@@ -709,9 +709,6 @@ async def test_chain_with_pattern_is_read_only() -> None:
         await c.go()
         assert c.flags == TF.HAS_FLAGS | TF.READ_ONLY | TF.SEND_DF | TF.CAN_MULTI_CONN
         assert await c.read(MiB - 20, 20) == pattern_bytes(20, MiB - 20)
-
-
-__all__ = ["Client"]
 
 
 async def test_a_client_resetting_mid_pipeline_loses_only_itself() -> None:
