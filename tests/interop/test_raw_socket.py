@@ -107,12 +107,17 @@ def raw(memory: Running) -> Iterator[Raw]:
 
 
 def usable(r: Raw) -> None:
-    """The connection still works: GO, write, read back, disconnect."""
+    """The negotiating connection still works: GO, then :func:`usable_after_go`."""
     assert r.go()[-1][0] == REP_ACK
-    r.send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, 2, 4096, 5) + b"hello")
+    usable_after_go(r)
+
+
+def usable_after_go(r: Raw) -> None:
+    """The connection in transmission still works: write, read back, disconnect."""
+    r.send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, 2, 8192, 3) + b"abc")
     assert r.simple_reply(2) == 0
-    r.request(CMD_READ, 4096, 5, cookie=3)
-    assert r.simple_reply(3) == 0 and r.recv(5) == b"hello"
+    r.request(CMD_READ, 8192, 3, cookie=3)
+    assert r.simple_reply(3) == 0 and r.recv(3) == b"abc"
     r.request(CMD_DISC, 0, 0)
     assert r.closed()
 
@@ -298,12 +303,3 @@ def test_eof_inside_a_request_does_not_disturb_other_clients(memory: Running) ->
     other.greeting()
     usable(other)
     other.close()
-
-
-def usable_after_go(r: Raw) -> None:
-    r.send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, 2, 8192, 3) + b"abc")
-    assert r.simple_reply(2) == 0
-    r.request(CMD_READ, 8192, 3, cookie=3)
-    assert r.simple_reply(3) == 0 and r.recv(3) == b"abc"
-    r.request(CMD_DISC, 0, 0)
-    assert r.closed()
