@@ -25,6 +25,7 @@ import trio
 import trio.testing
 
 from tests.server.nbdclient import Client
+from tests.support import all_tasks
 from trionbd.chain import Chain, Filter, NBDError, Next, Plugin
 from trionbd.chain.types import Concurrency
 from trionbd.protocol import (
@@ -83,15 +84,6 @@ class Steps(Plugin):
 
     async def pwrite(self, h: Any, buf: bytes, offset: int, flags: int) -> None:
         await self._step(offset)
-
-
-def task_count() -> int:
-    def walk(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(walk(t) for n in task.child_nurseries for t in n.child_tasks)
-
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    return walk(root)
 
 
 async def rest_of_stream(client: Client) -> tuple[list[ClientEvent], str | None]:
@@ -180,7 +172,7 @@ async def test_cancellation_at_each_await_point_leaves_nothing_behind(
     async with trio.open_nursery() as nursery:
         server: Server = await nursery.start(serve, Chain(plugin), [], config)
         assert server.inline is (path == "inline")
-        before = task_count()
+        before = all_tasks()
         server_end, client_end = trio.socket.socketpair()
         scope = trio.CancelScope()
         gone = trio.Event()
@@ -205,7 +197,7 @@ async def test_cancellation_at_each_await_point_leaves_nothing_behind(
         else:
             server.shutdown()  # drains; the grace period then cancels what is left
         await gone.wait()
-        assert task_count() == before
+        assert all_tasks() == before
         assert plugin.opened == plugin.closed == 1
         assert plugin.waiting == 0
         events, cut = await rest_of_stream(c)
@@ -246,7 +238,7 @@ async def test_a_request_cancelled_by_the_backend_gets_an_error_and_nothing_else
         nursery.start_soon(server.handle_stream, trio.SocketStream(server_end))
         c = Client(trio.SocketStream(client_end))
         await c.go()
-        before = task_count()
+        before = all_tasks()
         stuck = await c.send(Cmd.READ, SLOW, 4096)  # waits in the plugin
         await trio.testing.wait_all_tasks_blocked()  # (tasks start in any order)
         assert plugin.waiting == 1
@@ -259,7 +251,7 @@ async def test_a_request_cancelled_by_the_backend_gets_an_error_and_nothing_else
         assert timed_out.keys() == {stuck, queued}
         assert plugin.waiting == 0
         await trio.testing.wait_all_tasks_blocked()
-        assert task_count() == before  # the two request tasks are gone
+        assert all_tasks() == before  # the two request tasks are gone
         # The lock was released by both: the connection goes on.
         assert await c.read(MiB, 16) == b"\x02" * 16
         plugin.release.set()
