@@ -7,7 +7,6 @@ DIR and uses its own export name.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ from tests.support import (
     Running,
     random_file,
     run,
+    seek_map,
     short_tmpdir,
     trionbd_process,
 )
@@ -38,28 +38,6 @@ def nbdsh(uri: str, script: str, *options: str) -> str:
     """Run ``script`` in nbdsh connected to ``uri`` (options such as --base-allocation
     must come before the connection)."""
     return run([SYSTEM_PYTHON, "-m", "nbd", *options, "-u", uri, "-c", script])
-
-
-def seek_map(path: Path) -> list[tuple[int, int, int]]:
-    """(offset, length, type) runs from SEEK_DATA/SEEK_HOLE, type 3 = hole+zero."""
-    out: list[tuple[int, int, int]] = []
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(f.fileno(), pos, os.SEEK_DATA)
-            except OSError as e:
-                assert e.errno == errno.ENXIO
-                data = size
-            if data > pos:
-                out.append((pos, data - pos, 3))
-                pos = data
-            else:
-                hole = os.lseek(f.fileno(), pos, os.SEEK_HOLE)
-                out.append((pos, hole - pos, 0))
-                pos = hole
-    return out
 
 
 def sparse_image(path: Path, tail: int = 1000) -> bytes:

@@ -15,12 +15,19 @@ from pathlib import Path
 import pytest
 
 from tests.server.nbdclient import connect
-from tests.support import libnbd_python, listing, random_file, run, serving, trionbd_process
+from tests.support import (
+    libnbd_python,
+    listing,
+    random_file,
+    run,
+    seek_map,
+    serving,
+    trionbd_process,
+)
 from trionbd.chain import ConfigError
 from trionbd.plugins import file as file_module
 from trionbd.plugins.file import FilePlugin
 from trionbd.protocol import Cmd, CmdFlag, Err, Info, Opt, Rep, TransmissionFlag, wire
-from trionbd.protocol.constants import State
 
 MiB = 1 << 20
 TF = TransmissionFlag
@@ -30,29 +37,6 @@ def plugin(**kw: str) -> FilePlugin:
     p = FilePlugin(**kw)
     p.get_ready()
     return p
-
-
-def seek_map(path: Path) -> list[tuple[int, int, int]]:
-    """(offset, length, base:allocation flags) of a file, straight from SEEK_DATA/HOLE."""
-    out: list[tuple[int, int, int]] = []
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                assert e.errno == errno.ENXIO
-                data = size
-            if data > pos:
-                out.append((pos, data - pos, State.HOLE | State.ZERO))
-                pos = data
-                continue
-            hole = os.lseek(fd, pos, os.SEEK_HOLE)
-            out.append((pos, hole - pos, 0))
-            pos = hole
-    return out
 
 
 def sparse_file(path: Path, size: int, pieces: list[tuple[int, bytes]]) -> bytes:
