@@ -173,12 +173,13 @@ def run(cmd: Sequence[str], timeout: float = 120, check: bool = True, **kw: obje
     return str(result.stdout)
 
 
-def nbdsh(uri: str, script: str, timeout: float = 120) -> str:
-    """Run a Python ``script`` in nbdsh connected to ``uri`` (``h`` is the handle).
+def nbdsh(uri: str, script: str, *options: str, timeout: float = 120) -> str:
+    """Run a Python ``script`` in nbdsh connected to ``uri`` (``h`` is the handle), with
+    nbdsh's ``options`` (such as ``--base-allocation``: they come before the connection).
 
     Runs nbdsh's module with Debian's Python: the ``nbdsh`` wrapper script starts
     whatever ``python3`` comes first on PATH, which may lack the ``nbd`` module."""
-    return run([SYSTEM_PYTHON, "-m", "nbd", "-u", uri, "-c", script], timeout=timeout)
+    return run([SYSTEM_PYTHON, "-m", "nbd", *options, "-u", uri, "-c", script], timeout=timeout)
 
 
 def libnbd_python(script: str, timeout: float = 120) -> str:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import (
-    SYSTEM_PYTHON,
     Running,
+    nbdsh,
     random_file,
     run,
     seek_map,
@@ -32,12 +32,6 @@ MiB = 1 << 20
 def images() -> Iterator[tuple[Path, Running]]:
     with short_tmpdir() as tmp, trionbd_process("file", f"dir={tmp}") as server:
         yield tmp, server
-
-
-def nbdsh(uri: str, script: str, *options: str) -> str:
-    """Run ``script`` in nbdsh connected to ``uri`` (options such as --base-allocation
-    must come before the connection)."""
-    return run([SYSTEM_PYTHON, "-m", "nbd", *options, "-u", uri, "-c", script])
 
 
 def sparse_image(path: Path, tail: int = 1000) -> bytes:
