@@ -28,6 +28,9 @@ PYTHON = sys.executable
 SYSTEM_PYTHON = "/usr/bin/python3"
 """Debian's Python: the only one where ``import nbd`` (python3-libnbd) and nbdsh work."""
 START_TIMEOUT = 30.0
+HANG_GUARD = 60
+"""Seconds a test waits for what should come promptly (``trio.fail_after``, a thread's
+``Event.wait``): a hang fails the test instead of blocking the suite."""
 
 
 def have(program: str) -> bool:

@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 import trionbd.client as nbd
-from tests.support import nbdkit_process, serving, trionbd_process
+from tests.support import HANG_GUARD, nbdkit_process, serving, trionbd_process
 from trionbd.chain import Chain, NBDError, Plugin, Sparse
 from trionbd.plugins.memory import MemoryPlugin
 from trionbd.protocol import ServerConnection, wire
@@ -39,7 +39,6 @@ from trionbd.server.transport import Transport
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
-HANG_GUARD = 60  # seconds; a hang fails the test instead of blocking the suite
 
 
 @pytest.fixture(params=["trionbd", "nbdkit"])

@@ -19,14 +19,13 @@ import pytest
 import trio
 
 import trionbd
-from tests.support import ROOT, short_tmpdir
+from tests.support import HANG_GUARD, ROOT, short_tmpdir
 from trionbd.plugins.memory import MemoryPlugin
 
 DOCS = ROOT / "docs"
 EXAMPLE = ROOT / "examples" / "trionbd-example"
 KiB = 1024
 MiB = 1024 * KiB
-HANG_GUARD = 60
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 

@@ -17,14 +17,13 @@ import trio
 import trio.testing
 
 import trionbd
-from tests.support import short_tmpdir
+from tests.support import HANG_GUARD, short_tmpdir
 from trionbd.filters.offset import OffsetFilter
 from trionbd.plugins.memory import MemoryPlugin
 from trionbd.protocol.constants import Rep
 
 KiB = 1024
 MiB = 1024 * KiB
-HANG_GUARD = 60
 
 
 class Disk(trionbd.Plugin):

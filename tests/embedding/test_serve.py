@@ -17,12 +17,11 @@ import trio
 import trio.testing
 
 import trionbd
-from tests.support import all_tasks, short_tmpdir
+from tests.support import HANG_GUARD, all_tasks, short_tmpdir
 from trionbd.plugins.memory import MemoryPlugin
 
 KiB = 1024
 MiB = 1024 * KiB
-HANG_GUARD = 60  # seconds; a hang fails the test instead of blocking the suite
 
 
 @pytest.fixture

@@ -10,10 +10,8 @@ import trio
 import trio.testing
 
 import trionbd
-from tests.support import short_tmpdir
+from tests.support import HANG_GUARD, short_tmpdir
 from trionbd.chain.next import THREADS_PER_LAYER
-
-HANG_GUARD = 60
 
 
 class Blocking(trionbd.Plugin):

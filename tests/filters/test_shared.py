@@ -14,14 +14,13 @@ import pytest
 import trio
 
 import trionbd.client as nbd
-from tests.support import SYSTEM_PYTHON, Running, run, serving, trionbd_process
+from tests.support import HANG_GUARD, SYSTEM_PYTHON, Running, run, serving, trionbd_process
 from trionbd.chain import Chain, Concurrency, NBDError, Plugin
 from trionbd.filters.shared import SharedFilter
 from trionbd.server import Server, ServerConfig
 
 MiB = 1024 * 1024
 CLIENTS = 20
-HANG_GUARD = 60
 
 
 # --- the real command: one upstream connection --------------------------------------------
