@@ -212,20 +212,21 @@ def read_export(uri: str, tmp: Path) -> bytes:
     return data
 
 
+def trionbd_run(*args: str, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``trionbd ARGS...`` to its end; its stdout and stderr are captured (as text)
+    unless ``kw`` (passed to ``subprocess.run``) says otherwise."""
+    kw.setdefault("capture_output", True)
+    cmd = [PYTHON, "-m", "trionbd", *args]
+    return subprocess.run(cmd, text=True, timeout=timeout, cwd=ROOT, **kw)
+
+
 def trionbd_exit(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     """Run ``trionbd -f -U SOCK ARGS...`` to its end, for a start that must fail (bad
     parameters exit with 2, a failed start-up with 1); its stderr holds no traceback."""
     with short_tmpdir() as tmp:
-        result = subprocess.run(
-            [PYTHON, "-m", "trionbd", "-f", "-U", str(tmp / "sock"), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-            cwd=ROOT,
-        )
+        result = trionbd_run("-f", "-U", str(tmp / "sock"), *args, env=env, timeout=timeout)
     assert "Traceback" not in result.stderr, result.stderr
     return result
 

@@ -17,7 +17,15 @@ from typing import Any
 
 import pytest
 
-from tests.support import PYTHON, ROOT, SYSTEM_PYTHON, run, short_tmpdir, trionbd_process
+from tests.support import (
+    PYTHON,
+    ROOT,
+    SYSTEM_PYTHON,
+    run,
+    short_tmpdir,
+    trionbd_process,
+    trionbd_run,
+)
 from trionbd import cli
 from trionbd.chain import ConfigError, Filter, Param
 from trionbd.cli import build_chain, help_text, parse_args
@@ -52,21 +60,11 @@ class Interrupting(MemoryPlugin):
         return await super().pread(h, count, offset, flags)
 
 
-def trionbd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "trionbd", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-
-
 # --- help and version ----------------------------------------------------------------------------
 
 
 def test_help_lists_options_plugins_and_filters() -> None:
-    result = trionbd("--help")
+    result = trionbd_run("--help")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.startswith("usage: trionbd [OPTIONS] PLUGIN")
@@ -108,7 +106,7 @@ def test_version(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_console_script_and_python_m_are_the_same_command() -> None:
     script = Path(PYTHON).parent / "trionbd"
-    assert run([str(script), "-V"]) == trionbd("-V").stdout == "trionbd 0.1.0\n"
+    assert run([str(script), "-V"]) == trionbd_run("-V").stdout == "trionbd 0.1.0\n"
 
 
 # --- errors: exit 2 and one line naming the culprit ----------------------------------------------
@@ -145,7 +143,7 @@ def test_bad_command_lines_exit_2_with_one_line(
 
 
 def test_exit_status_2_from_the_real_command() -> None:
-    result = trionbd("memory", "1M", "colour=blue")
+    result = trionbd_run("memory", "1M", "colour=blue")
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == ("trionbd: unknown parameter 'colour' (not a parameter of memory)\n")
 

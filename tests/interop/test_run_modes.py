@@ -29,6 +29,7 @@ from tests.support import (
     run,
     short_tmpdir,
     trionbd_process,
+    trionbd_run,
 )
 from trionbd import Filter, Layer, Lifetime, StartupError, __version__
 from trionbd.cli import parse_args
@@ -44,11 +45,6 @@ class FailAtStart(Filter):
 
     async def after_fork(self, lifetime: Lifetime, below: Layer) -> None:
         raise StartupError("failatstart: refusing to start, as asked")
-
-
-def trionbd(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    kw.setdefault("capture_output", True)
-    return subprocess.run([*TRIONBD, *args], text=True, timeout=60, cwd=ROOT, **kw)
 
 
 def unix_uri(sock: Path | str, export: str = "") -> str:
@@ -108,7 +104,7 @@ def test_background_detaches_from_the_callers_stdio_and_session(tmp: Path) -> No
     sock, pidfile = tmp / "sock", tmp / "pid"
     # capture_output: run() returns only when stdout and stderr reach EOF, so the
     # server must have let go of both.
-    result = trionbd("-U", str(sock), "-P", str(pidfile), "memory", "1M")
+    result = trionbd_run("-U", str(sock), "-P", str(pidfile), "memory", "1M")
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     pid = int(pidfile.read_text())
     try:
@@ -122,7 +118,9 @@ def test_background_detaches_from_the_callers_stdio_and_session(tmp: Path) -> No
 
 def test_background_print_uri_reaches_the_caller(tmp: Path) -> None:
     sock, pidfile = tmp / "sock", tmp / "pid"
-    result = trionbd("--print-uri", "-e", "x", "-U", str(sock), "-P", str(pidfile), "null", "1M")
+    result = trionbd_run(
+        "--print-uri", "-e", "x", "-U", str(sock), "-P", str(pidfile), "null", "1M"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{unix_uri(sock, 'x')}\n"
     os.kill(int(pidfile.read_text()), signal.SIGTERM)
@@ -130,12 +128,12 @@ def test_background_print_uri_reaches_the_caller(tmp: Path) -> None:
 
 def test_background_start_up_errors_reach_the_user(tmp: Path) -> None:
     # Before forking: the socket cannot be made.
-    result = trionbd("-U", str(tmp / "no" / "sock"), "memory", "1M")
+    result = trionbd_run("-U", str(tmp / "no" / "sock"), "memory", "1M")
     assert result.returncode == 1
     assert result.stderr.startswith("trionbd: cannot listen: ")
     # After forking: a filter's start-up fails in the child; the parent reports its status.
     sock = tmp / "sock"
-    result = trionbd(
+    result = trionbd_run(
         "-U", str(sock), "-P", str(tmp / "pid"),
         "--filter=tests.interop.test_run_modes:FailAtStart", "memory", "1M",
     )  # fmt: skip
@@ -149,7 +147,7 @@ def test_background_start_up_errors_reach_the_user(tmp: Path) -> None:
 
 @pytest.mark.parametrize(("command", "status"), [("true", 0), ("exit 3", 3), ("kill -9 $$", 137)])
 def test_run_exits_with_the_commands_status(command: str, status: int) -> None:
-    result = trionbd("memory", "1M", "--run", command)
+    result = trionbd_run("memory", "1M", "--run", command)
     assert result.returncode == status, result.stderr
     if status > 128:
         assert result.stderr == "trionbd: --run: the command was killed by signal 9\n"
@@ -162,7 +160,7 @@ def test_run_sets_nbdkits_variables_and_serves_while_it_runs(tmp: Path) -> None:
         '"exportname=$exportname" "tls=${tls-unset}"; '
         'test -S "$unixsocket" && nbdinfo --size "$uri" && exec sh -c \'echo inner=$uri\''
     )
-    result = trionbd("-e", "a b", "file", str(tmp / "disk.img"), "--run", script)
+    result = trionbd_run("-e", "a b", "file", str(tmp / "disk.img"), "--run", script)
     assert result.returncode == 0, result.stderr
     *variables, size, inner = result.stdout.splitlines()
     values = dict(line.split("=", 1) for line in variables)
@@ -188,7 +186,7 @@ def test_run_with_a_tcp_port_and_tls_required(tmp: Path) -> None:
     server = ca.issue_cert("localhost", "127.0.0.1")
     server.cert_chain_pems[0].write_to_path(str(certs_dir / "server-cert.pem"))
     server.private_key_pem.write_to_path(str(certs_dir / "server-key.pem"))
-    result = trionbd(
+    result = trionbd_run(
         "-p", "0", "-i", "127.0.0.1", "--tls=require", f"--tls-certificates={certs_dir}",
         "memory", "1M", "--run",
         'echo "$uri|$port|$unixsocket|$tls|$tls_certificates"; nbdinfo --size "$uri"',
@@ -207,7 +205,7 @@ def test_run_with_a_tcp_port_and_tls_required(tmp: Path) -> None:
 
 
 def test_run_passes_stdin_and_stdout_through() -> None:
-    result = trionbd("memory", "1M", "--run", "tr a-z A-Z", input="hello\n")
+    result = trionbd_run("memory", "1M", "--run", "tr a-z A-Z", input="hello\n")
     assert (result.returncode, result.stdout) == (0, "HELLO\n")
 
 
@@ -271,7 +269,7 @@ async def test_single_over_a_pair_of_pipes() -> None:
 
 
 def test_single_refuses_listening_options() -> None:
-    result = trionbd("-s", "-U", "/tmp/x", "memory", "1M")
+    result = trionbd_run("-s", "-U", "/tmp/x", "memory", "1M")
     assert result.returncode == 2
     assert result.stderr == "trionbd: -s serves stdin/stdout: it cannot be combined with -U\n"
 
@@ -405,7 +403,7 @@ def test_background_errors_go_to_syslog(tmp: Path) -> None:
     syslog.bind("/dev/log")
     pidfile, sock = tmp / "pid", tmp / "sock"
     try:
-        assert trionbd("-U", str(sock), "-P", str(pidfile), "memory", "1M").returncode == 0
+        assert trionbd_run("-U", str(sock), "-P", str(pidfile), "memory", "1M").returncode == 0
         pid = int(pidfile.read_text())
         provoke_a_warning(str(sock))
         syslog.settimeout(EXIT_TIMEOUT)
@@ -430,21 +428,21 @@ def key_values(text: str) -> dict[str, str]:
 
 
 def test_dump_plugin_in_nbdkits_style() -> None:
-    file = key_values(trionbd("file", "--dump-plugin").stdout)
+    file = key_values(trionbd_run("file", "--dump-plugin").stdout)
     nbdkit = key_values(run(["nbdkit", "file", "--dump-plugin"]))
     for key in ("name", "magic_config_key", "thread_model", "has_pread", "has_pwrite"):
         assert file[key] == nbdkit[key], key
     assert file["path"].endswith("trionbd/plugins/file.py")
     assert file["version"] == __version__
     assert {"file", "dir", "cache"} <= set(file["params"].split(","))
-    pattern = key_values(trionbd("pattern", "--dump-plugin").stdout)
+    pattern = key_values(trionbd_run("pattern", "--dump-plugin").stdout)
     assert pattern["has_pread"] == "1" and "has_pwrite" not in pattern
-    result = trionbd("--dump-plugin")
+    result = trionbd_run("--dump-plugin")
     assert (result.returncode, result.stderr) == (2, "trionbd: --dump-plugin needs a plugin name\n")
 
 
 def test_dump_config() -> None:
-    result = trionbd("--dump-config")
+    result = trionbd_run("--dump-config")
     assert result.returncode == 0
     config = key_values(result.stdout)
     assert list(config) == sorted(config)
@@ -529,6 +527,6 @@ def test_nbdkit_option_spellings_parse_alike(tmp: Path) -> None:
     ],
 )
 def test_refused_options_exit_2_with_one_line(args: list[str], message: str) -> None:
-    result = trionbd(*args)
+    result = trionbd_run(*args)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr

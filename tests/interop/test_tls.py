@@ -22,6 +22,7 @@ from tests.support import (
     random_file,
     run,
     short_tmpdir,
+    trionbd_exit,
     trionbd_process,
 )
 from trionbd.server.tls import psk_supported
@@ -63,12 +64,6 @@ def tls_uri(socket: str, certs: Path, export: str = "") -> str:
 
 def client(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-
-
-def trionbd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "trionbd", *args], capture_output=True, text=True, timeout=60, cwd=ROOT
-    )
 
 
 # --- --tls=require -------------------------------------------------------------------------------
@@ -195,11 +190,7 @@ def test_without_verify_peer_any_client_certificate_will_do(certs: Certs) -> Non
 
 
 def test_require_without_certificates_does_not_start(tmp_path: Path) -> None:
-    with short_tmpdir() as tmp:
-        result = trionbd(
-            "-f", "-U", str(tmp / "s"), "--tls=require", f"--tls-certificates={tmp_path}",
-            "memory", "1M",
-        )  # fmt: skip
+    result = trionbd_exit("--tls=require", f"--tls-certificates={tmp_path}", "memory", "1M")
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1
     assert "--tls=require but no TLS certificates were found in" in result.stderr
@@ -218,8 +209,7 @@ def test_unreadable_key_fails_start_up(certs: Certs, tmp_path: Path) -> None:
     for name in ("ca-cert.pem", "server-cert.pem"):
         (broken / name).write_bytes((certs.server / name).read_bytes())
     (broken / "server-key.pem").write_text("not a key\n")
-    with short_tmpdir() as tmp:
-        result = trionbd("-f", "-U", str(tmp / "s"), f"--tls-certificates={broken}", "null")
+    result = trionbd_exit(f"--tls-certificates={broken}", "null")
     assert result.returncode == 1
     assert "cannot load the TLS server certificate and key" in result.stderr
 
@@ -228,7 +218,7 @@ def test_unreadable_key_fails_start_up(certs: Certs, tmp_path: Path) -> None:
 def test_psk_is_refused_on_python_without_psk_callbacks(tmp_path: Path) -> None:
     keys = tmp_path / "keys.psk"
     run(["psktool", "-u", "alice", "-p", str(keys)])
-    result = trionbd("-f", "-U", str(tmp_path / "s"), f"--tls-psk={keys}", "memory", "1M")
+    result = trionbd_exit(f"--tls-psk={keys}", "memory", "1M")
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("trionbd: --tls-psk needs Python 3.13 or later")
