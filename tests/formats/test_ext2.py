@@ -748,6 +748,9 @@ async def test_superblock_checksum(build: Callable[[str], Path]) -> None:
         await img.open()
     fix_superblock_checksum(img)
     await img.open()  # a valid checksum again: the reader agrees with crc32c
+    img.data[1024 + 0x175] = 2  # s_checksum_type: only 1 (crc32c) exists
+    with pytest.raises(Ext2Unsupported, match=r"^superblock at byte offset 1024: .*type 2"):
+        await img.open()
 
 
 async def test_superblock_nonsense_fields(build: Callable[[str], Path]) -> None:

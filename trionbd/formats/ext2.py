@@ -848,7 +848,8 @@ class Ext2FS:
         if self.metadata_csum:
             if sb[0x175] != 1:
                 raise Ext2Unsupported(
-                    f"metadata_csum with checksum type {sb[0x175]} (only 1, crc32c, exists)"
+                    f"{where}: metadata_csum with checksum type {sb[0x175]} (only 1, crc32c, "
+                    "exists)"
                 )
             stored = _u32(sb, 0x3FC)
             computed = _crc32c(_M32, sb[:0x3FC])
