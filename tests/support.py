@@ -95,14 +95,8 @@ def trionbd_process(*args: str, env: dict[str, str] | None = None) -> Iterator[R
             running = Running(proc, uri.strip(), sock, stderr_path)
             yield running
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                    raise AssertionError("trionbd did not exit within 20 s of SIGTERM") from None
+            if not _terminate(proc):
+                raise AssertionError("trionbd did not exit within 20 s of SIGTERM")
         text = stderr_path.read_text(errors="replace")
         assert "Traceback" not in text, text
         assert proc.returncode == 0, f"trionbd exited with {proc.returncode}:\n{text}"
@@ -131,13 +125,21 @@ def nbdkit_process(*args: str) -> Iterator[Running]:
             running = Running(proc, f"nbd+unix:///?socket={sock}", sock, stderr_path)
             yield running
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            _terminate(proc)
+
+
+def _terminate(proc: subprocess.Popen[str]) -> bool:
+    """SIGTERM ``proc`` unless it has exited, and wait; False if it was still running 20 s
+    later (it is then killed)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return False
+    return True
 
 
 def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
