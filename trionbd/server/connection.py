@@ -582,9 +582,10 @@ class Connection:
                         except trio.WouldBlock:
                             await limit.acquire()
                         self._tasks += 1
-                        requests.start_soon(self._serve_task, ctx, event)
-                        if event.command in _PAYLOAD:
-                            self._held += event.length
+                        held = event.length if event.command in _PAYLOAD else 0
+                        requests.start_soon(self._serve_task, ctx, event, held)
+                        if held:
+                            self._held += held
                             if self._held > self.config.max_buffered:
                                 await self._wait_for_memory()
                 elif event is NEED_DATA:
@@ -698,8 +699,9 @@ class Connection:
             self._freed = trio.Event()
             await self._freed.wait()
 
-    async def _serve_task(self, ctx: Next, request: Request) -> None:
-        held = request.length if request.command in _PAYLOAD else 0
+    async def _serve_task(self, ctx: Next, request: Request, held: int) -> None:
+        """Serve ``request`` and see its reply sent; ``held`` is its payload (counted
+        against ``max_buffered`` by the reader) until then."""
         queued = False
         try:
             frames = await self._serve(ctx, request)
