@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import trio
 
@@ -58,8 +59,6 @@ class Running:
 
     def uri_for(self, export: str) -> str:
         """The URI of a named export on the same socket."""
-        from urllib.parse import quote
-
         return f"nbd+unix:///{quote(export, safe='/')}?socket={quote(self.socket, safe='/')}"
 
     @property

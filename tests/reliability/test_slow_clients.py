@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from tests.support import run, trionbd_process
+from tests.support import SYSTEM_PYTHON, run, trionbd_process
 from trionbd.protocol import Opt, wire
 
 SLOW = 100
@@ -102,9 +102,7 @@ async def test_idle_timeout_closes_a_connected_client() -> None:
             "except nbd.Error as e:\n"
             "    print('closed:', e)\n"
         )
-        out = await trio.run_process(
-            ["/usr/bin/python3", "-c", script, server.uri], capture_stdout=True
-        )
+        out = await trio.run_process([SYSTEM_PYTHON, "-c", script, server.uri], capture_stdout=True)
         log = server.stderr
     assert out.stdout.decode().startswith("closed:"), out.stdout
     assert "idle for 1.0s with no request in flight (idle timeout); closing" in log
