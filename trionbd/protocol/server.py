@@ -144,7 +144,6 @@ class ServerConnection:
         self.meta_export: str | None = None
         self.meta_contexts: dict[int, str] = {}
         # Set when transmission starts.
-        self.export_name = ""
         self.export_size = 0
         self.export_flags = TransmissionFlag.HAS_FLAGS
         self.block_status_ok = False
@@ -477,7 +476,6 @@ class ServerConnection:
             tflags & TransmissionFlag.SEND_WRITE_ZEROES
         ):
             raise LocalProtocolError("SEND_FAST_ZERO advertised without SEND_WRITE_ZEROES")
-        self.export_name = name
         self.export_size = size
         self.export_flags = tflags
         self.block_status_ok = (

@@ -23,7 +23,6 @@ from .constants import (
 )
 
 GREETING = struct.Struct(">QQH")
-CLIENT_FLAGS = struct.Struct(">I")
 OPTION_HEADER = struct.Struct(">QII")
 OPTION_REPLY_HEADER = struct.Struct(">QIII")
 EXPORT_NAME_REPLY = struct.Struct(">QH")
