@@ -79,8 +79,6 @@ BATCH_BYTES = 1 << 17
 """Inline replies are flushed once this many bytes wait. Kept below a Unix socket's
 send buffer (about 200 KiB): a larger writev only half-completes and then waits for the
 client, which doubled the CPU per 256 KiB read and halved sequential throughput."""
-OPTIONS_PER_EXPORT = MAX_OPTIONS
-"""Options granted per listed export (``nbdinfo --list`` asks about each one)."""
 
 # Plain ints for the per-request path (enum attribute access and arithmetic are slow).
 _READ, _WRITE, _BLOCK_STATUS = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.BLOCK_STATUS)
@@ -525,7 +523,7 @@ class Connection:
                 batch = []
         batch.append(proto.reply(option, Rep.ACK))
         await self._send(batch)
-        proto.grant_options(OPTIONS_PER_EXPORT * count)
+        proto.grant_options(MAX_OPTIONS * count)  # nbdinfo --list asks about each export
 
     async def _meta_context(self, event: MetaContextOption) -> None:
         proto = self.proto
