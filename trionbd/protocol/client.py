@@ -21,10 +21,12 @@ from .constants import (
     NBDMAGIC,
     REP_FLAG_ERROR,
     REPLY_MAGIC,
+    REPLY_TYPE_FLAG_ERROR,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     ClientFlag,
     Cmd,
+    Err,
     HandshakeFlag,
     Info,
     Opt,
@@ -303,9 +305,9 @@ def _parse_chunk(kind: int, cookie: int, payload: bytes, done: bool) -> ReplyEve
         message = payload[6 : 6 + mlen].decode("utf-8", "replace")
         offset = U64.unpack_from(payload, 6 + mlen)[0] if tail else None
         return ErrorChunk(cookie, error, message, offset, done)
-    if kind & (1 << 15):
+    if kind & REPLY_TYPE_FLAG_ERROR:
         # Unknown error types still fail the request (spec); keep the connection.
-        return ErrorChunk(cookie, 5, f"unknown error chunk type {kind}", None, done)
+        return ErrorChunk(cookie, Err.EIO, f"unknown error chunk type {kind}", None, done)
     raise RemoteProtocolError(f"unknown structured reply chunk type {kind}")
 
 

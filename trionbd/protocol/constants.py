@@ -130,15 +130,19 @@ class ReplyFlag(IntFlag):
     DONE = 1 << 0
 
 
+REPLY_TYPE_FLAG_ERROR = 1 << 15
+"""Set in the type of every error chunk (what the spec's ``NBD_REPLY_TYPE_IS_ERR`` tests)."""
+
+
 class ReplyType(IntEnum):
-    """Structured reply chunk types. Errors have bit 15 set."""
+    """Structured reply chunk types. Errors have REPLY_TYPE_FLAG_ERROR set."""
 
     NONE = 0
     OFFSET_DATA = 1
     OFFSET_HOLE = 2
     BLOCK_STATUS = 5
-    ERROR = (1 << 15) | 1
-    ERROR_OFFSET = (1 << 15) | 2
+    ERROR = REPLY_TYPE_FLAG_ERROR | 1
+    ERROR_OFFSET = REPLY_TYPE_FLAG_ERROR | 2
 
 
 class Err(IntEnum):
