@@ -21,10 +21,10 @@ import trio.testing
 
 from tests.server.nbdclient import Client, connect
 from tests.support import serving
-from trionbd.chain import ConfigError, Plugin
+from trionbd.chain import ConfigError, Export, Plugin
 from trionbd.cli import Options, parse_args
 from trionbd.plugins.memory import MemoryPlugin
-from trionbd.protocol import Cmd, DataChunk, Opt, Rep, wire
+from trionbd.protocol import Cmd, DataChunk, Info, Opt, Rep, wire
 from trionbd.server import Server, ServerConfig, serve
 
 MiB = 1 << 20
@@ -129,6 +129,45 @@ async def test_a_silent_client_is_closed_at_the_timeout_and_others_are_served(
         for c in silent:
             assert await closed(c)
         assert 10 <= trio.current_time() - start < 11
+
+
+class SlowBackend(MemoryPlugin):
+    """Lists, resolves, opens and describes its exports 15 s late: longer than the
+    handshake timeout of the tests above."""
+
+    async def list_exports(self, readonly: bool, is_tls: bool) -> list[Export]:
+        await trio.sleep(15)
+        return [Export("disk")]
+
+    async def default_export(self, readonly: bool, is_tls: bool) -> str:
+        await trio.sleep(15)
+        return "disk"
+
+    async def open(self, readonly: bool, export_name: str, is_tls: bool) -> Any:
+        await trio.sleep(15)
+        return await super().open(readonly, export_name, is_tls)
+
+    async def export_description(self, h: Any) -> str | None:
+        await trio.sleep(15)
+        return "slow"
+
+
+async def test_time_the_backend_takes_is_not_the_clients(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The handshake timeout is the client's: a backend that takes longer than it to
+    answer an option neither cuts the client off nor is cancelled itself."""
+    async with serving(SlowBackend(MiB), ServerConfig(handshake_timeout=10)) as server:
+        c = await connect(server)
+        await c.handshake()
+        replies = await c.option(Opt.LIST)
+        assert [r.reply for r in replies] == [Rep.SERVER, Rep.ACK]
+        replies = await c.option(Opt.INFO, wire.name_and_infos("", [Info.DESCRIPTION]))
+        assert replies[-1].reply == Rep.ACK and replies[1].payload == b"\0\x02slow"
+        await trio.sleep(9)  # the client's own time still runs from the answer
+        await c.option(Opt.GO, wire.name_and_infos("disk", []))
+        await c.write(0, b"served")
+        assert await c.read(0, 6) == b"served"
 
 
 async def test_no_handshake_timeout(autojump_clock: trio.testing.MockClock) -> None:

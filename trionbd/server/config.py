@@ -10,10 +10,11 @@ from .tls import TLSMode
 
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a negotiating client has for each option: from the greeting, and again from
-each complete option, until its next option has arrived complete. A client that stalls
-(or trickles bytes) is closed after this long, while one asking about thousands of
-exports on one connection (``nbdinfo --list``) may negotiate for as long as it keeps
-going."""
+each complete option, until its next option has arrived complete; the time the plugin
+and filters take to answer an option does not count (and is never cut short). A client
+that stalls (or trickles bytes) is closed after this long, while one asking about
+thousands of exports on one connection (``nbdinfo --list``) may negotiate for as long
+as it keeps going."""
 SHUTDOWN_TIMEOUT = 5.0
 """Seconds in-flight requests get to finish when the server shuts down."""
 MAX_IN_FLIGHT = 64

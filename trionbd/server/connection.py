@@ -1,19 +1,21 @@
 """One client connection: the handshake, then transmission until the client leaves.
 
 Options are answered one at a time from the chain; the client has ``handshake_timeout``
-seconds for each of them. A client over the connection limit, or one that has not sent
-STARTTLS under ``--tls=require``, has its options refused unseen (:meth:`Connection._refusal`).
+seconds for each of them (the time the chain takes to answer does not count). A client
+over the connection limit, or one that has not sent STARTTLS under ``--tls=require``,
+has its options refused unseen (:meth:`Connection._refusal`).
 
 Requests of one connection are served concurrently: each runs as a task in the
 connection's request nursery, at most ``max_in_flight`` of them, holding at most
 ``max_buffered`` bytes of payload; beyond either the reader waits. The first task to
 finish sends the replies queued meanwhile in as few ``writev`` calls as possible, under
 the send lock; a request holds its slot and its payload bytes until its reply has left
-(:meth:`Connection._reply`). When every layer of the chain is ``nonblocking`` (memory, page-cache
-files), READ, WRITE and BLOCK_STATUS are instead served inline by the reader, and their
-replies leave together once the reader has parsed everything received (or BATCH_BYTES
-wait): a task per 4 KiB read costs more than the read itself. With ``idle_timeout``, a
-connection that sends nothing while none of its requests is in flight is closed.
+(:meth:`Connection._reply`). When every layer of the chain is ``nonblocking`` (memory,
+page-cache files), READ, WRITE and BLOCK_STATUS are instead served inline by the
+reader, and their replies leave together once the reader has parsed everything
+received (or BATCH_BYTES wait): a task per 4 KiB read costs more than the read itself.
+With ``idle_timeout``, a connection that sends nothing while none of its requests is in
+flight is closed.
 
 Each connection counts its requests, the bytes read and written and its errors (plain
 integer attributes, summed per export by ``Server.stats``). A connection whose export
@@ -23,10 +25,11 @@ with ``ESHUTDOWN`` until the client disconnects or the grace period ends.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, cast
 
 import trio
@@ -327,6 +330,17 @@ class Connection:
         if timeout is not None:
             self._handshake_scope.deadline = trio.current_time() + timeout
 
+    @contextlib.contextmanager
+    def _backend_time(self) -> Iterator[None]:
+        """Around the plugin's and filters' work on an option: the handshake timeout is
+        the client's time, so it stops meanwhile (never cutting that work short) and
+        starts afresh afterwards."""
+        self._handshake_scope.deadline = math.inf
+        try:
+            yield
+        finally:
+            self._restart_option_clock()
+
     async def _negotiate(self) -> Next | None:
         """Haggle options until the client enters transmission (returns its context)."""
         proto = self.proto
@@ -432,8 +446,9 @@ class Connection:
         """Resolve ``""`` to the default export's name and open the export."""
         top = self.chain.top
         readonly = self.config.readonly
-        name = requested or await top.default_export(readonly, self.is_tls)
-        return name, await top.open(readonly, name, self.is_tls)
+        with self._backend_time():
+            name = requested or await top.default_export(readonly, self.is_tls)
+            return name, await top.open(readonly, name, self.is_tls)
 
     async def _info(self, event: InfoOption) -> Next | None:
         proto = self.proto
@@ -449,7 +464,8 @@ class Connection:
             caps = ctx.caps
             flags = transmission_flags(caps, proto.structured)
             try:
-                description = await ctx.export_description()
+                with self._backend_time():
+                    description = await ctx.export_description()
             except Exception as e:
                 self.ctx = None
                 with trio.CancelScope(shield=True):
@@ -474,7 +490,7 @@ class Connection:
             with trio.CancelScope(shield=True):
                 await ctx.close()
             raise
-        with trio.CancelScope(shield=True):
+        with self._backend_time(), trio.CancelScope(shield=True):
             await ctx.close()
         return None
 
@@ -505,7 +521,8 @@ class Connection:
     async def _list(self, option: int) -> None:
         proto = self.proto
         try:
-            exports = await self.chain.top.list_exports(self.config.readonly, self.is_tls)
+            with self._backend_time():
+                exports = await self.chain.top.list_exports(self.config.readonly, self.is_tls)
         except Exception as e:
             await self._option_failed(option, "listing exports", e)
             return
