@@ -105,6 +105,14 @@ def server(
                 proc.wait()
 
 
+def wait_for(marker: Path, proc: subprocess.Popen[str]) -> None:
+    """Wait until the server, still running, has created ``marker``."""
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while not marker.exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+
+
 def stopped(proc: subprocess.Popen[str], since: float) -> tuple[float, str]:
     """Wait for the server to exit cleanly; the seconds it took since ``since``."""
     _, err = proc.communicate(timeout=EXIT_TIMEOUT)
@@ -215,10 +223,7 @@ def test_sigusr1_reports_through_a_plain_def_report(tmp_path: Path) -> None:
     plugin = "tests.interop.test_signals:PlainReport"
     with server(plugin, "1M", env={"REPORT_MARKER": str(marker)}) as (proc, _):
         proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + EXIT_TIMEOUT
-        while not marker.exists():
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.01)
+        wait_for(marker, proc)
         proc.send_signal(signal.SIGTERM)
         _, err = stopped(proc, time.monotonic())
     assert "report failed" not in err, err
@@ -229,10 +234,7 @@ def test_sigusr1_after_the_signal_receiver_closed_does_not_kill(tmp_path: Path) 
     plugin = "tests.interop.test_signals:SlowUnload"
     with server(plugin, "1M", env={"UNLOAD_MARKER": str(marker)}) as (proc, _):
         proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + EXIT_TIMEOUT
-        while not marker.exists():
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.01)
+        wait_for(marker, proc)
         # Trio is gone; the plugin is unloading. Neither signal may kill the process.
         for sig in (signal.SIGUSR1, signal.SIGHUP, signal.SIGUSR1):
             proc.send_signal(sig)
