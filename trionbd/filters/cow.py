@@ -66,7 +66,7 @@ from ..chain import (
 )
 from ..chain.types import BlockSize, CacheMode, FuaMode, ZeroMode
 from ..plugins.file import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-from ..protocol.constants import CmdFlag, State
+from ..protocol.constants import UNALLOCATED, CmdFlag
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
 MIN_BLOCK_SIZE = 4096
@@ -79,7 +79,6 @@ DATA = 1
 """Block state: the overlay holds the block."""
 ZEROED = 2
 """Block state: trimmed or zeroed; reads as zeroes."""
-_HOLE = State.HOLE | State.ZERO
 
 
 def parse_block_size(text: str) -> int:
@@ -404,7 +403,7 @@ class CowFilter(Filter):
                 if below[-1].offset + below[-1].length < stop:
                     break  # the layer below answered for less; the client asks again
             else:
-                out.append(Extent(start, stop - start, 0 if state == DATA else _HOLE))
+                out.append(Extent(start, stop - start, 0 if state == DATA else UNALLOCATED))
             if flags & CmdFlag.REQ_ONE:
                 break
         return out

@@ -103,7 +103,7 @@ from ..formats.ext2 import (
     FileMap,
     Inode,
 )
-from ..protocol.constants import State
+from ..protocol.constants import UNALLOCATED
 from . import _formats
 from ._formats import Piece
 
@@ -114,8 +114,6 @@ log = logging.getLogger(__name__)
 
 EXPORTNAME = "exportname"
 """``ext2file=exportname``: the client's export name is the path (nbdkit's meaning)."""
-
-_HOLE = State.HOLE | State.ZERO
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,7 +401,7 @@ class Ext2Filter(Filter):
         if h.fmap.inline is not None:
             return [Extent(offset, count, 0)]
         return [
-            Extent(s.offset, s.length, 0 if s.physical is not None else _HOLE)
+            Extent(s.offset, s.length, 0 if s.physical is not None else UNALLOCATED)
             for s in h.fmap.lookup(offset, count)
         ]
 

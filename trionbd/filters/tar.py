@@ -75,7 +75,7 @@ from ..chain import (
 from ..formats import FormatError
 from ..formats.tar import TarIndex, TarLookupError, TarMember, normalize_name, read_tar_index
 from ..nursery import Lifetime
-from ..protocol.constants import CmdFlag, State
+from ..protocol.constants import UNALLOCATED, CmdFlag
 from . import _formats
 from ._formats import Piece
 
@@ -86,8 +86,6 @@ SCAN_THREADS = 4
 
 MAX_EXTENTS = 4096
 """Extents returned per block status request on a sparse member (clients ask again)."""
-
-_HOLE = State.HOLE | State.ZERO
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +345,7 @@ class TarFilter(Filter):
         out: list[Extent] = []
         for start, length, below in _pieces(h, "block status", count, offset, errno.EINVAL):
             if below is None:
-                out.append(Extent(start, length, _HOLE))
+                out.append(Extent(start, length, UNALLOCATED))
             else:
                 # The layer below's answer (the archive file may itself be sparse), shifted.
                 shift = start - below

@@ -40,7 +40,7 @@ import trio
 
 from ..chain import ConfigError, Export, Extent, NBDError, Param, Plugin, parse_choice
 from ..chain.types import CacheMode, FuaMode, ZeroMode
-from ..protocol.constants import CmdFlag, State
+from ..protocol.constants import UNALLOCATED, CmdFlag
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -265,7 +265,7 @@ class FilePlugin(Plugin):
                 data = end  # only a hole up to the end of the file
             if data > pos:
                 stop = min(data, end)
-                out.append(Extent(pos, stop - pos, State.HOLE | State.ZERO))
+                out.append(Extent(pos, stop - pos, UNALLOCATED))
                 pos = stop
                 continue
             hole = os.lseek(h.fd, pos, os.SEEK_HOLE)

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..chain import Extent, Param, Plugin, Sparse, parse_size
 from ..chain.types import FuaMode
-from ..protocol.constants import State
+from ..protocol.constants import UNALLOCATED
 
 PAGE = 32 * 1024
 """Allocation unit (bytes)."""
@@ -135,7 +135,7 @@ class MemoryPlugin(Plugin):
                 out.append(Extent(pos, stop - pos, 0))
             else:
                 stop = end if i == len(allocated) else min(end, allocated[i] * PAGE)
-                out.append(Extent(pos, stop - pos, State.HOLE | State.ZERO))
+                out.append(Extent(pos, stop - pos, UNALLOCATED))
             pos = stop
         return out
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..chain import Extent, Param, Plugin, Sparse, parse_size
 from ..chain.types import FuaMode
-from ..protocol.constants import State
+from ..protocol.constants import UNALLOCATED
 
 
 class NullPlugin(Plugin):
@@ -59,7 +59,7 @@ class NullPlugin(Plugin):
         pass
 
     async def extents(self, h: Any, count: int, offset: int, flags: int) -> list[Extent]:
-        return [Extent(offset, count, State.HOLE | State.ZERO)]
+        return [Extent(offset, count, UNALLOCATED)]
 
 
 PLUGIN = NullPlugin

@@ -166,6 +166,10 @@ class State(IntFlag):
     ZERO = 1 << 1
 
 
+UNALLOCATED = State.HOLE | State.ZERO
+"""The status of a range that stores nothing and reads as zeroes."""
+
+
 BASE_ALLOCATION = "base:allocation"
 """The only metadata context trionbd serves."""
 BASE_ALLOCATION_ID = 1
