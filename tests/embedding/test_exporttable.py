@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 import trionbd
+from tests.embedding.disks import Disk
 from tests.support import HANG_GUARD, short_tmpdir
 from trionbd.filters.offset import OffsetFilter
 from trionbd.plugins.memory import MemoryPlugin
@@ -24,63 +25,6 @@ from trionbd.protocol.constants import Rep
 
 KiB = 1024
 MiB = 1024 * KiB
-
-
-class Disk(trionbd.Plugin):
-    """Random bytes; reads at ``gated`` wait for ``gate``, opens may wait for
-    ``open_gate``. Records its lifecycle and counts opens and closes."""
-
-    name = "disk"
-
-    def __init__(self, seed: int, size: int = MiB, gated: int | None = None):
-        self.data = bytearray(random.Random(seed).randbytes(size))
-        self.gated = gated
-        self.gate = trio.Event()
-        self.reading = trio.Event()
-        self.open_gate: trio.Event | None = None
-        self.opening = trio.Event()
-        self.opens = 0
-        self.closes = 0
-        self.events: list[str] = []
-        self.fail_after_fork = False
-
-    def get_ready(self) -> None:
-        self.events.append("get_ready")
-
-    async def after_fork(self, lifetime: trionbd.Lifetime) -> None:
-        if self.fail_after_fork:
-            raise OSError(errno.EACCES, "backing store refused")
-        self.events.append("after_fork")
-
-    async def cleanup(self) -> None:
-        self.events.append("cleanup")
-
-    def unload(self) -> None:
-        self.events.append("unload")
-
-    async def open(self, readonly: bool, export_name: str, is_tls: bool) -> None:
-        self.opening.set()
-        if self.open_gate is not None:
-            await self.open_gate.wait()
-        self.opens += 1
-
-    async def close(self, h: Any) -> None:
-        self.closes += 1
-
-    async def get_size(self, h: Any) -> int:
-        return len(self.data)
-
-    async def pread(self, h: Any, count: int, offset: int, flags: int) -> bytes:
-        if offset == self.gated:
-            self.reading.set()
-            await self.gate.wait()
-        return bytes(self.data[offset : offset + count])
-
-    async def pwrite(self, h: Any, buf: bytes, offset: int, flags: int) -> None:
-        self.data[offset : offset + len(buf)] = buf
-
-    async def flush(self, h: Any, flags: int) -> None:
-        self.events.append("flush")
 
 
 @asynccontextmanager

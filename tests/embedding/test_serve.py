@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 import trionbd
+from tests.embedding.disks import Disk
 from tests.support import HANG_GUARD, all_tasks, short_tmpdir
 from trionbd.plugins.memory import MemoryPlugin
 
@@ -45,60 +46,12 @@ async def start_fails(target: trionbd.Plugin, spec: str) -> BaseException:
     raise AssertionError(f"serving on {spec!r} did not fail")
 
 
-class Gated(trionbd.Plugin):
-    """A writable disk whose reads at ``GATED_OFFSET`` wait for ``gate``; counts opens,
-    closes and its lifecycle, and runs a background task in the lifetime nursery."""
+GATED = 1 * MiB
 
-    name = "gated"
-    GATED_OFFSET = 1 * MiB
 
-    def __init__(self, size: int = 2 * MiB):
-        self.data = bytearray(random.Random(7).randbytes(size))
-        self.gate = trio.Event()
-        self.reading = trio.Event()
-        self.opens = 0
-        self.closes = 0
-        self.events: list[str] = []
-        self.background_running = False
-
-    def get_ready(self) -> None:
-        self.events.append("get_ready")
-
-    async def after_fork(self, lifetime: trionbd.Lifetime) -> None:
-        self.events.append("after_fork")
-        await lifetime.nursery.start(self._background)
-
-    async def _background(self, *, task_status: trio.TaskStatus[None]) -> None:
-        self.background_running = True
-        try:
-            task_status.started()
-            await trio.sleep_forever()
-        finally:
-            self.background_running = False
-
-    async def cleanup(self) -> None:
-        self.events.append("cleanup")
-
-    def unload(self) -> None:
-        self.events.append("unload")
-
-    async def open(self, readonly: bool, export_name: str, is_tls: bool) -> None:
-        self.opens += 1
-
-    async def close(self, h: Any) -> None:
-        self.closes += 1
-
-    async def get_size(self, h: Any) -> int:
-        return len(self.data)
-
-    async def pread(self, h: Any, count: int, offset: int, flags: int) -> bytes:
-        if offset == self.GATED_OFFSET:
-            self.reading.set()
-            await self.gate.wait()
-        return bytes(self.data[offset : offset + count])
-
-    async def pwrite(self, h: Any, buf: bytes, offset: int, flags: int) -> None:
-        self.data[offset : offset + len(buf)] = buf
+def gated() -> Disk:
+    """A 2 MiB disk whose reads at ``GATED`` wait for its gate."""
+    return Disk(7, size=2 * MiB, gated=GATED)
 
 
 # --- serving and connecting ----------------------------------------------------------------
@@ -202,7 +155,7 @@ async def test_stats_per_export_from_the_servers_connections(sock: str) -> None:
 
 
 async def test_serve_runs_get_ready_and_unload_unless_the_caller_did(sock: str) -> None:
-    plugin = Gated()
+    plugin = gated()
     with trio.fail_after(HANG_GUARD):
         async with trio.open_nursery() as nursery:
             await nursery.start(trionbd.serve, plugin, f"unix:{sock}")
@@ -224,11 +177,11 @@ async def test_serve_runs_get_ready_and_unload_unless_the_caller_did(sock: str) 
 
 
 async def test_a_failing_get_ready_stops_start_up_with_its_error(sock: str) -> None:
-    class Picky(Gated):
+    class Picky(Disk):
         def get_ready(self) -> None:
             raise trionbd.ConfigError("picky: no")
 
-    error = await start_fails(Picky(), f"unix:{sock}")
+    error = await start_fails(Picky(7), f"unix:{sock}")
     assert isinstance(error, trionbd.ConfigError) and str(error) == "picky: no"
     assert not exists(sock)
 
@@ -253,7 +206,7 @@ async def serve_in(
 async def test_leaving_the_cancel_scope_mid_transfer_shuts_down_gracefully(sock: str) -> None:
     """In-flight requests get their replies, new ones are not served, and once ``serve``
     has returned no task and no context of the server is left."""
-    plugin = Gated()
+    plugin = gated()
     scope = trio.CancelScope()
     done = trio.Event()
     config = trionbd.ServerConfig(shutdown_timeout=30)
@@ -270,7 +223,7 @@ async def test_leaving_the_cancel_scope_mid_transfer_shuts_down_gracefully(sock:
             failed: list[BaseException] = []
 
             async def read_gated() -> None:
-                got.append(await client.pread(4096, Gated.GATED_OFFSET))
+                got.append(await client.pread(4096, GATED))
 
             async def read_late() -> None:
                 try:
@@ -292,7 +245,7 @@ async def test_leaving_the_cancel_scope_mid_transfer_shuts_down_gracefully(sock:
             assert not failed and not got
             plugin.gate.set()
             await done.wait()
-            assert got == [bytes(plugin.data[Gated.GATED_OFFSET : Gated.GATED_OFFSET + 4096])]
+            assert got == [bytes(plugin.data[GATED : GATED + 4096])]
             await trio.testing.wait_all_tasks_blocked()
             assert len(failed) == 1  # the late request: the connection closed, no answer
             await client.aclose()
@@ -308,7 +261,7 @@ async def test_leaving_the_cancel_scope_mid_transfer_shuts_down_gracefully(sock:
 async def test_a_request_still_running_when_the_grace_period_ends_is_cancelled(
     sock: str,
 ) -> None:
-    plugin = Gated()
+    plugin = gated()
     scope = trio.CancelScope()
     done = trio.Event()
     config = trionbd.ServerConfig(shutdown_timeout=0.2)
@@ -321,7 +274,7 @@ async def test_a_request_still_running_when_the_grace_period_ends_is_cancelled(
 
                 async def read_gated() -> None:
                     try:
-                        await client.pread(4096, Gated.GATED_OFFSET)
+                        await client.pread(4096, GATED)
                     except trionbd.ConnectionFailed as e:
                         outcome.append(e)
 
