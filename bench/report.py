@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import statistics
+from pathlib import Path
 from typing import Any
 
 from servers import SAMPLE_DIR_PARENT, SAMPLE_DIR_PREFIX
@@ -17,6 +18,9 @@ NOT_RUN = "—"
 NA = "n/a"
 
 Results = dict[str, Any]
+
+ANALYSIS = Path(__file__).with_name("ANALYSIS.md")
+"""Written by hand: where the time goes and what was tried (RESULTS.md includes it)."""
 
 
 def _fmt(value: float, unit: str) -> str:
@@ -126,6 +130,108 @@ def table(results: Results) -> list[str]:
     return lines
 
 
+def _wl(results: Results, name: str) -> dict[str, Any] | None:
+    return next((w for w in results["workloads"] if w["name"] == name), None)
+
+
+def _rows(results: Results, name: str, prefix: str = "") -> list[str]:
+    wl = _wl(results, name)
+    return [r["label"] for r in wl["rows"] if r["label"].startswith(prefix)] if wl else []
+
+
+def _metrics(results: Results, name: str) -> list[dict[str, Any]]:
+    wl = _wl(results, name)
+    return list(wl["metrics"]) if wl else []
+
+
+def _at_least(value: float | None, bound: float, unit: str = "×") -> tuple[str, str]:
+    if value is None:
+        return "not measured", "—"
+    return f"{value:.2f}{unit}", "yes" if value >= bound else "**no**"
+
+
+def _at_most(value: float | None, bound: float, unit: str) -> tuple[str, str]:
+    if value is None:
+        return "not measured", "—"
+    return f"{value:.2f} {unit}", "yes" if value < bound else "**no**"
+
+
+def targets(results: Results) -> list[str]:
+    """Issue 9's targets, each with the value this run measured and whether it is met.
+    A ratio is always "how trionbd does": for ↓ metrics (seconds, MiB of RSS) it is the
+    other server's value divided by trionbd's, so above 1 means trionbd is better."""
+    lines = ["| Target | Measured | Met |", "|---|---:|:---:|"]
+
+    def add(text: str, result: tuple[str, str]) -> None:
+        lines.append(f"| {text} | {result[0]} | {result[1]} |")
+
+    def speed(name: str, row: str, other: str, metric: dict[str, Any]) -> float | None:
+        mine = median(results, name, row, "trionbd", metric["key"])
+        theirs = median(results, name, row, other, metric["key"])
+        if not mine or not theirs:
+            return None
+        return mine / theirs if metric["higher_is_better"] else theirs / mine
+
+    for wl in results["workloads"]:
+        for row in wl["rows"]:
+            if row["cells"].get("qemu-nbd") != "run":
+                continue
+            for metric in wl["metrics"]:
+                what = f"{_row_title(wl, row['label'])}, {metric['label']}"
+                add(
+                    f"≥ 1.0× qemu-nbd: {what}",
+                    _at_least(speed(wl["name"], row["label"], "qemu-nbd", metric), 1.0),
+                )
+    for name, bound in (
+        ("randread-4k", 0.7),
+        ("randwrite-4k", 0.7),
+        ("seqread-256k", 0.85),
+        ("nbdcopy", 0.85),
+        ("nbdcopy-multiconn", 0.85),
+    ):
+        for metric in _metrics(results, name):
+            add(f"≥ {bound}× nbdkit: {name}", _at_least(speed(name, "", "nbdkit", metric), bound))
+    one = median(results, "nbdcopy", "", "trionbd", "mib_s")
+    four = median(results, "nbdcopy-multiconn", "", "trionbd", "mib_s")
+    add(
+        "multi-conn nbdcopy scales with connections: 4 connections ÷ 1 connection (trionbd)",
+        _at_least(four / one if one and four else None, 1.0),
+    )
+    for name in ("tar-randread-4k", "tar-nbdcopy", "ext2-randread-4k", "ext2-nbdcopy"):
+        wl = _wl(results, name)
+        if wl is None or not wl["ratio"]:
+            continue
+        num, den = wl["ratio"]
+        for metric in wl["metrics"]:
+            a = median(results, name, num, "trionbd", metric["key"])
+            b = median(results, name, den, "trionbd", metric["key"])
+            add(
+                f"≥ 0.9× the plain file plugin: {name}, {num} ÷ {den}",
+                _at_least(a / b if a and b else None, 0.9),
+            )
+    for row in _rows(results, "startup-list", "tar of"):
+        add(
+            f"< 1 s: nbdinfo --list of the {row}",
+            _at_most(median(results, "startup-list", row, "trionbd", "list_s"), 1.0, "s"),
+        )
+    for row in _rows(results, "startup-list", "ext4 image of"):
+        add(
+            f"< 5 s: start-up (until the server greets a client) on the {row.split(', every')[0]}",
+            _at_most(median(results, "startup-list", row, "trionbd", "ready_s"), 5.0, "s"),
+        )
+    add(
+        "RSS idle < 60 MiB",
+        _at_most(median(results, "memory", "", "trionbd", "rss_idle_mib"), 60, "MiB"),
+    )
+    for row in _rows(results, "memory"):
+        for metric in _metrics(results, "memory")[1:]:
+            add(
+                f"{metric['label'].split(',')[0]} with clients < 300 MiB ({metric['label']})",
+                _at_most(median(results, "memory", row, "trionbd", metric["key"]), 300, "MiB"),
+            )
+    return lines
+
+
 def _placeholders(cmd: str, data_path: str) -> str:
     sample_dir = re.escape(f"{SAMPLE_DIR_PARENT}/{SAMPLE_DIR_PREFIX}") + r"[^/ ']+"
     return re.sub(sample_dir, "$DIR", cmd).replace(data_path, "$DATA")
@@ -188,7 +294,18 @@ def markdown(results: Results) -> str:
         "",
         *table(results),
         "",
+        "## Targets (issue 9)",
+        "",
+        "Each target against this run's medians. A ratio says how trionbd does: for ↓ "
+        "metrics (seconds, MiB) it is the other server's value ÷ trionbd's, so 1.0 or "
+        "more is as good or better. Where a target is not met, the next section says "
+        "where the time goes and what was tried.",
+        "",
+        *targets(results),
+        "",
     ]
+    if ANALYSIS.exists():
+        out += [ANALYSIS.read_text().rstrip(), ""]
     errs = errors(results)
     if errs:
         out += ["## Errors", "", *errs, ""]

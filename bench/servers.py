@@ -35,6 +35,8 @@ SAMPLE_DIR_PREFIX = "tnbd-bench-"
 STOP_TIMEOUT = 10.0
 """Seconds a server gets to exit after SIGTERM before it is killed."""
 POLL_INTERVAL = 0.002
+GREETING = b"NBDMAGIC"
+"""How every NBD server's greeting begins: the first bytes it sends a new client."""
 """Seconds between connection attempts while a server starts."""
 PROBE_TIMEOUT = 30.0
 """Seconds for a version or filter probe (``--version``, ``--filter=NAME --help``)."""
@@ -96,15 +98,17 @@ def unix_uri(sock: str, export: str = "") -> str:
 
 @dataclass
 class Running:
-    """A started server that accepts connections."""
+    """A started server that greets clients."""
 
     name: str
     command: list[str]
     proc: subprocess.Popen[bytes]
     socket: str
     workdir: Path
-    accept_s: float
-    """Seconds from starting the process until its socket accepted a connection."""
+    ready_s: float
+    """Seconds from starting the process until it greeted a client (sent NBDMAGIC): a
+    socket that takes connections into its backlog before the server serves them (the
+    lifetime's start-up still running) does not count as ready."""
     exit_status: int | None = None
     """Set once stopped: 0 is a clean exit after SIGTERM; -9 means it had to be killed."""
 
@@ -145,10 +149,10 @@ def _die_with_parent() -> None:
 def running(
     name: str, cmd_for: Callable[[str], list[str]], start_timeout: float
 ) -> Iterator[Running]:
-    """Start a server, wait until its socket accepts, yield it, and always stop it.
+    """Start a server, wait until it greets a client, yield it, and always stop it.
 
     ``cmd_for(sock)`` gives the command line for a socket path. Raises BenchError with
-    the server's log if it exits early or does not accept within ``start_timeout``.
+    the server's log if it exits early or does not greet a client within ``start_timeout``.
     """
     workdir = Path(tempfile.mkdtemp(prefix=SAMPLE_DIR_PREFIX, dir=SAMPLE_DIR_PARENT))
     sock = str(workdir / "sock")
@@ -167,7 +171,7 @@ def running(
                 preexec_fn=_die_with_parent,
             )
         server = Running(name, cmd, proc, sock, workdir, 0.0)
-        server.accept_s = _wait_accepting(server, start, start_timeout)
+        server.ready_s = _wait_ready(server, start, start_timeout)
         yield server
         server.check_alive()
     finally:
@@ -180,19 +184,25 @@ def running(
         workdir.rmdir()
 
 
-def _wait_accepting(server: Running, start: float, timeout: float) -> float:
+def _greets(server: Running, start: float, timeout: float) -> bool:
+    """Whether a connection to the server gets the greeting's magic within ``timeout``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(server.socket)
+            s.settimeout(max(POLL_INTERVAL, timeout - (time.monotonic() - start)))
+            return s.recv(len(GREETING), socket.MSG_WAITALL) == GREETING
+        except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, TimeoutError):
+            return False
+
+
+def _wait_ready(server: Running, start: float, timeout: float) -> float:
     while True:
         server.check_alive()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(server.socket)
-            except (FileNotFoundError, ConnectionRefusedError):
-                pass
-            else:
-                return time.monotonic() - start
+        if _greets(server, start, timeout):
+            return time.monotonic() - start
         if time.monotonic() - start > timeout:
             raise BenchError(
-                f"{server.name} did not accept connections on {server.socket} within "
+                f"{server.name} did not greet a client on {server.socket} within "
                 f"{timeout:g} s; command: {shlex.join(server.command)}\n{server.log_tail()}"
             )
         time.sleep(POLL_INTERVAL)
