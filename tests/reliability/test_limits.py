@@ -19,9 +19,10 @@ import pytest
 import trio
 import trio.testing
 
+from tests.chain.shape_filters import ManyNames
 from tests.server.nbdclient import Client, connect
 from tests.support import serving
-from trionbd.chain import ConfigError, Export, Plugin
+from trionbd.chain import Chain, ConfigError, Export, Plugin
 from trionbd.cli import Options, parse_args
 from trionbd.plugins.memory import MemoryPlugin
 from trionbd.protocol import Cmd, DataChunk, Info, Opt, Rep, wire
@@ -129,6 +130,26 @@ async def test_a_silent_client_is_closed_at_the_timeout_and_others_are_served(
         for c in silent:
             assert await closed(c)
         assert 10 <= trio.current_time() - start < 11
+
+
+async def test_a_client_that_does_not_read_its_answers_is_closed_at_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A LIST of 100 000 names (about 3 MB) to a client that never reads: the server's
+    send waits for it no longer than the handshake timeout, then closes."""
+    names = 100_000
+    chain = Chain(MemoryPlugin(MiB), [ManyNames(names)])
+    async with serving(chain, ServerConfig(handshake_timeout=10)) as server:
+        c = await connect(server)
+        await c.handshake()
+        await c.stream.send_all(wire.option_request(Opt.LIST, b""))
+        await trio.sleep(30)  # the server stalls in its send meanwhile
+        received = 0
+        while data := await c.stream.receive_some(1 << 16):
+            received += len(data)
+        assert trio.current_time() < 31  # closed already: only what it had sent is left
+        reply = len(wire.option_reply(Opt.LIST, Rep.SERVER, bytes(4 + len("name-000000"))))
+        assert 0 < received < names * reply
 
 
 class SlowBackend(MemoryPlugin):

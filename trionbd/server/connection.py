@@ -25,11 +25,10 @@ with ``ESHUTDOWN`` until the client disconnects or the grace period ends.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import trio
@@ -183,7 +182,8 @@ class Connection:
         self.bytes_read = 0
         self.bytes_written = 0
         self.errors = 0
-        self._handshake_scope = trio.CancelScope()
+        self._stall_limit: float | None = None
+        """While negotiating: how long a send may wait for the client to read."""
         self._receive_scope: trio.CancelScope | None = None
         self._limit = trio.Semaphore(self.config.max_in_flight)
         """Slots of requests served by tasks, each held until the reply has left."""
@@ -217,16 +217,17 @@ class Connection:
         set_current_client(self.info)
         try:
             ctx = None
-            with self._handshake_scope:
-                self._restart_option_clock()
+            self._stall_limit = self.config.handshake_timeout
+            try:
                 await self._send([self.proto.greeting()])
                 ctx = await self._negotiate()
-            if self._handshake_scope.cancelled_caught:
+            except trio.TooSlowError:
                 log.info(
                     "conn %d: no complete option within %ss (handshake timeout); closing",
                     self.id,
                     self.config.handshake_timeout,
                 )
+            self._stall_limit = None
             if ctx is None:
                 return
             try:
@@ -287,10 +288,10 @@ class Connection:
             self.debug("export %r retired; closing within %.1fs", self.info.export_name, grace)
         self.drain()
 
-    async def _receive(self, deadline: float = math.inf) -> bool:
-        """Feed the next bytes to the state machine; False when draining, or when no
-        byte arrived before ``deadline`` (the idle timeout: the deadline is moved while
-        waiting, see :meth:`_serve_task`)."""
+    async def _receive(self, deadline: float) -> bool:
+        """Feed the next bytes to the state machine; False when draining. Raises
+        ``trio.TooSlowError`` when no byte arrived before ``deadline`` (the handshake
+        and idle timeouts)."""
         if self.draining:
             return False
         data = self.transport.receive_nowait()
@@ -302,14 +303,11 @@ class Connection:
             data = await self.transport.receive()
             self.proto.receive_data(data)
         self._receive_scope = None
-        if scope.cancelled_caught and not self.draining:
-            log.info(
-                "conn %d: idle for %ss with no request in flight (idle timeout); closing",
-                self.id,
-                self.config.idle_timeout,
-            )
+        if self.draining:
             return False
-        return not self.draining
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
+        return True
 
     async def _send(self, buffers: list[Buffer]) -> None:
         lock = self._send_lock
@@ -318,39 +316,30 @@ class Connection:
         except trio.WouldBlock:
             await lock.acquire()
         try:
-            await self.transport.send(buffers)
+            await self.transport.send(buffers, self._stall_limit)
         finally:
             lock.release()
 
     # --- handshake -----------------------------------------------------------------------
 
-    def _restart_option_clock(self) -> None:
-        """Give the client ``handshake_timeout`` seconds from now to complete an option."""
-        timeout = self.config.handshake_timeout
-        if timeout is not None:
-            self._handshake_scope.deadline = trio.current_time() + timeout
-
-    @contextlib.contextmanager
-    def _backend_time(self) -> Iterator[None]:
-        """Around the plugin's and filters' work on an option: the handshake timeout is
-        the client's time, so it stops meanwhile (never cutting that work short) and
-        starts afresh afterwards."""
-        self._handshake_scope.deadline = math.inf
-        try:
-            yield
-        finally:
-            self._restart_option_clock()
-
     async def _negotiate(self) -> Next | None:
-        """Haggle options until the client enters transmission (returns its context)."""
+        """Haggle options until the client enters transmission (returns its context).
+
+        The handshake timeout is the client's time: it has ``handshake_timeout`` seconds
+        from the greeting or the previous answer to send a whole option, and a send may
+        wait that long for it to read. The time the plugin and filters take to answer
+        does not count (their work is never cut short by it). Raises
+        ``trio.TooSlowError`` when the client overstays."""
         proto = self.proto
+        timeout = self.config.handshake_timeout
+        clock = trio.current_time
+        deadline = math.inf if timeout is None else clock() + timeout
         while True:
             event = proto.next_event()
             if event is NEED_DATA:
-                if not await self._receive():
+                if not await self._receive(deadline):
                     return None
                 continue
-            self._restart_option_clock()
             self.debug("option %s", event)
             refused = self._refusal(event)
             if refused is not None:
@@ -393,6 +382,8 @@ class Connection:
                 return None
             else:
                 raise LocalProtocolError(f"unexpected event during the handshake: {event}")
+            if timeout is not None:
+                deadline = clock() + timeout
 
     async def _refuse(self, option: int, reply: Rep, message: str) -> None:
         self.debug("refusing option %d with %s: %s", option, reply.name, message)
@@ -433,8 +424,10 @@ class Connection:
             await self._refuse(option, Rep.ERR_INVALID, "TLS is already active")
             return True
         await self._send([self.proto.start_tls(option)])
+        timeout = self.config.handshake_timeout
         try:
-            version = await self.transport.start_tls(context)
+            with trio.fail_after(math.inf if timeout is None else timeout):
+                version = await self.transport.start_tls(context)
         except trio.BrokenResourceError as e:
             log.warning("conn %d: TLS handshake failed: %s; closing", self.id, e.__cause__ or e)
             return False
@@ -446,9 +439,8 @@ class Connection:
         """Resolve ``""`` to the default export's name and open the export."""
         top = self.chain.top
         readonly = self.config.readonly
-        with self._backend_time():
-            name = requested or await top.default_export(readonly, self.is_tls)
-            return name, await top.open(readonly, name, self.is_tls)
+        name = requested or await top.default_export(readonly, self.is_tls)
+        return name, await top.open(readonly, name, self.is_tls)
 
     async def _info(self, event: InfoOption) -> Next | None:
         proto = self.proto
@@ -464,8 +456,7 @@ class Connection:
             caps = ctx.caps
             flags = transmission_flags(caps, proto.structured)
             try:
-                with self._backend_time():
-                    description = await ctx.export_description()
+                description = await ctx.export_description()
             except Exception as e:
                 self.ctx = None
                 with trio.CancelScope(shield=True):
@@ -490,7 +481,7 @@ class Connection:
             with trio.CancelScope(shield=True):
                 await ctx.close()
             raise
-        with self._backend_time(), trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True):
             await ctx.close()
         return None
 
@@ -521,8 +512,7 @@ class Connection:
     async def _list(self, option: int) -> None:
         proto = self.proto
         try:
-            with self._backend_time():
-                exports = await self.chain.top.list_exports(self.config.readonly, self.is_tls)
+            exports = await self.chain.top.list_exports(self.config.readonly, self.is_tls)
         except Exception as e:
             await self._option_failed(option, "listing exports", e)
             return
@@ -610,7 +600,17 @@ class Connection:
                         deadline = math.inf
                     else:
                         deadline = trio.current_time() + idle
-                    if not await self._receive(deadline):
+                    try:
+                        received = await self._receive(deadline)
+                    except trio.TooSlowError:
+                        log.info(
+                            "conn %d: idle for %ss with no request in flight (idle timeout); "
+                            "closing",
+                            self.id,
+                            idle,
+                        )
+                        received = False
+                    if not received:
                         drained = True
                         break
                 elif kind is BadRequest:

@@ -16,6 +16,7 @@ Any other stream (the pipes of ``-s``, memory streams in tests) and, after
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
 
@@ -90,19 +91,26 @@ class Transport:
                 continue
             return self._rview[:n]
 
-    async def send(self, buffers: list[Buffer]) -> None:
-        """Send every buffer, in order. Not safe to call concurrently (hold a lock)."""
+    async def send(self, buffers: list[Buffer], stall_limit: float | None = None) -> None:
+        """Send every buffer, in order. Not safe to call concurrently (hold a lock).
+
+        With ``stall_limit``, raises ``trio.TooSlowError`` if the peer has not taken the
+        bytes ``stall_limit`` seconds after the send first had to wait. (Not the caller's
+        ``trio.fail_after``: a cancel scope around every send would cost each one; this
+        arms a deadline only when a send waits, which is rare.)"""
         fd = self._fd
         if fd < 0:
-            await self.stream.send_all(b"".join(buffers))
+            with trio.fail_after(math.inf if stall_limit is None else stall_limit):
+                await self.stream.send_all(b"".join(buffers))
             return
         pending = buffers
+        deadline = math.inf
         while True:
             batch = pending[:IOV_BATCH] if len(pending) > IOV_BATCH else pending
             try:
                 sent = os.writev(fd, batch)
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(fd)
+                deadline = await self._wait_writable(fd, deadline, stall_limit)
                 continue
             done = 0
             for buf in batch:
@@ -116,7 +124,21 @@ class Transport:
             pending = pending[done:]
             if sent:
                 pending[0] = memoryview(pending[0])[sent:]
+            deadline = await self._wait_writable(fd, deadline, stall_limit)
+
+    @staticmethod
+    async def _wait_writable(fd: int, deadline: float, stall_limit: float | None) -> float:
+        """Wait until ``fd`` takes more bytes; with ``stall_limit``, give up at
+        ``deadline`` (set to ``stall_limit`` seconds from now on the first wait). The
+        deadline to keep."""
+        if stall_limit is None:
             await trio.lowlevel.wait_writable(fd)
+            return deadline
+        if deadline == math.inf:
+            deadline = trio.current_time() + stall_limit
+        with trio.fail_at(deadline):
+            await trio.lowlevel.wait_writable(fd)
+        return deadline
 
     async def aclose(self) -> None:
         # Forget the descriptor first: once closed its number may be reused by another
