@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from ..protocol.constants import CmdFlag
+from ..protocol.constants import FUA_BIT, CmdFlag
 from .errors import NBDError
 from .filter import Filter
 from .plugin import Plugin, overrides
@@ -354,8 +354,8 @@ class Next:
     async def _with_fua(self, call: AnyFn, *args: Any) -> None:
         """Run a write-like call; emulate FUA with a flush when this layer lacks it."""
         flags = args[-1]
-        if flags & CmdFlag.FUA and self._caps().fua is FuaMode.EMULATE:
-            await call(*args[:-1], flags & ~CmdFlag.FUA)
+        if flags & FUA_BIT and self._caps().fua is FuaMode.EMULATE:
+            await call(*args[:-1], flags & ~FUA_BIT)
             await self._flush(0)
         else:
             await call(*args)
@@ -384,7 +384,7 @@ class Next:
         if caps.zero is ZeroMode.NATIVE:
             await self._with_fua(self._zero, count, offset, flags)
         else:
-            await self._with_fua(self._write_zeroes, count, offset, flags & CmdFlag.FUA)
+            await self._with_fua(self._write_zeroes, count, offset, flags & FUA_BIT)
 
     async def _write_zeroes(self, count: int, offset: int, flags: int) -> None:
         """Zeroing emulated with writes of zeroes, each with ``flags`` (FUA or 0)."""

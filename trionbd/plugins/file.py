@@ -40,7 +40,7 @@ import trio
 
 from ..chain import ConfigError, Export, Extent, NBDError, Param, Plugin, parse_choice
 from ..chain.types import CacheMode, FuaMode, ZeroMode
-from ..protocol.constants import UNALLOCATED, CmdFlag
+from ..protocol.constants import FUA_BIT, UNALLOCATED, CmdFlag
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -201,7 +201,7 @@ class FilePlugin(Plugin):
             n = os.pwrite(h.fd, view, offset)
             view = view[n:]
             offset += n
-        if flags & CmdFlag.FUA:
+        if flags & FUA_BIT:
             await self.flush(h, 0)
 
     async def flush(self, h: Handle, flags: int) -> None:
@@ -217,7 +217,7 @@ class FilePlugin(Plugin):
                 if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
                 h.can_punch = False  # trim is advisory: doing nothing is correct
-        if flags & CmdFlag.FUA:
+        if flags & FUA_BIT:
             await self.flush(h, 0)
 
     async def zero(self, h: Handle, count: int, offset: int, flags: int) -> None:
@@ -240,7 +240,7 @@ class FilePlugin(Plugin):
                 n = min(len(zeroes), end - offset)
                 await self.pwrite(h, zeroes[:n], offset, 0)
                 offset += n
-        if flags & CmdFlag.FUA:
+        if flags & FUA_BIT:
             await self.flush(h, 0)
 
     async def _try_fallocate(self, h: Handle, mode: int, count: int, offset: int) -> bool:
