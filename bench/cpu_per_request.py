@@ -1,0 +1,86 @@
+"""Server CPU time per request under fio: where the benchmark's ratios come from.
+
+    .venv/bin/python bench/cpu_per_request.py [--server trionbd|nbdkit] [--runs N]
+        [--fio "FIO OPTIONS"] -- PLUGIN [ARGS ...]
+
+Starts the server on a private Unix socket (``SERVER -f -U SOCK PLUGIN ARGS``), drives
+it with fio's nbd engine, and prints the server's user+system CPU time divided by the
+requests fio completed, with the IOPS. Throughput depends on the machine's other load;
+CPU per request much less, so this is the number to compare when changing the hot path.
+The default fio job is 200 000 random 4 KiB reads at queue depth 32 over the first GiB.
+
+    .venv/bin/python bench/cpu_per_request.py -- file /tmp/data.img
+    .venv/bin/python bench/cpu_per_request.py -- file /tmp/a.tar --filter=tar tar-entry=m
+    .venv/bin/python bench/cpu_per_request.py --server nbdkit -- file /tmp/data.img
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from servers import unix_uri
+
+TRIONBD = str(Path(sys.executable).with_name("trionbd"))
+DEFAULT_FIO = "--rw=randread --bs=4k --iodepth=32 --size=1G --number_ios=200000"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for(path: Path, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the server did not start: {shlex.join(map(str, proc.args))}")
+        time.sleep(0.01)
+
+
+def one_run(server: str, args: list[str], fio: list[str]) -> tuple[float, float]:
+    """(server CPU microseconds per request, IOPS) of one fio run on a fresh server."""
+    with tempfile.TemporaryDirectory(prefix="tnbd-cpu-") as tmp:
+        sock = Path(tmp) / "sock"
+        cmd = [TRIONBD if server == "trionbd" else server, "-f", "-U", str(sock), *args]
+        proc = subprocess.Popen(cmd)
+        try:
+            wait_for(sock, proc)
+            time.sleep(0.5)  # start-up work (a tar's headers, an ext2 image) finishes
+            before = cpu_seconds(proc.pid)
+            result = subprocess.run(
+                ["fio", "--name=cpu", "--ioengine=nbd", f"--uri={unix_uri(str(sock))}",
+                 "--output-format=json", *fio],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            used = cpu_seconds(proc.pid) - before
+        finally:
+            proc.terminate()
+            proc.wait()
+    job = json.loads(result.stdout[result.stdout.index("{") :])["jobs"][0]
+    ios = job["read"]["total_ios"] + job["write"]["total_ios"]
+    return 1e6 * used / ios, job["read"]["iops"] + job["write"]["iops"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--server", default="trionbd", help="trionbd (default) or nbdkit")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--fio", default=DEFAULT_FIO, help=f"fio options ({DEFAULT_FIO})")
+    parser.add_argument("args", nargs="+", help="the plugin, its parameters and filters")
+    opts = parser.parse_args()
+    for _ in range(opts.runs):
+        us, iops = one_run(opts.server, opts.args, shlex.split(opts.fio))
+        print(f"{us:6.2f} us server CPU per request, {iops:9,.0f} IOPS", flush=True)
+
+
+if __name__ == "__main__":
+    main()
