@@ -4,9 +4,10 @@
         [--fio "FIO OPTIONS"] -- PLUGIN [ARGS ...]
 
 Starts the server on a private Unix socket (``SERVER -f -U SOCK PLUGIN ARGS``), drives
-it with fio's nbd engine, and prints the server's user+system CPU time divided by the
-requests fio completed, with the IOPS. Throughput depends on the machine's other load;
-CPU per request much less, so this is the number to compare when changing the hot path.
+it with fio's nbd engine, and prints the server's CPU time (user + system, and each)
+divided by the requests fio completed, with the IOPS. Throughput depends on the
+machine's other load; CPU per request much less, so this is the number to compare when
+changing the hot path (on a busy virtual machine, take several runs).
 The default fio job is 200 000 random 4 KiB reads at queue depth 32 over the first GiB.
 
     .venv/bin/python bench/cpu_per_request.py -- file /tmp/data.img
@@ -32,10 +33,11 @@ TRIONBD = str(Path(sys.executable).with_name("trionbd"))
 DEFAULT_FIO = "--rw=randread --bs=4k --iodepth=32 --size=1G --number_ios=200000"
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process, from /proc/PID/stat."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process, from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def wait_for(path: Path, proc: subprocess.Popen[bytes]) -> None:
@@ -46,8 +48,9 @@ def wait_for(path: Path, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.01)
 
 
-def one_run(server: str, args: list[str], fio: list[str]) -> tuple[float, float]:
-    """(server CPU microseconds per request, IOPS) of one fio run on a fresh server."""
+def one_run(server: str, args: list[str], fio: list[str]) -> tuple[float, float, float]:
+    """(server user and system CPU microseconds per request, IOPS) of one fio run on a
+    fresh server."""
     with tempfile.TemporaryDirectory(prefix="tnbd-cpu-") as tmp:
         sock = Path(tmp) / "sock"
         cmd = [TRIONBD if server == "trionbd" else server, "-f", "-U", str(sock), *args]
@@ -61,13 +64,14 @@ def one_run(server: str, args: list[str], fio: list[str]) -> tuple[float, float]
                  "--output-format=json", *fio],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
-            used = cpu_seconds(proc.pid) - before
+            after = cpu_seconds(proc.pid)
         finally:
             proc.terminate()
             proc.wait()
     job = json.loads(result.stdout[result.stdout.index("{") :])["jobs"][0]
     ios = job["read"]["total_ios"] + job["write"]["total_ios"]
-    return 1e6 * used / ios, job["read"]["iops"] + job["write"]["iops"]
+    user, system = (1e6 * (b - a) / ios for a, b in zip(before, after, strict=True))
+    return user, system, job["read"]["iops"] + job["write"]["iops"]
 
 
 def main() -> None:
@@ -78,8 +82,12 @@ def main() -> None:
     parser.add_argument("args", nargs="+", help="the plugin, its parameters and filters")
     opts = parser.parse_args()
     for _ in range(opts.runs):
-        us, iops = one_run(opts.server, opts.args, shlex.split(opts.fio))
-        print(f"{us:6.2f} us server CPU per request, {iops:9,.0f} IOPS", flush=True)
+        user, system, iops = one_run(opts.server, opts.args, shlex.split(opts.fio))
+        print(
+            f"{user + system:6.2f} us server CPU per request ({user:.2f} user, "
+            f"{system:.2f} system), {iops:9,.0f} IOPS",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
