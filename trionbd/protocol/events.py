@@ -107,9 +107,13 @@ OptionEvent = (
 # --- server side: transmission --------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Request:
-    """A valid request. ``data`` is the payload of a WRITE, else empty."""
+    """A valid request. ``data`` is the payload of a WRITE, else empty.
+
+    One is made for every request, so its ``__init__`` is written out, setting the slots
+    through their descriptors: the one ``dataclass`` generates for a frozen class calls
+    ``object.__setattr__`` by name for each field, 0.4 µs of a request's 6 to 7."""
 
     cookie: int
     command: int
@@ -117,6 +121,25 @@ class Request:
     offset: int
     length: int
     data: bytes = b""
+
+    def __init__(
+        self, cookie: int, command: int, flags: int, offset: int, length: int, data: bytes = b""
+    ) -> None:
+        _set_cookie(self, cookie)
+        _set_command(self, command)
+        _set_flags(self, flags)
+        _set_offset(self, offset)
+        _set_length(self, length)
+        _set_data(self, data)
+
+
+# The slot descriptors' setters: they write a slot directly, frozen or not.
+_set_cookie = Request.__dict__["cookie"].__set__
+_set_command = Request.__dict__["command"].__set__
+_set_flags = Request.__dict__["flags"].__set__
+_set_offset = Request.__dict__["offset"].__set__
+_set_length = Request.__dict__["length"].__set__
+_set_data = Request.__dict__["data"].__set__
 
 
 @dataclass(frozen=True, slots=True)
