@@ -649,6 +649,12 @@ def test_filemap_lookup_matches_brute_force() -> None:
                     covered.append(expect)
                 pos += seg.length
             assert covered == where[off : min(off + length, size)]
+            # physical(): the start of the range exactly when one run stores all of it
+            one_run = (
+                0 < length and off + length <= size and len(segs) == 1
+                and segs[0].physical is not None
+            )  # fmt: skip
+            assert fmap.physical(off, length) == (segs[0].physical if one_run else None)
             # adjacent hole segments never repeat
             assert all(not (a.physical is None and b.physical is None)
                        for a, b in itertools.pairwise(segs))  # fmt: skip

@@ -373,16 +373,17 @@ class Ext2Filter(Filter):
         fmap = h.fmap
         if fmap.inline is not None:
             return fmap.inline[offset : offset + count]
-        segments = fmap.lookup(offset, count)
-        if len(segments) == 1 and segments[0].physical is not None:  # one run: one call below
-            return await next.pread(count, segments[0].physical, flags)
-        return await _formats.read(next, segments, offset, flags)
+        physical = fmap.physical(offset, count)
+        if physical is not None:  # inside one run: one call below
+            return await next.pread(count, physical, flags)
+        return await _formats.read(next, fmap.lookup(offset, count), offset, flags)
 
     async def pwrite(self, next: Next, h: File, buf: bytes, offset: int, flags: int) -> None:
-        segments = h.fmap.lookup(offset, len(buf))
-        if len(segments) == 1 and segments[0].physical is not None:
-            await next.pwrite(buf, segments[0].physical, flags)
+        physical = h.fmap.physical(offset, len(buf))
+        if physical is not None:
+            await next.pwrite(buf, physical, flags)
             return
+        segments = h.fmap.lookup(offset, len(buf))
 
         def refuse(hole: Piece) -> NBDError:
             return _no_allocation(h, hole, f"write {len(buf)} bytes at offset {offset}")

@@ -675,11 +675,23 @@ class FileMap:
         end = min(offset + length, self.size)
         if offset >= end:
             return []
+        physical = self.physical(offset, end - offset)
+        if physical is not None:
+            return [Segment(offset, end - offset, physical)]
+        return map_range(self._starts, self._ends, self._phys, offset, end, Segment)
+
+    def physical(self, offset: int, length: int) -> int | None:
+        """Where bytes ``[offset, offset + length)`` are stored when they lie inside one
+        run (the common read or write of a few blocks), else None (:meth:`lookup` then
+        says what they are). Makes no list: the filter asks it for every request."""
+        end = offset + length
+        if offset < 0 or length <= 0 or end > self.size:
+            return None
         starts = self._starts
         i = bisect_right(starts, offset) - 1
-        if i >= 0 and end <= self._ends[i]:  # inside one run: the common read of a few blocks
-            return [Segment(offset, end - offset, self._phys[i] + offset - starts[i])]
-        return map_range(starts, self._ends, self._phys, offset, end, Segment)
+        if i < 0 or end > self._ends[i]:
+            return None
+        return self._phys[i] + offset - starts[i]
 
 
 # --------------------------------------------------------------------------------------
