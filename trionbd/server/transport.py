@@ -100,8 +100,12 @@ class Transport:
         arms a deadline only when a send waits, which is rare.)"""
         fd = self._fd
         if fd < 0:
-            with trio.fail_after(math.inf if stall_limit is None else stall_limit):
-                await self.stream.send_all(b"".join(buffers))
+            data = b"".join(buffers)
+            if stall_limit is None:
+                await self.stream.send_all(data)
+            else:
+                with trio.fail_after(stall_limit):
+                    await self.stream.send_all(data)
             return
         pending = buffers
         deadline = math.inf
