@@ -176,7 +176,10 @@ def test_a_server_that_fails_or_hangs_is_reported_and_cleaned_up(tmp_path: Path)
         "exec sleep 1000\n"
     )
     hang.chmod(0o755)
-    for program, message in [("/bin/false", "exited with status 1"), (hang, "did not greet a client")]:
+    for program, message in [
+        ("/bin/false", "exited with status 1"),
+        (hang, "did not greet a client"),
+    ]:
         out = tmp_path / "r.json"
         result = subprocess.run(
             [PYTHON, RUN, "--quick", "--only", "memory", "--servers", "trionbd", "--trionbd",
