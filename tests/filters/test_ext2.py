@@ -14,7 +14,6 @@ import json
 import os
 import random
 import re
-import shutil
 import stat
 import subprocess
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from tests.formats.test_ext2 import (
     ENV,
     MKE2FS,
     bmap,
+    copy_image,
     debugfs,
     imap,
     mkfs,
@@ -177,11 +177,6 @@ def images(tmp_path_factory: pytest.TempPathFactory, src: Path) -> Callable[[str
         return made[config]
 
     return get
-
-
-def copy_image(image: Path, dst: Path) -> Path:
-    shutil.copyfile(image, dst)
-    return dst
 
 
 # ------------------------------------------------------------------------------ clients
