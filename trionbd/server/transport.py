@@ -39,6 +39,9 @@ class Transport:
         self.stream = stream
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._eager = 0
+        self._drained = False
+        """The last :meth:`receive_nowait` found nothing waiting: :meth:`receive` then
+        waits at once instead of trying a read that would fail the same way."""
         self._rbuf = bytearray(RECEIVE_SIZE)
         self._rview = memoryview(self._rbuf)
 
@@ -67,6 +70,7 @@ class Transport:
             n = os.readv(fd, [self._rbuf])
         except BlockingIOError:
             self._eager = 0
+            self._drained = True
             return None
         return self._rview[:n]
 
@@ -76,13 +80,16 @@ class Transport:
         fd = self._fd
         if fd < 0:
             return await self.stream.receive_some(RECEIVE_SIZE)
-        try:
-            n = os.readv(fd, [self._rbuf])
-        except BlockingIOError:
-            pass
+        if self._drained:
+            self._drained = False
         else:
-            await trio.lowlevel.checkpoint()
-            return self._rview[:n]
+            try:
+                n = os.readv(fd, [self._rbuf])
+            except BlockingIOError:
+                pass
+            else:
+                await trio.lowlevel.checkpoint()
+                return self._rview[:n]
         while True:
             await trio.lowlevel.wait_readable(fd)
             try:
