@@ -617,7 +617,6 @@ class Connection:
                     event = cast(BadRequest, event)
                     self.debug("bad request: %s", event.message)
                     self.requests += 1
-                    self.errors += 1
                     batch += self._error(event.cookie, event.error, event.message)
                 elif kind is Disconnect or kind is ConnectionClosed:
                     self.debug("client disconnected (%s)", kind.__name__)
@@ -639,7 +638,6 @@ class Connection:
             event = proto.next_event()
             if isinstance(event, Request | BadRequest):
                 self.requests += 1
-                self.errors += 1
                 await self._send(self._error(event.cookie, Err.ESHUTDOWN, message))
             elif event is NEED_DATA:
                 with trio.CancelScope() as self._receive_scope:
@@ -735,6 +733,8 @@ class Connection:
                 self._receive_scope.deadline = trio.current_time() + idle
 
     def _error(self, cookie: int, error: int, message: str) -> list[Buffer]:
+        """The error reply to a request, counted in :attr:`errors`."""
+        self.errors += 1
         if self.proto.structured:
             return [wire.error_chunk(cookie, error, message)]
         return [wire.simple_reply(cookie, error)]
@@ -779,16 +779,13 @@ class Connection:
                     await ctx.cache(req.length, req.offset, req.flags)
             return [wire.simple_reply(req.cookie, 0)]
         except NBDError as e:
-            self.errors += 1
             self.debug("cookie %d: %s", req.cookie, e)
             return self._error(req.cookie, nbd_error(e.errno, req.flags), e.message)
         except OSError as e:
-            self.errors += 1
             code = e.errno or errno.EIO
             self.debug("cookie %d: %s", req.cookie, e)
             return self._error(req.cookie, nbd_error(code, req.flags), str(e))
         except Exception:
-            self.errors += 1
             log.exception("conn %d: request %s failed unexpectedly", self.id, req)
             return self._error(req.cookie, Err.EIO, "internal server error")
 
