@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +41,7 @@ from ..chain.types import Concurrency
 from ..nursery import Lifetime, open_lifetime
 from .config import ServerConfig
 from .connection import Connection
+from .daemon import remove_quietly
 from .listeners import Address, address_of, listen
 
 log = logging.getLogger("trionbd.server")
@@ -154,7 +154,7 @@ class Server:
             await conn.closed.wait()
         return len(closing)
 
-    async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self) -> None:
         """Accept and serve clients until :meth:`shutdown`; then wait for connections."""
         with self._connections_scope:
             async with trio.open_nursery() as connections:
@@ -164,7 +164,6 @@ class Server:
                             accepting.start_soon(self._accept_loop, listener, connections)
                         self._connections = connections
                         self._running.set()
-                        task_status.started(self)
                         await trio.sleep_forever()  # until shutdown(), even with no listener
                 for listener in self.listeners:
                     await listener.aclose()
@@ -294,10 +293,7 @@ async def serve(
         for listener, path in opened:
             listener.socket.close()
             if path:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+                remove_quietly(path)
         if owns_chain:
             chain.unload()
 
