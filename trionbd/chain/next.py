@@ -117,9 +117,15 @@ class Layer:
         """Name of what sits on top of this layer (for error messages)."""
         self._below_arg: tuple[Layer, ...] = ()
         """What the target's global callbacks get first: a filter's get the layer below."""
+        self.passed_caps: frozenset[str] = frozenset()
+        """The capability callbacks this filter keeps the default of: at open, their
+        answers are the layer below's, taken without a call."""
         if self.is_filter:
             assert below is not None, f"filter {self.name!r} needs a layer below"
             self._below_arg = (below,)
+            self.passed_caps = frozenset(
+                name for name in _CAPS_FIELD if not overrides(target, Filter, name)
+            )
         self.global_lock = (
             trio.Lock() if target.concurrency <= Concurrency.SERIALIZE_ALL_REQUESTS else None
         )
@@ -253,14 +259,12 @@ class Next:
         """Ask every capability once (nbdkit's ``prepare``)."""
         callback = self.layer.callback
         prefix = self._prefix
-        target = self.layer.target
-        # A filter that keeps a capability callback's default passes the layer below's
-        # answer through: take it from there without the call.
-        inherited = self.below.caps if isinstance(target, Filter) and self.below else None
+        passed = self.layer.passed_caps
+        below = self.below.caps if self.below is not None else None
 
         async def c(name: str) -> Any:
-            if inherited is not None and not overrides(target, Filter, name):
-                return getattr(inherited, _CAPS_FIELD[name])
+            if name in passed:
+                return getattr(below, _CAPS_FIELD[name])
             return await callback(name)(*prefix)
 
         size = await c("get_size")

@@ -32,17 +32,9 @@ if TYPE_CHECKING:
     from ..nursery import Lifetime
 
 
-_OVERRIDES: dict[tuple[type, type, str], bool] = {}
-
-
 def overrides(obj: object, base: type, name: str) -> bool:
-    """Whether ``obj``'s class defines ``name`` itself rather than inheriting ``base``'s
-    (remembered per class: capability defaults ask this at every open)."""
-    key = (type(obj), base, name)
-    found = _OVERRIDES.get(key)
-    if found is None:
-        found = _OVERRIDES[key] = getattr(type(obj), name) is not getattr(base, name)
-    return found
+    """Whether ``obj``'s class defines ``name`` itself rather than inheriting ``base``'s."""
+    return getattr(type(obj), name) is not getattr(base, name)
 
 
 class Plugin:
