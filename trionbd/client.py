@@ -340,8 +340,13 @@ class Handshake:
 
         ``""`` is the default export; ``.name`` is its canonical name if the server says.
         """
-        replies = await self._option(Opt.INFO, wire.name_and_infos(export, INFO_REQUESTS))
-        with _failures(self.peer, f"reading INFO of {export!r}"):
+        return await self._export_info(Opt.INFO, export, f"reading INFO of {export!r}")
+
+    async def _export_info(self, option: Opt, export: str, doing: str) -> ExportInfo:
+        """Ask INFO or GO about ``export`` and read the answer (``doing`` names the step
+        in errors)."""
+        replies = await self._option(option, wire.name_and_infos(export, INFO_REQUESTS))
+        with _failures(self.peer, doing):
             return parse_info_replies(export, [r.payload for r in replies if r.reply == Rep.INFO])
 
     async def go(self, export: str = "", *, base_allocation: bool = True) -> Client:
@@ -366,11 +371,7 @@ class Handshake:
                         if name == BASE_ALLOCATION:
                             context_id = cid
         try:
-            replies = await self._option(Opt.GO, wire.name_and_infos(export, INFO_REQUESTS))
-            with _failures(self.peer, f"reading GO replies for {export!r}"):
-                info = parse_info_replies(
-                    export, [r.payload for r in replies if r.reply == Rep.INFO]
-                )
+            info = await self._export_info(Opt.GO, export, f"reading GO replies for {export!r}")
         except OptionError as e:
             if e.reply != Rep.ERR_UNSUP:
                 raise
@@ -824,10 +825,10 @@ class Client:
                 self._fail(f"{self.peer}: connection lost while sending: {_describe(e)}")
                 return
             finally:
-                for r in batch:
-                    if r.command == Cmd.DISC:
-                        r.done.set()  # sent, or never will be: disconnect() goes on
-            if any(r.command == Cmd.DISC for r in batch):
+                discs = [r for r in batch if r.command == Cmd.DISC]
+                for r in discs:
+                    r.done.set()  # sent, or never will be: disconnect() goes on
+            if discs:
                 return
 
     async def _read_loop(self) -> None:
