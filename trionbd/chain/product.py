@@ -39,6 +39,15 @@ class ProductNames:
     async def of(cls, below: Layer, readonly: bool, is_tls: bool) -> ProductNames:
         return cls(await below.list_exports(readonly, is_tls))
 
+    def __contains__(self, name: str) -> bool:
+        """Whether ``name`` is an export of the layer below."""
+        return name in self._known
+
+    def shown(self) -> str:
+        """The names of the layer below for a message: the first five, and how many more."""
+        shown = ", ".join(repr(n) for n in self.below[:5])
+        return shown + (f" and {len(self.below) - 5} more" if len(self.below) > 5 else "")
+
     def join(self, below: str, item: str) -> str:
         return item if self.single else f"{below}/{item}"
 
@@ -51,11 +60,9 @@ class ProductNames:
         while (end := name.rfind("/", 0, end)) != -1:
             if name[:end] in self._known:
                 return name[:end], name[end + 1 :]
-        shown = ", ".join(repr(n) for n in self.below[:5])
-        more = f" and {len(self.below) - 5} more" if len(self.below) > 5 else ""
         raise NBDError(
             errno.ENOENT,
-            f"no export named {name!r}: names are EXPORT/ITEM with EXPORT one of {shown}{more}",
+            f"no export named {name!r}: names are EXPORT/ITEM with EXPORT one of {self.shown()}",
         )
 
 

@@ -11,7 +11,7 @@ hole cannot hold.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from ..chain import NBDError, Next, Sparse
 from ..formats import Pread
@@ -78,6 +78,14 @@ async def zero(next: Next, pieces: Sequence[Piece], flags: int, refuse: Refuse) 
         for piece in pieces:
             if piece[2] is None:
                 raise refuse(piece)
+    await each_stored(next.zero, pieces, flags)
+
+
+async def each_stored(
+    call: Callable[[int, int, int], Awaitable[None]], pieces: Sequence[Piece], flags: int
+) -> None:
+    """``call(length, offset below, flags)`` for each stored piece (trim, zero, cache of
+    the layer below); holes are skipped."""
     for _, length, below in pieces:
         if below is not None:
-            await next.zero(length, below, flags)
+            await call(length, below, flags)

@@ -137,9 +137,9 @@ class File:
     """How messages name the file: ``ext2: IMAGE: 'PATH'``."""
     inode: Inode
     fmap: FileMap
-    read_only_reason: str | None
-    """Why the file must not be written (inline data, a file system the reader must not
-    write to), or None."""
+    read_only: bool
+    """The file must not be written: its data is inline in its inode, or the reader must
+    not write to the file system (its reason is logged when the image is opened)."""
 
 
 def describe(inode: Inode) -> str:
@@ -283,10 +283,8 @@ class Ext2Filter(Filter):
             fmap = await fs.extents(inode.ino)
         except FormatError as e:
             raise _open_error(image.label, path, e) from None
-        reason = fs.read_only_reason
-        if fmap.inline is not None:
-            reason = "the file's data is inline in its inode (inline_data)"
-        return File(f"ext2: {image.label}: {path!r}", inode, fmap, reason)
+        read_only = fs.read_only_reason is not None or fmap.inline is not None
+        return File(f"ext2: {image.label}: {path!r}", inode, fmap, read_only)
 
     # --- exports -------------------------------------------------------------------------
 
@@ -320,7 +318,15 @@ class Ext2Filter(Filter):
     async def default_export(self, below: Layer, readonly: bool, is_tls: bool) -> str:
         if self.path is not None:
             return self.path if self._single else await below.default_export(readonly, is_tls)
-        for image in await self._images(below, readonly, is_tls):
+        if self._single:
+            image = await self.images.get("")
+            return image.files[0].name if image.files else ""
+        # The first file of the first image that has one: later images stay unread.
+        for export in (await ProductNames.of(below, readonly, is_tls)).below:
+            try:
+                image = await self.images.get(export)
+            except NBDError:
+                continue  # list_exports logs why
             if image.files:
                 return image.files[0].name
         return ""
@@ -333,21 +339,19 @@ class Ext2Filter(Filter):
             names = await ProductNames.of(below, readonly, is_tls)
             if self.path is None:
                 export, path = names.split(export_name)
-            elif export_name in names.below:
+            elif export_name in names:
                 export = export_name
             else:
-                shown = ", ".join(repr(n) for n in names.below[:5])
-                more = f" and {len(names.below) - 5} more" if len(names.below) > 5 else ""
                 raise NBDError(
                     errno.ENOENT,
                     f"ext2: no image named {export_name!r} (with ext2file=PATH the export "
-                    f"names are those of the layer below: {shown}{more})",
+                    f"names are those of the layer below: {names.shown()})",
                 )
         image = await self.images.get(export)
         file = await self._file(image, path if self.path is None else self.path)
         # A file that must not be written opens the layer below read-only: the export is
         # then read-only too (can_write is the layer below's).
-        next = await below.open(readonly or file.read_only_reason is not None, export, is_tls)
+        next = await below.open(readonly or file.read_only, export, is_tls)
         return next, file
 
     # --- capabilities --------------------------------------------------------------------
@@ -408,9 +412,7 @@ class Ext2Filter(Filter):
 
     async def cache(self, next: Next, h: File, count: int, offset: int, flags: int) -> None:
         if h.fmap.inline is None:
-            for seg in h.fmap.lookup(offset, count):
-                if seg.physical is not None:
-                    await next.cache(seg.length, seg.physical, flags)
+            await _formats.each_stored(next.cache, h.fmap.lookup(offset, count), flags)
 
 
 FILTER = Ext2Filter

@@ -177,7 +177,7 @@ class TarFilter(Filter):
     async def after_fork(self, lifetime: Lifetime, below: Layer) -> None:
         self.below = below
         self.limiter = trio.CapacityLimiter(SCAN_THREADS)
-        self.single = ProductNames(await below.list_exports(True, False)).single
+        self.single = (await ProductNames.of(below, True, False)).single
         if not self.single:
             return  # archives are read on first use
         self.lifetime_context = await lifetime.open_context(below, "", readonly=True)
@@ -322,9 +322,9 @@ class TarFilter(Filter):
         await _formats.write(next, pieces, buf, offset, flags, refuse)
 
     async def trim(self, next: Next, h: Served, count: int, offset: int, flags: int) -> None:
-        for _, length, below in _pieces(h, "trim", count, offset, errno.EINVAL):
-            if below is not None:
-                await next.trim(length, below, flags)
+        await _formats.each_stored(
+            next.trim, _pieces(h, "trim", count, offset, errno.EINVAL), flags
+        )
 
     async def zero(self, next: Next, h: Served, count: int, offset: int, flags: int) -> None:
         def refuse(hole: Piece) -> NBDError:
@@ -335,9 +335,9 @@ class TarFilter(Filter):
         await _formats.zero(next, pieces, flags, refuse)
 
     async def cache(self, next: Next, h: Served, count: int, offset: int, flags: int) -> None:
-        for _, length, below in _pieces(h, "cache", count, offset, errno.EINVAL):
-            if below is not None:
-                await next.cache(length, below, flags)
+        await _formats.each_stored(
+            next.cache, _pieces(h, "cache", count, offset, errno.EINVAL), flags
+        )
 
     async def extents(
         self, next: Next, h: Served, count: int, offset: int, flags: int
