@@ -22,14 +22,12 @@ import json
 import os
 import shlex
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from servers import unix_uri
+from servers import DEFAULT_TRIONBD, running
 
-TRIONBD = str(Path(sys.executable).with_name("trionbd"))
+START_TIMEOUT = 30.0
 DEFAULT_FIO = "--rw=randread --bs=4k --iodepth=32 --size=1G --number_ios=200000"
 
 
@@ -40,34 +38,19 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def wait_for(path: Path, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the server did not start: {shlex.join(map(str, proc.args))}")
-        time.sleep(0.01)
-
-
 def one_run(server: str, args: list[str], fio: list[str]) -> tuple[float, float, float]:
     """(server user and system CPU microseconds per request, IOPS) of one fio run on a
     fresh server."""
-    with tempfile.TemporaryDirectory(prefix="tnbd-cpu-") as tmp:
-        sock = Path(tmp) / "sock"
-        cmd = [TRIONBD if server == "trionbd" else server, "-f", "-U", str(sock), *args]
-        proc = subprocess.Popen(cmd)
-        try:
-            wait_for(sock, proc)
-            time.sleep(0.5)  # start-up work (a tar's headers, an ext2 image) finishes
-            before = cpu_seconds(proc.pid)
-            result = subprocess.run(
-                ["fio", "--name=cpu", "--ioengine=nbd", f"--uri={unix_uri(str(sock))}",
-                 "--output-format=json", *fio],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
-            after = cpu_seconds(proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait()
+    program = DEFAULT_TRIONBD if server == "trionbd" else server
+    with running(server, lambda sock: [program, "-f", "-U", sock, *args], START_TIMEOUT) as srv:
+        time.sleep(0.5)  # let the first connection's work settle before counting
+        before = cpu_seconds(srv.proc.pid)
+        result = subprocess.run(
+            ["fio", "--name=cpu", "--ioengine=nbd", f"--uri={srv.uri}",
+             "--output-format=json", *fio],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        after = cpu_seconds(srv.proc.pid)
     job = json.loads(result.stdout[result.stdout.index("{") :])["jobs"][0]
     ios = job["read"]["total_ios"] + job["write"]["total_ios"]
     user, system = (1e6 * (b - a) / ios for a, b in zip(before, after, strict=True))

@@ -10,9 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from servers import SAMPLE_DIR_PARENT, SAMPLE_DIR_PREFIX
+from servers import SAMPLE_DIR_PARENT, SAMPLE_DIR_PREFIX, SERVERS
 
-SERVERS = ("trionbd", "nbdkit", "qemu-nbd")
 RATIOS = ("nbdkit", "qemu-nbd")
 NOT_RUN = "—"
 NA = "n/a"
@@ -43,14 +42,16 @@ def _samples(results: Results, workload: str, row: str, server: str) -> list[dic
     ]
 
 
-def median(results: Results, workload: str, row: str, server: str, metric: str) -> float | None:
-    """Median of a metric over the samples without error; None if there are none."""
+def _median_of(samples: list[dict[str, Any]], metric: str) -> float | None:
     values = [
-        s["metrics"][metric]
-        for s in _samples(results, workload, row, server)
-        if s["error"] is None and metric in s["metrics"]
+        s["metrics"][metric] for s in samples if s["error"] is None and metric in s["metrics"]
     ]
     return statistics.median(values) if values else None
+
+
+def median(results: Results, workload: str, row: str, server: str, metric: str) -> float | None:
+    """Median of a metric over the samples without error; None if there are none."""
+    return _median_of(_samples(results, workload, row, server), metric)
 
 
 def _cell(
@@ -62,7 +63,7 @@ def _cell(
     samples = _samples(results, wl["name"], row["label"], server)
     if not samples:
         return NOT_RUN, None
-    value = median(results, wl["name"], row["label"], server, metric)
+    value = _median_of(samples, metric)
     failed = sum(s["error"] is not None for s in samples)
     if value is None:
         return "error", None

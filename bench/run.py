@@ -11,6 +11,7 @@ exact commands, every sample). Exit status 1 if any sample failed, 2 for bad usa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -27,7 +28,17 @@ from typing import Any
 
 import report
 from fixtures import Fixtures, preread
-from servers import SERVERS, BenchError, Target, command, running, trionbd_has_filter, versions
+from servers import (
+    DEFAULT_TRIONBD,
+    SERVERS,
+    SYSTEM_PYTHON,
+    BenchError,
+    Target,
+    command,
+    running,
+    trionbd_has_filter,
+    versions,
+)
 from workloads import FULL, QUICK, Row, Settings, Workload, workloads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +72,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--trionbd",
-        default=str(Path(sys.executable).parent / "trionbd"),
+        default=DEFAULT_TRIONBD,
         help="the trionbd command (default: next to this Python)",
     )
     return p.parse_args(argv)
@@ -108,11 +119,9 @@ def check_tools(trionbd: str) -> None:
         missing.append(trionbd)
     if missing:
         sys.exit(f"bench: missing programs: {', '.join(missing)}")
-    probe = subprocess.run(
-        ["/usr/bin/python3", "-c", "import nbd"], capture_output=True, check=False
-    )
+    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True, check=False)
     if probe.returncode != 0:
-        sys.exit("bench: /usr/bin/python3 cannot import nbd (install python3-libnbd)")
+        sys.exit(f"bench: {SYSTEM_PYTHON} cannot import nbd (install python3-libnbd)")
 
 
 class Runner:
@@ -145,8 +154,8 @@ class Runner:
             if skipped is None:
                 log(f"{wl.name}: preparing data for {row.label or wl.name}")
                 targets = row.targets()
-                for target in targets.values():
-                    preread(target.path)
+                for path in {target.path for target in targets.values()}:
+                    preread(path)
                 active.append((row, targets))
                 cells = {s: self.cell_state(s, row, targets) for s in SERVERS}
             else:
@@ -182,7 +191,8 @@ class Runner:
             "error": None,
         }
         self.samples.append(record)
-        timeout = s.list_timeout if row.many else s.start_timeout
+        # Serving thousands of listed names, start-up reads them all first.
+        timeout = s.list_timeout if target.exports else s.start_timeout
 
         def cmd_for(sock: str) -> list[str]:
             cmd = command(server, target, sock, self.trionbd)
@@ -241,7 +251,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.reps is not None:
         if args.reps < 1:
             sys.exit("bench: --reps must be at least 1")
-        settings = Settings(**{**vars(settings), "reps": args.reps})
+        settings = dataclasses.replace(settings, reps=args.reps)
     parent = args.data_dir
     started = time.monotonic()
     results: dict[str, Any] = {

@@ -16,6 +16,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,9 +36,13 @@ SAMPLE_DIR_PREFIX = "tnbd-bench-"
 STOP_TIMEOUT = 10.0
 """Seconds a server gets to exit after SIGTERM before it is killed."""
 POLL_INTERVAL = 0.002
+"""Seconds between connection attempts while a server starts."""
 GREETING = b"NBDMAGIC"
 """How every NBD server's greeting begins: the first bytes it sends a new client."""
-"""Seconds between connection attempts while a server starts."""
+DEFAULT_TRIONBD = str(Path(sys.executable).with_name("trionbd"))
+"""The trionbd command next to the Python running the harness (the project's venv)."""
+SYSTEM_PYTHON = "/usr/bin/python3"
+"""Debian's Python: the only one that can ``import nbd`` (python3-libnbd)."""
 PROBE_TIMEOUT = 30.0
 """Seconds for a version or filter probe (``--version``, ``--filter=NAME --help``)."""
 PR_SET_PDEATHSIG = 1
@@ -220,19 +225,19 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
     return proc.returncode
 
 
-def run_client(cmd: Sequence[str], timeout: float, stdin: bytes | None = None) -> str:
+def run_client(cmd: Sequence[str], timeout: float) -> str:
     """Run a client to completion; return its stdout. On failure or timeout raise
     BenchError with its output; a timed-out client's whole process group is killed."""
     proc = subprocess.Popen(
         list(cmd),
-        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
         preexec_fn=_die_with_parent,
     )
     try:
-        out, err = proc.communicate(stdin, timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
@@ -286,7 +291,7 @@ def versions(trionbd: str, root: Path) -> dict[str, str]:
         "nbdcopy": first_line("nbdcopy", "--version"),
         "nbdinfo": first_line("nbdinfo", "--version"),
         "libnbd (python3-libnbd)": first_line(
-            "/usr/bin/python3", "-c", "import nbd; print(nbd.NBD().get_version())"
+            SYSTEM_PYTHON, "-c", "import nbd; print(nbd.NBD().get_version())"
         ),
         "trionbd python": first_line(
             trionbd_python(trionbd), "-c", "import sys; print(sys.version.split()[0])"

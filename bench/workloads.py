@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fixtures import MEMBER_NAME, Fixtures
-from servers import BenchError, Running, Target, run_client
+from servers import SERVERS, SYSTEM_PYTHON, BenchError, Running, Target, run_client
 
 MiB = 1 << 20
 GiB = 1 << 30
-SYSTEM_PYTHON = "/usr/bin/python3"
 """Debian's Python: the one with ``import nbd`` (python3-libnbd)."""
 DRIVER = str(Path(__file__).resolve().parent / "nbd_driver.py")
 CLIENT_SLACK = 60.0
@@ -105,8 +104,6 @@ class Row:
     targets: Callable[[], dict[str, Target]]
     na: tuple[str, ...] = ()
     requires: str | None = None
-    many: bool = False
-    """Start-up may take long (a listing of thousands of names): use ``list_timeout``."""
 
 
 @dataclass(frozen=True)
@@ -291,15 +288,14 @@ def memory(server: Running, target: Target, s: Settings) -> Measured:
     )
 
 
-ALL = ("trionbd", "nbdkit", "qemu-nbd")
 FILTER_SERVERS = ("trionbd", "nbdkit")
 
 
 def workloads(fx: Fixtures, s: Settings) -> list[Workload]:
     """Every workload, in the order they run. Rows build their data only when run."""
 
-    def plain(servers: tuple[str, ...] = ALL) -> Callable[[], dict[str, Target]]:
-        return lambda: {name: Target("file", fx.file, size=s.file_size) for name in servers}
+    def plain() -> dict[str, Target]:
+        return dict.fromkeys(SERVERS, Target("file", fx.file, size=s.file_size))
 
     def member_plain() -> dict[str, Target]:
         return {n: Target("file", fx.member, size=s.member_size) for n in FILTER_SERVERS}
@@ -314,10 +310,7 @@ def workloads(fx: Fixtures, s: Settings) -> list[Workload]:
 
     def many_dir() -> dict[str, Target]:
         path, names = fx.many_dir
-        return {
-            "trionbd": Target("dir", path, exports=tuple(names)),
-            "nbdkit": Target("dir", path, exports=tuple(names)),
-        }
+        return dict.fromkeys(FILTER_SERVERS, Target("dir", path, exports=tuple(names)))
 
     def many_tar() -> dict[str, Target]:
         path, names = fx.many_tar
@@ -331,7 +324,7 @@ def workloads(fx: Fixtures, s: Settings) -> list[Workload]:
 
     size = _size(s.file_size)
     msize = _size(s.member_size)
-    file_row = Row("", plain())
+    file_row = Row("", plain)
     randread = fio("randread", "4k", 32)
     copy1 = nbdcopy(1)
 
@@ -441,26 +434,23 @@ def workloads(fx: Fixtures, s: Settings) -> list[Workload]:
                 Metric("list_s", "nbdinfo --list alone, s", "s", False),
             ),
             (
-                Row("plain file", plain()),
+                Row("plain file", plain),
                 Row(
                     f"directory of {s.tar_members:,} files (file dir=), every file listed",
                     many_dir,
                     na=("qemu-nbd",),
-                    many=True,
                 ),
                 Row(
                     f"tar of {s.tar_members:,} members, every member listed",
                     many_tar,
                     na=("nbdkit", "qemu-nbd"),
                     requires="tar",
-                    many=True,
                 ),
                 Row(
                     f"ext4 image of {s.ext4_files:,} files, every file listed",
                     many_ext4,
                     na=("nbdkit", "qemu-nbd"),
                     requires="ext2",
-                    many=True,
                 ),
             ),
             listing,
