@@ -7,7 +7,6 @@ import logging
 import os
 import random
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from tests.support import (
     run,
     trionbd_exit,
     trionbd_process,
+    wait_until,
 )
 from trionbd.filters import exportname
 from trionbd.protocol.constants import MAX_STRING, Opt, Rep
@@ -303,30 +303,14 @@ async def test_exportdesc_script_timeout_kills_the_command(
     with caplog.at_level(logging.WARNING):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(describe)
-            assert await trio.to_thread.run_sync(_appears_within, pidfile, 30.0)
+            await trio.to_thread.run_sync(wait_until, pidfile.exists, "the pid file appears")
             mock_clock.jump(exportname.SCRIPT_TIMEOUT)
     assert results == [""]
     assert "ran longer than 10s; killed" in caplog.text
     pid = int(pidfile.read_text())
-    assert not await trio.to_thread.run_sync(_still_alive_after, pid, 10.0), (
-        "the command's child survived the timeout"
+    await trio.to_thread.run_sync(
+        wait_until, lambda: not _alive(pid), "the command's child dies after the timeout", 10.0
     )
-
-
-def _appears_within(path: Path, seconds: float) -> bool:
-    """Whether ``path`` exists within ``seconds`` of real time."""
-    deadline = time.monotonic() + seconds
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return path.exists()
-
-
-def _still_alive_after(pid: int, seconds: float) -> bool:
-    """Whether process ``pid`` still runs (not a zombie) after waiting up to ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return _alive(pid)
 
 
 def _alive(pid: int) -> bool:

@@ -8,13 +8,20 @@ import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 import trio
 
 import trionbd.client as nbd
-from tests.support import HANG_GUARD, SYSTEM_PYTHON, Running, run, serving, trionbd_process
+from tests.support import (
+    HANG_GUARD,
+    SYSTEM_PYTHON,
+    Running,
+    run,
+    serving,
+    trionbd_process,
+    wait_until,
+)
 from trionbd.chain import Chain, Concurrency, NBDError, Plugin
 from trionbd.filters.shared import SharedFilter
 from trionbd.server import Server, ServerConfig
@@ -35,14 +42,6 @@ def upstream_connections(up: Running) -> int:
 def transmissions(up: Running) -> int:
     """Connections that entered transmission on the upstream (from its -v log)."""
     return up.stderr.count("transmission on export")
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 IN_TURN = textwrap.dedent(
@@ -119,7 +118,7 @@ def test_shared_keeps_exactly_one_upstream_connection() -> None:
             assert (after_turns, connected, total) == (1, 1, 1)
             assert upstream_connections(up) == 1  # kept while the proxy runs
         # The proxy closed it at exit.
-        wait_for(lambda: upstream_connections(up) == 0, "the shared connection to close")
+        wait_until(lambda: upstream_connections(up) == 0, "the shared connection closes")
         assert "client disconnected (Disconnect)" in up.stderr
 
 

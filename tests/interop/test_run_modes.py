@@ -10,10 +10,8 @@ import re
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -30,6 +28,7 @@ from tests.support import (
     short_tmpdir,
     trionbd_process,
     trionbd_run,
+    wait_until,
 )
 from trionbd import Filter, Layer, Lifetime, StartupError, __version__
 from trionbd.cli import parse_args
@@ -60,14 +59,6 @@ def gone(pid: int) -> bool:
         return True
 
 
-def wait_until(condition: Any, what: str, timeout: float = EXIT_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def tmp() -> Iterator[Path]:
     with short_tmpdir() as path:
@@ -96,7 +87,7 @@ def test_background_parent_exits_once_the_socket_accepts(tmp: Path) -> None:
         run(["nbdcopy", unix_uri(sock), str(tmp / "copy.img")])
         assert (tmp / "copy.img").read_bytes() == data
         os.kill(pid, signal.SIGTERM)
-        wait_until(lambda: gone(pid), "the background server exits")  # noqa: B023
+        wait_until(lambda: gone(pid), "the background server exits", EXIT_TIMEOUT)  # noqa: B023
         assert not pidfile.exists() and not sock.exists()
 
 
@@ -113,7 +104,7 @@ def test_background_detaches_from_the_callers_stdio_and_session(tmp: Path) -> No
         assert run(["nbdinfo", "--size", unix_uri(sock)]).strip() == "1048576"
     finally:
         os.kill(pid, signal.SIGTERM)
-    wait_until(lambda: gone(pid), "the background server exits")
+    wait_until(lambda: gone(pid), "the background server exits", EXIT_TIMEOUT)
 
 
 def test_background_print_uri_reaches_the_caller(tmp: Path) -> None:
@@ -215,7 +206,7 @@ def test_sigterm_during_run_stops_the_command_and_the_server(tmp: Path) -> None:
         [*TRIONBD, "-P", str(pidfile), "memory", "1M", "--run", "exec sleep 60"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    wait_until(pidfile.exists, "the server listens")
+    wait_until(pidfile.exists, "the server listens", EXIT_TIMEOUT)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=EXIT_TIMEOUT)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -359,7 +350,7 @@ def test_exit_with_parent(tmp: Path) -> None:
          f"{' '.join(TRIONBD)} --exit-with-parent -U {tmp / 'sock'} -P {pidfile} memory 1M & "
          f"while [ ! -e {pidfile} ]; do sleep 0.05; done"], cwd=ROOT)  # fmt: skip
     # Its parent gone, trionbd got SIGTERM and shut down cleanly (the pidfile goes last).
-    wait_until(lambda: not pidfile.exists(), "trionbd exits with its parent")
+    wait_until(lambda: not pidfile.exists(), "trionbd exits with its parent", EXIT_TIMEOUT)
 
 
 # --- logging -------------------------------------------------------------------------------------
