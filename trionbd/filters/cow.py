@@ -65,7 +65,7 @@ from ..chain import (
     parse_size,
 )
 from ..chain.types import BlockSize, CacheMode, FuaMode, ZeroMode
-from ..plugins.file import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+from ..osutil import punch_hole
 from ..protocol.constants import UNALLOCATED, CmdFlag
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
@@ -170,12 +170,8 @@ class Overlay:
 
     def _punch(self, offset: int, length: int) -> None:
         if self.can_punch:
-            try:
-                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                self.can_punch = False  # only space is lost; the state says "zeroed"
+            # where holes cannot be punched only space is lost; the state says "zeroed"
+            self.can_punch = punch_hole(self.fd, offset, length)
 
     def _apply(
         self,

@@ -28,8 +28,6 @@ Examples:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -40,25 +38,17 @@ import trio
 
 from ..chain import ConfigError, Export, Extent, NBDError, Param, Plugin, parse_choice
 from ..chain.types import CacheMode, FuaMode, ZeroMode
+from ..osutil import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    fallocate,
+    punch_hole,
+)
 from ..protocol.constants import FUA_BIT, UNALLOCATED, CmdFlag
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 MAX_EXTENTS = 4096
 """Extents returned per block status call (clients ask again for the rest)."""
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """Linux fallocate(2) with flags (the os module only has posix_fallocate)."""
-    if _fallocate(fd, mode, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
 
 @dataclass
 class Handle:
@@ -209,14 +199,8 @@ class FilePlugin(Plugin):
 
     async def trim(self, h: Handle, count: int, offset: int, flags: int) -> None:
         if h.can_punch and not h.is_block:
-            try:
-                await trio.to_thread.run_sync(
-                    fallocate, h.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count
-                )
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                h.can_punch = False  # trim is advisory: doing nothing is correct
+            # trim is advisory: where holes cannot be punched, doing nothing is correct
+            h.can_punch = await trio.to_thread.run_sync(punch_hole, h.fd, offset, count)
         if flags & FUA_BIT:
             await self.flush(h, 0)
 
