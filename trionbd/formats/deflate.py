@@ -1,0 +1,417 @@
+"""Random access into a raw deflate stream (RFC 1951), as gzip members and zip members
+hold them.
+
+:func:`index_deflate` inflates a stream once, from its first byte to its end, computing
+its size and CRC-32 and recording a :class:`Checkpoint` about every ``interval`` bytes
+of output. :class:`DeflateReader` then serves any byte range by resuming at the
+checkpoint before it, so a read inflates at most one interval (plus what it returns).
+
+How a checkpoint resumes: deflate blocks do not end on byte boundaries, and a decoder
+in the middle of a block holds Huffman tables that no byte offset can restore. So, as
+zlib's ``examples/zran.c`` does, checkpoints are taken only where a block has just
+ended (``inflate(Z_BLOCK)`` stops there), and a checkpoint stores the input offset, the
+bits of the last input byte not yet consumed, and the 32 KiB of output before it (the
+window back-references may reach into). Resuming is ``inflatePrime`` with those bits
+and ``inflateSetDictionary`` with the window. Python's :mod:`zlib` has neither call, so
+this module calls the system's zlib (``libz.so.1``, the library Python's own module
+uses) through :mod:`ctypes`; that is also what makes a checkpoint plain data, which the
+gzip reader saves in its index file.
+
+Memory: a checkpoint keeps its window deflated (level 1): at most 32 KiB, a few KiB for
+compressible data. With the default interval of 1 MiB that is at most 3 % of the
+stream's size, and reaching any offset costs at most 1 MiB of inflating (a few
+milliseconds).
+
+CPU: inflating is synchronous work. Every function here that inflates takes an optional
+``offload``, an async callable that runs a synchronous function and returns its result
+(a filter passes ``trio.to_thread.run_sync``); without one the work runs inline. ctypes
+releases the GIL while zlib runs.
+
+Every problem is a :class:`~trionbd.formats.FormatError` naming the byte offset of the
+input where it was found.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import struct
+import weakref
+import zlib
+from bisect import bisect_right
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from itertools import pairwise
+from typing import NamedTuple, Protocol, TypeVar
+
+from . import FormatError, Pread, read_exactly
+
+DEFAULT_INTERVAL = 1 << 20
+"""Output bytes between checkpoints: a read inflates at most this much before its data."""
+
+WINDOW_SIZE = 32 << 10
+"""The deflate window: how far back a match may reach."""
+
+READ_CHUNK = 256 << 10
+"""Compressed bytes asked of ``pread`` at a time."""
+
+OUT_CHUNK = 256 << 10
+"""Largest output of one ``inflate`` call."""
+
+CURSORS = 4
+"""Decoders kept where the last reads ended, so sequential readers continue instead of
+resuming from a checkpoint (one per reader of a few interleaved sequential readers)."""
+
+_T = TypeVar("_T")
+
+
+class Offload(Protocol):
+    """Runs a synchronous function (in a worker thread, say) and returns its result."""
+
+    def __call__(self, fn: Callable[[], _T], /) -> Awaitable[_T]: ...
+
+
+async def _inline(fn: Callable[[], _T]) -> _T:
+    return fn()
+
+
+# --------------------------------------------------------------------------------------
+# zlib through ctypes: just what inflating with checkpoints needs
+
+_Z_OK, _Z_STREAM_END, _Z_NEED_DICT, _Z_BUF_ERROR = 0, 1, 2, -5
+_Z_NO_FLUSH, _Z_BLOCK = 0, 5
+_AT_BLOCK_END, _IN_LAST_BLOCK = 128, 64
+
+
+class _ZStream(ctypes.Structure):
+    _fields_ = [
+        ("next_in", ctypes.c_void_p),
+        ("avail_in", ctypes.c_uint),
+        ("total_in", ctypes.c_ulong),
+        ("next_out", ctypes.c_void_p),
+        ("avail_out", ctypes.c_uint),
+        ("total_out", ctypes.c_ulong),
+        ("msg", ctypes.c_char_p),
+        ("state", ctypes.c_void_p),
+        ("zalloc", ctypes.c_void_p),
+        ("zfree", ctypes.c_void_p),
+        ("opaque", ctypes.c_void_p),
+        ("data_type", ctypes.c_int),
+        ("adler", ctypes.c_ulong),
+        ("reserved", ctypes.c_ulong),
+    ]
+
+
+_libz = ctypes.CDLL(ctypes.util.find_library("z") or "libz.so.1")
+_libz.zlibVersion.restype = ctypes.c_char_p
+_ZLIB_VERSION: bytes = _libz.zlibVersion()
+_P = ctypes.POINTER(_ZStream)
+_libz.inflateInit2_.argtypes = [_P, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+_libz.inflate.argtypes = [_P, ctypes.c_int]
+_libz.inflateEnd.argtypes = [_P]
+_libz.inflatePrime.argtypes = [_P, ctypes.c_int, ctypes.c_int]
+_libz.inflateSetDictionary.argtypes = [_P, ctypes.c_char_p, ctypes.c_uint]
+
+
+class _ZlibError(Exception):
+    """zlib found the stream corrupt after consuming ``used`` input bytes."""
+
+    def __init__(self, message: str, used: int) -> None:
+        super().__init__(message)
+        self.used = used
+
+
+class _Inflater:
+    """One raw-deflate decoder (``inflateInit2(-15)``); freed when garbage collected."""
+
+    def __init__(self) -> None:
+        self._strm = _ZStream()
+        self._out = ctypes.create_string_buffer(OUT_CHUNK)
+        rc = _libz.inflateInit2_(
+            ctypes.byref(self._strm), -15, _ZLIB_VERSION, ctypes.sizeof(_ZStream)
+        )
+        if rc != _Z_OK:
+            raise MemoryError(f"zlib inflateInit2 failed ({rc})")
+        weakref.finalize(self, _libz.inflateEnd, ctypes.byref(self._strm))
+
+    def resume(self, bits: int, value: int, window: bytes) -> None:
+        """Continue a stream at a checkpoint: ``bits`` pending bits of ``value``, then
+        ``window`` as the history."""
+        if bits:
+            _libz.inflatePrime(ctypes.byref(self._strm), bits, value)
+        if window:
+            _libz.inflateSetDictionary(ctypes.byref(self._strm), window, len(window))
+
+    def inflate(self, data: bytes, pos: int, max_out: int, block: bool) -> tuple[int, bytes, int]:
+        """Inflate ``data[pos:]`` into at most ``max_out`` (<= OUT_CHUNK) bytes; stop at a
+        block end when ``block``. Returns (input bytes consumed, output, zlib status);
+        a corrupt stream raises _ZlibError with zlib's message."""
+        strm = self._strm
+        avail = len(data) - pos
+        base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+        strm.next_in = base + pos
+        strm.avail_in = avail
+        strm.next_out = ctypes.addressof(self._out)
+        strm.avail_out = max_out
+        rc = _libz.inflate(ctypes.byref(strm), _Z_BLOCK if block else _Z_NO_FLUSH)
+        produced = max_out - strm.avail_out
+        if rc not in (_Z_OK, _Z_STREAM_END, _Z_BUF_ERROR):
+            why = strm.msg.decode("ascii", "replace") if strm.msg else f"zlib error {rc}"
+            if rc == _Z_NEED_DICT:
+                why = "needs a preset dictionary"
+            raise _ZlibError(why, avail - strm.avail_in)
+        return avail - strm.avail_in, self._out.raw[:produced], rc
+
+    @property
+    def data_type(self) -> int:
+        return int(self._strm.data_type)
+
+
+# --------------------------------------------------------------------------------------
+# The index
+
+
+class Checkpoint(NamedTuple):
+    """Where inflating can resume: output offset ``out`` starts at input byte ``inp``,
+    after ``bits`` pending bits of the byte before it (``value``: those bits, low-aligned);
+    ``window`` is the deflated (zlib, level 1) output before ``out``, up to 32 KiB."""
+
+    out: int
+    inp: int
+    bits: int
+    value: int
+    window: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeflateStream:
+    """An indexed deflate stream: input bytes ``[start, end)``, ``size`` bytes of output
+    whose CRC-32 is ``crc``, and checkpoints sorted by output offset (the first at 0)."""
+
+    start: int
+    end: int
+    size: int
+    crc: int
+    checkpoints: tuple[Checkpoint, ...]
+
+    _HEAD = struct.Struct("<QQQII")
+    _POINT = struct.Struct("<QQBBI")
+
+    def to_bytes(self) -> bytes:
+        """A compact serialization, read back by :meth:`from_bytes`."""
+        parts = [self._HEAD.pack(self.start, self.end, self.size, self.crc, len(self.checkpoints))]
+        for cp in self.checkpoints:
+            parts.append(self._POINT.pack(cp.out, cp.inp, cp.bits, cp.value, len(cp.window)))
+            parts.append(cp.window)
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, buf: bytes | memoryview, pos: int = 0) -> tuple[DeflateStream, int]:
+        """The stream serialized at ``buf[pos:]`` and the offset after it; FormatError if
+        the bytes are inconsistent."""
+        try:
+            start, end, size, crc, count = cls._HEAD.unpack_from(buf, pos)
+            pos += cls._HEAD.size
+            points = []
+            for _ in range(count):
+                out, inp, bits, value, wlen = cls._POINT.unpack_from(buf, pos)
+                pos += cls._POINT.size
+                window = bytes(buf[pos : pos + wlen])
+                if len(window) != wlen:
+                    raise struct.error("window runs past the end")
+                pos += wlen
+                points.append(Checkpoint(out, inp, bits, value, window))
+        except struct.error as e:
+            raise FormatError(f"truncated deflate index record ({e})") from None
+        ok = (
+            points
+            and points[0].out == 0
+            and points[0].inp == start
+            and all(a.out < b.out and a.inp <= b.inp for a, b in pairwise(points))
+            and all(p.out <= size and start <= p.inp <= end and p.bits < 8 for p in points)
+        )
+        if not ok:
+            raise FormatError("inconsistent deflate index record")
+        return cls(start, end, size, crc, tuple(points)), pos
+
+
+class _Scan:
+    """The synchronous half of :func:`index_deflate`: fed the input, chunk by chunk."""
+
+    def __init__(self, start: int, interval: int, what: str) -> None:
+        self.inflater = _Inflater()
+        self.what = what
+        self.interval = interval
+        self.inp = start
+        self.out = 0
+        self.crc = 0
+        self.done = False
+        self.tail = bytearray()  # the last WINDOW_SIZE bytes of output
+        self.last_byte = 0
+        self.points = [Checkpoint(0, start, 0, 0, b"")]
+
+    def feed(self, chunk: bytes) -> int:
+        """Inflate as much of ``chunk`` as belongs to the stream; return how much did."""
+        pos = 0
+        inflater = self.inflater
+        while not self.done and pos < len(chunk):
+            try:
+                used, out, rc = inflater.inflate(chunk, pos, OUT_CHUNK, True)
+            except _ZlibError as e:
+                raise FormatError(
+                    f"{self.what}: corrupt deflate data at offset {self.inp + e.used}: {e}"
+                ) from None
+            if used:
+                self.last_byte = chunk[pos + used - 1]
+            pos += used
+            self.inp += used
+            if out:
+                self.crc = zlib.crc32(out, self.crc)
+                self.out += len(out)
+                self.tail += out
+                del self.tail[:-WINDOW_SIZE]
+            if rc == _Z_STREAM_END:
+                self.done = True
+            elif not used and not out:
+                break  # needs more input
+            dt = inflater.data_type
+            if (
+                dt & _AT_BLOCK_END
+                and not dt & _IN_LAST_BLOCK
+                and self.out - self.points[-1].out >= self.interval
+            ):
+                bits = dt & 7
+                value = self.last_byte >> (8 - bits) if bits else 0
+                window = zlib.compress(bytes(self.tail), 1)
+                self.points.append(Checkpoint(self.out, self.inp, bits, value, window))
+        return pos
+
+
+async def index_deflate(
+    pread: Pread,
+    start: int,
+    end: int,
+    *,
+    interval: int = DEFAULT_INTERVAL,
+    progress: Callable[[int], None] | None = None,
+    offload: Offload | None = None,
+    what: str = "deflate stream",
+) -> DeflateStream:
+    """Inflate the raw deflate stream at input offset ``start`` to its end, which must
+    come before ``end``; return its index. ``progress(offset)`` is called after each
+    chunk of input with the input offset reached. ``what`` names the stream in errors.
+    A stream that does not end before ``end`` is truncated: a FormatError."""
+    if interval <= 0:
+        raise ValueError(f"checkpoint interval must be positive, not {interval}")
+    run = offload or _inline
+    scan = _Scan(start, interval, what)
+    pos = start
+    while not scan.done:
+        if pos >= end:
+            raise FormatError(
+                f"{what}: truncated: the deflate data starting at offset {start} has not "
+                f"ended at offset {end}, where the input ends"
+            )
+        chunk = await read_exactly(pread, pos, min(READ_CHUNK, end - pos), what)
+        used = await run(partial(scan.feed, chunk))
+        pos += used
+        if progress is not None:
+            progress(pos)
+    return DeflateStream(start, scan.inp, scan.out, scan.crc, tuple(scan.points))
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+
+
+class _Cursor:
+    """A decoder positioned at output offset ``out``, input offset ``inp``, with
+    ``pending`` input bytes (from ``inp`` on) already read."""
+
+    __slots__ = ("inflater", "inp", "out", "pending")
+
+    def __init__(self, inflater: _Inflater, inp: int, out: int) -> None:
+        self.inflater = inflater
+        self.inp = inp
+        self.out = out
+        self.pending = b""
+
+
+class DeflateReader:
+    """Reads any byte range of an indexed deflate stream through ``pread``.
+
+    Safe to use from several tasks at once: each read takes a decoder of its own (a
+    kept cursor, or a new one resumed at a checkpoint).
+    """
+
+    def __init__(self, pread: Pread, stream: DeflateStream, *, offload: Offload | None = None):
+        self.stream = stream
+        self._pread = pread
+        self._run = offload or _inline
+        self._outs = [cp.out for cp in stream.checkpoints]
+        self._cursors: list[_Cursor] = []
+
+    def _take_cursor(self, offset: int) -> _Cursor:
+        cps = self.stream.checkpoints
+        cp = cps[bisect_right(self._outs, offset) - 1]
+        best = None
+        for c in self._cursors:
+            if cp.out <= c.out <= offset and (best is None or c.out > best.out):
+                best = c
+        if best is not None:
+            self._cursors.remove(best)
+            return best
+        inflater = _Inflater()
+        inflater.resume(cp.bits, cp.value, zlib.decompress(cp.window) if cp.window else b"")
+        return _Cursor(inflater, cp.inp, cp.out)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes of output at ``offset``, clipped to the stream's size."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative range: offset {offset}, length {length}")
+        stream = self.stream
+        end = min(offset + length, stream.size)
+        if offset >= end:
+            return b""
+        cursor = self._take_cursor(offset)
+        parts: list[bytes] = []
+        while cursor.out < end:
+            if not cursor.pending:
+                if cursor.inp >= stream.end:
+                    raise FormatError(
+                        f"deflate stream at offset {stream.start}: ended at output offset "
+                        f"{cursor.out}, before its indexed size {stream.size} (input changed?)"
+                    )
+                n = min(READ_CHUNK, stream.end - cursor.inp)
+                cursor.pending = await read_exactly(self._pread, cursor.inp, n, "deflate data")
+            skip = max(0, offset - cursor.out)
+            step = await self._run(partial(self._step, cursor, min(OUT_CHUNK, end - cursor.out)))
+            if step is None:
+                raise FormatError(
+                    f"deflate stream at offset {stream.start}: ended at output offset "
+                    f"{cursor.out}, before its indexed size {stream.size} (input changed?)"
+                )
+            if len(step) > skip:
+                parts.append(step[skip:])
+        if len(self._cursors) >= CURSORS:
+            self._cursors.pop(0)
+        self._cursors.append(cursor)
+        return b"".join(parts)
+
+    def _step(self, cursor: _Cursor, want: int) -> bytes | None:
+        """Inflate up to ``want`` bytes at the cursor (maybe none, having consumed a
+        block header); None if the stream ended or stalled first."""
+        try:
+            used, out, rc = cursor.inflater.inflate(cursor.pending, 0, want, False)
+        except _ZlibError as e:
+            raise FormatError(
+                f"deflate stream at offset {self.stream.start}: corrupt data at offset "
+                f"{cursor.inp + e.used}: {e} (input changed?)"
+            ) from None
+        cursor.pending = cursor.pending[used:]
+        cursor.inp += used
+        cursor.out += len(out)
+        if not out and (rc == _Z_STREAM_END or not used):
+            return None
+        return out
