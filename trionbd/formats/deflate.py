@@ -255,7 +255,7 @@ class _Scan:
         """Inflate as much of ``chunk`` as belongs to the stream; return how much did."""
         pos = 0
         inflater = self.inflater
-        while not self.done and pos < len(chunk):
+        while not self.done:
             try:
                 used, out, rc = inflater.inflate(chunk, pos, OUT_CHUNK, True)
             except _ZlibError as e:
@@ -377,22 +377,17 @@ class DeflateReader:
         cursor = self._take_cursor(offset)
         parts: list[bytes] = []
         while cursor.out < end:
-            if not cursor.pending:
+            skip = max(0, offset - cursor.out)
+            step = await self._run(partial(self._step, cursor, min(OUT_CHUNK, end - cursor.out)))
+            if step is None:  # needs input
                 if cursor.inp >= stream.end:
                     raise FormatError(
-                        f"deflate stream at offset {stream.start}: ended at output offset "
-                        f"{cursor.out}, before its indexed size {stream.size} (input changed?)"
+                        f"deflate stream at offset {stream.start}: its data ends at offset "
+                        f"{stream.end} before output offset {cursor.out} (input changed?)"
                     )
                 n = min(READ_CHUNK, stream.end - cursor.inp)
                 cursor.pending = await read_exactly(self._pread, cursor.inp, n, "deflate data")
-            skip = max(0, offset - cursor.out)
-            step = await self._run(partial(self._step, cursor, min(OUT_CHUNK, end - cursor.out)))
-            if step is None:
-                raise FormatError(
-                    f"deflate stream at offset {stream.start}: ended at output offset "
-                    f"{cursor.out}, before its indexed size {stream.size} (input changed?)"
-                )
-            if len(step) > skip:
+            elif len(step) > skip:
                 parts.append(step[skip:])
         if len(self._cursors) >= CURSORS:
             self._cursors.pop(0)
@@ -400,8 +395,8 @@ class DeflateReader:
         return b"".join(parts)
 
     def _step(self, cursor: _Cursor, want: int) -> bytes | None:
-        """Inflate up to ``want`` bytes at the cursor (maybe none, having consumed a
-        block header); None if the stream ended or stalled first."""
+        """Inflate up to ``want`` bytes at the cursor (none when it only consumed a block
+        header); None when it needs more input."""
         try:
             used, out, rc = cursor.inflater.inflate(cursor.pending, 0, want, False)
         except _ZlibError as e:
@@ -412,6 +407,9 @@ class DeflateReader:
         cursor.pending = cursor.pending[used:]
         cursor.inp += used
         cursor.out += len(out)
-        if not out and (rc == _Z_STREAM_END or not used):
-            return None
-        return out
+        if not out and rc == _Z_STREAM_END:
+            raise FormatError(
+                f"deflate stream at offset {self.stream.start}: ended at output offset "
+                f"{cursor.out}, before its indexed size {self.stream.size} (input changed?)"
+            )
+        return out if out or used else None
