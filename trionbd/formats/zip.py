@@ -308,6 +308,24 @@ async def member_data_offset(pread: Pread, index: ZipIndex, member: ZipMember) -
     return start
 
 
+async def verify_stored(pread: Pread, index: ZipIndex, member: ZipMember) -> int:
+    """Read stored ``member`` whole and check its CRC-32 (serving it needs no read, so
+    nothing else checks it); return its data offset."""
+    if member.method != STORED:
+        raise ValueError(f"member {member.name!r} is {member.method_name}, not stored")
+    start = await member_data_offset(pread, index, member)
+    crc = 0
+    for pos in range(start, start + member.size, _CD_CHUNK):
+        n = min(_CD_CHUNK, start + member.size - pos)
+        crc = zlib.crc32(await read_exactly(pread, pos, n, f"zip: member {member.name!r}"), crc)
+    if crc != member.crc:
+        raise FormatError(
+            f"zip: member {member.name!r} (data at offset {start}): CRC-32 mismatch "
+            f"(central directory {member.crc:#010x}, data {crc:#010x})"
+        )
+    return start
+
+
 async def open_deflated(
     pread: Pread,
     index: ZipIndex,
