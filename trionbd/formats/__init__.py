@@ -1,18 +1,36 @@
-"""Pure readers of on-disk formats (tar member maps, ext2/3/4, partition tables).
+"""Pure readers of on-disk formats (tar member maps, ext2/3/4, partition tables, zip,
+gzip, xz, zstd, ISO 9660).
 
 Every reader takes an async ``pread(offset, length) -> bytes`` callable, so it works
 on anything: a layer of the chain, an in-memory image in a test, a local file.
 Readers never import Trio's socket machinery and never touch the network. What they
 share is here: the :class:`FormatError` they raise, :func:`read_exactly` (a checked
-``pread``) and :func:`map_range` (a byte range of a file or member stored in runs).
+``pread``), :func:`map_range` (a byte range of a file or member stored in runs) and
+:class:`Offload` (how decompressing readers let a caller move their CPU work to a
+worker thread).
 """
 
 from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 Pread = Callable[[int, int], Awaitable[bytes]]
 """``await pread(offset, length)`` returns exactly ``length`` bytes at ``offset``."""
+
+
+_T = TypeVar("_T")
+
+
+class Offload(Protocol):
+    """Runs a synchronous function and returns its result: a reader that decompresses
+    takes one for its CPU work (a filter passes ``trio.to_thread.run_sync``)."""
+
+    def __call__(self, fn: Callable[[], _T], /) -> Awaitable[_T]: ...
+
+
+async def run_inline(fn: Callable[[], _T]) -> _T:
+    """The :class:`Offload` that runs the function right here (the default)."""
+    return fn()
 
 
 class FormatError(Exception):
@@ -71,4 +89,4 @@ def map_range(
     return out
 
 
-__all__ = ["FormatError", "Pread", "map_range", "read_exactly"]
+__all__ = ["FormatError", "Offload", "Pread", "map_range", "read_exactly", "run_inline"]

@@ -39,13 +39,13 @@ import struct
 import weakref
 import zlib
 from bisect import bisect_right
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from itertools import pairwise
-from typing import NamedTuple, Protocol, TypeVar
+from typing import NamedTuple
 
-from . import FormatError, Pread, read_exactly
+from . import FormatError, Offload, Pread, read_exactly, run_inline
 
 DEFAULT_INTERVAL = 1 << 20
 """Output bytes between checkpoints: a read inflates at most this much before its data."""
@@ -62,19 +62,6 @@ OUT_CHUNK = 256 << 10
 CURSORS = 4
 """Decoders kept where the last reads ended, so sequential readers continue instead of
 resuming from a checkpoint (one per reader of a few interleaved sequential readers)."""
-
-_T = TypeVar("_T")
-
-
-class Offload(Protocol):
-    """Runs a synchronous function (in a worker thread, say) and returns its result."""
-
-    def __call__(self, fn: Callable[[], _T], /) -> Awaitable[_T]: ...
-
-
-async def _inline(fn: Callable[[], _T]) -> _T:
-    return fn()
-
 
 # --------------------------------------------------------------------------------------
 # zlib through ctypes: just what inflating with checkpoints needs
@@ -304,7 +291,7 @@ async def index_deflate(
     A stream that does not end before ``end`` is truncated: a FormatError."""
     if interval <= 0:
         raise ValueError(f"checkpoint interval must be positive, not {interval}")
-    run = offload or _inline
+    run = offload or run_inline
     scan = _Scan(start, interval, what)
     pos = start
     while not scan.done:
@@ -348,7 +335,7 @@ class DeflateReader:
     def __init__(self, pread: Pread, stream: DeflateStream, *, offload: Offload | None = None):
         self.stream = stream
         self._pread = pread
-        self._run = offload or _inline
+        self._run = offload or run_inline
         self._outs = [cp.out for cp in stream.checkpoints]
         self._cursors: list[_Cursor] = []
 

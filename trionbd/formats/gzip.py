@@ -29,8 +29,8 @@ from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import FormatError, Pread, read_exactly
-from .deflate import DEFAULT_INTERVAL, DeflateReader, DeflateStream, Offload, index_deflate
+from . import FormatError, Offload, Pread, read_exactly
+from .deflate import DEFAULT_INTERVAL, DeflateReader, DeflateStream, index_deflate
 
 MAGIC = b"\x1f\x8b"
 MAX_HEADER = 1 << 20

@@ -35,8 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from . import FormatError, Pread, read_exactly
-from .deflate import DEFAULT_INTERVAL, DeflateReader, Offload, index_deflate
+from . import FormatError, Offload, Pread, read_exactly
+from .deflate import DEFAULT_INTERVAL, DeflateReader, index_deflate
 
 STORED, DEFLATED = 0, 8
 METHOD_NAMES = {
