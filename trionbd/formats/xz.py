@@ -26,13 +26,11 @@ from __future__ import annotations
 import lzma
 import struct
 import zlib
-from bisect import bisect_right
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 from . import FormatError, Offload, Pread, read_exactly, run_inline
+from .blocks import BlockCache
 
 HEADER_MAGIC = b"\xfd7zXZ\x00"
 FOOTER_MAGIC = b"YZ"
@@ -228,45 +226,22 @@ class XzReader:
                     f"xz: block at offset {block.offset} holds {block.size} bytes, more "
                     f"than the limit of {max_block} (xz-max-block)"
                 )
-        if max_depth < 1:
-            raise ValueError(f"max_depth must be at least 1, not {max_depth}")
         self.index = index
         self._pread = pread
-        self._depth = max_depth
         self._run = offload or run_inline
-        self._outs = [b.out for b in index.blocks]
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        blocks = index.blocks
+        self._cache = BlockCache(
+            [b.out for b in blocks], [b.size for b in blocks], self._load, max_depth
+        )
 
-    async def _block(self, i: int) -> bytes:
-        data = self._cache.get(i)
-        if data is not None:
-            self._cache.move_to_end(i)
-            return data
+    async def _load(self, i: int) -> bytes:
         block = self.index.blocks[i]
         raw = await read_exactly(
             self._pread, block.offset, block.unpadded + _pad4(block.unpadded),
             f"xz: block at offset {block.offset}",
         )  # fmt: skip
-        work: Callable[[], bytes] = partial(_decompress_block, block, raw)
-        data = await self._run(work)
-        self._cache[i] = data
-        while len(self._cache) > self._depth:
-            self._cache.popitem(last=False)
-        return data
+        return await self._run(partial(_decompress_block, block, raw))
 
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` of the decompressed data, clipped to its size."""
-        if offset < 0 or length < 0:
-            raise ValueError(f"negative range: offset {offset}, length {length}")
-        end = min(offset + length, self.index.size)
-        parts = []
-        i = bisect_right(self._outs, offset) - 1
-        while offset < end:
-            block = self.index.blocks[i]
-            if block.out + block.size > offset:
-                data = await self._block(i)
-                stop = min(end, block.out + block.size)
-                parts.append(data[offset - block.out : stop - block.out])
-                offset = stop
-            i += 1
-        return b"".join(parts)
+        return await self._cache.read(offset, length)
