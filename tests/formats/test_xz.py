@@ -37,11 +37,11 @@ def data() -> bytes:
     return b"".join(parts)
 
 
-async def check(blob: bytes, data: bytes, **limits: int) -> XzReader:
+async def check(blob: bytes, data: bytes, max_depth: int = 8) -> XzReader:
     image = MemoryImage(blob)
     index = await read_xz_index(image.pread, len(blob))
     assert index.size == len(data)
-    reader = XzReader(image.pread, index, **limits)
+    reader = XzReader(image.pread, index, max_depth=max_depth)
     assert await reader.read(0, len(data) + 1) == data
     rng = random.Random(len(blob))
     for _ in range(100):

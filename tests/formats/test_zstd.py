@@ -32,7 +32,7 @@ def data() -> bytes:
 
 def seekable(data: bytes, frame: int = 64 * KiB, checksum: bool = False) -> bytes:
     out = io.BytesIO()
-    option = {pyzstd.CParameter.checksumFlag: 1} if checksum else None
+    option: dict[int, int] | None = {pyzstd.CParameter.checksumFlag: 1} if checksum else None
     with pyzstd.SeekableZstdFile(
         out, "w", level_or_option=option, max_frame_content_size=frame
     ) as f:
