@@ -84,7 +84,7 @@ def trionbd_process(*args: str, env: dict[str, str] | None = None) -> Iterator[R
             )
         try:
             assert proc.stdout is not None
-            uri = _read_line(proc, START_TIMEOUT)
+            uri = read_line(proc, START_TIMEOUT)
             if not uri:
                 proc.wait(10)
                 raise AssertionError(
@@ -151,7 +151,7 @@ def _terminate(proc: subprocess.Popen[str]) -> bool:
     return True
 
 
-def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     """The first line of stdout, or "" if the process exits or the timeout passes."""
     assert proc.stdout is not None
     os.set_blocking(proc.stdout.fileno(), False)

@@ -18,13 +18,16 @@ from typing import Any
 import pytest
 
 from tests.support import (
+    HANG_GUARD,
     PYTHON,
     ROOT,
     SYSTEM_PYTHON,
+    read_line,
     run,
     short_tmpdir,
     trionbd_process,
     trionbd_run,
+    wait_until,
 )
 from trionbd import cli
 from trionbd.chain import ConfigError, Filter, Param
@@ -60,6 +63,10 @@ class Interrupting(MemoryPlugin):
         return await super().pread(h, count, offset, flags)
 
 
+def parsed(*args: str) -> cli.Options:
+    return parse_args(list(args))
+
+
 # --- help and version ----------------------------------------------------------------------------
 
 
@@ -68,8 +75,8 @@ def test_help_lists_options_plugins_and_filters() -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.startswith("usage: trionbd [OPTIONS] PLUGIN")
-    for option in ("-U, --unix", "-r, --readonly", "--filter", "-P, --pidfile"):
-        assert option in out
+    for option in ("-U, --unix=SOCKET", "-r, --readonly", "--filter=NAME", "-P, --pidfile"):
+        assert f"\n  {option}" in out
     plugins = out.split("Plugins")[1].split("Filters")[0]
     for line in (
         "file           serve a file or block device, or every regular file in a directory.",
@@ -80,22 +87,50 @@ def test_help_lists_options_plugins_and_filters() -> None:
         assert line in plugins
 
 
+def test_help_shows_defaults_and_keeps_long_names_apart_from_their_text() -> None:
+    options = help_text(parsed()).split("Options:\n")[1].split("\n\n")[0].splitlines()
+    text = "\n".join(options)
+    for option, default in (
+        ("-t, --threads=N", "64"),
+        ("--handshake-timeout=SECONDS", "10"),
+        ("--shutdown-timeout=SECONDS", "5"),
+        ("--idle-timeout=SECONDS", "0"),
+    ):
+        line = next(i for i, line in enumerate(options) if line.startswith(f"  {option}"))
+        described = " ".join(" ".join(options[line : line + 3]).split())
+        assert f"(default: {default})" in described, described
+    # Names too long for their column stand alone, the text starts on the next line.
+    assert (
+        "\n  -e, --exportname, --export-name, --export=NAME\n"
+        + " " * 26
+        + "the export named in printed URIs"
+    ) in "\n" + text
+    for line in options:
+        assert line.startswith("    " + " " * 22) or re.match(r"  -\S.*?(  +\S|$)", line), line
+
+
 def test_plugin_help_is_its_manual_and_parameters(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.run(["file", "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("file: serve a file or block device")
     assert "Parameters of file:" in out
-    for param in ("file=STRING", "dir=STRING", "cache=DEFAULT|NONE"):
-        assert param in out
+    for param in ("file=STRING", "dir=STRING", "cache=default|none"):
+        assert f"\n  {param} " in out
     assert cli.run(["--help", "memory"]) == 0
     assert capsys.readouterr().out.startswith("memory: a sparse RAM disk.")
 
 
+def test_plain_turns_markup_into_text() -> None:
+    assert cli.plain("Use ``-r`` with\n``file=x``; see :mod:`trionbd.formats`.") == (
+        "Use -r with\nfile=x; see trionbd.formats."
+    )
+    assert cli.plain("Example::\n\n  x\n\nAlso ::\n\n  y") == "Example:\n\n  x\n\nAlso\n\n  y"
+
+
 def test_filter_help() -> None:
-    opts = parse_args([f"--filter={TAG}", "--help"])
-    assert not isinstance(opts, str)
-    text = help_text(opts)
-    assert "Parameters of tag:" in text and "tag=STRING" in text
+    text = help_text(parsed(f"--filter={TAG}", "--help"))
+    assert "Parameters of tag:" in text and "\n  tag=STRING " in text
+    assert "\n  size=STRING " in text
 
 
 @pytest.mark.parametrize("flag", ["-V", "--version"])
@@ -123,8 +158,30 @@ def test_console_script_and_python_m_are_the_same_command() -> None:
         (["memory"], "trionbd: memory: parameter 'size' is required"),
         (["memory", "1M", "2M"], "trionbd: unexpected argument '2M' (parameters are key=value)"),
         (["memory", "1M", "size=2M"], "parameter 'size' given more than once"),
-        (["--bogus", "memory", "1M"], "trionbd: Unknown option: --bogus"),
-        (["-p", "abc", "memory", "1M"], 'Invalid value for -p: unable to convert "abc" into int'),
+        (["--bogus", "memory", "1M"], "trionbd: unknown option --bogus\n"),
+        (["memory", "1M", "-x"], "trionbd: unknown option -x\n"),
+        (["-rx", "memory", "1M"], "trionbd: unknown option -x\n"),
+        (["-p", "abc", "memory", "1M"], "trionbd: bad value for -p: 'abc' is not an integer\n"),
+        (["--port=70000", "memory", "1M"], "bad value for --port: '70000' is not a TCP port"),
+        (["--fore=1", "memory", "1M"], "trionbd: option --fore takes no value\n"),
+        (["memory", "1M", "-U"], "trionbd: option -U needs a value (SOCKET)\n"),
+        (["memory", "1M", "--run"], "trionbd: option --run needs a value (CMD)\n"),
+        (
+            ["--ex=x", "memory", "1M"],
+            "trionbd: option --ex is ambiguous: --exit-with-parent, --export, --export-name, "
+            "--exportname\n",
+        ),
+        (["--tls=maybe", "memory", "1M"], "bad value for --tls: 'maybe' is not off, on or require"),
+        (["--idle-timeout=-1", "memory", "1M"], "'-1' is not a number of seconds (0 or more)"),
+        (["-t", "0", "memory", "1M"], "trionbd: bad value for -t: '0' is less than 1\n"),
+        (
+            ["tar", "disk.tar", "tar-entry=a b"],
+            "trionbd: 'tar' is a filter, not a plugin: try trionbd file disk.tar 'tar-entry=a b' "
+            "--filter=tar\n",
+        ),
+        (["tar"], "'tar' is a filter, not a plugin: try trionbd file FILE --filter=tar\n"),
+        (["tar", "--help"], "'tar' is a filter, not a plugin: its manual is trionbd --filter=tar"),
+        (["--filter=file", "memory", "1M"], "'file' is a plugin, not a filter: name it without"),
         (["file", "cache=maybe", "x"], "trionbd: file: bad value for cache=maybe: 'maybe' is not"),
         (["file", "/nonexistent/disk.img"], "trionbd: file: /nonexistent/disk.img: No such file"),
         ([], "trionbd: no plugin given (try: trionbd --help)"),
@@ -185,12 +242,6 @@ def test_cannot_listen_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # --- parsing ----------------------------------------------------------------------------------
-
-
-def parsed(*args: str):  # type: ignore[no-untyped-def]
-    opts = parse_args(list(args))
-    assert not isinstance(opts, str)
-    return opts
 
 
 @pytest.mark.parametrize(
@@ -254,8 +305,71 @@ def test_options_become_server_configuration() -> None:
 
 
 def test_parse_errors_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="Unknown option: --nope"):
+    with pytest.raises(ConfigError, match=r"^unknown option --nope$"):
         parse_args(["--nope"])
+
+
+def test_options_may_follow_the_plugin_and_its_parameters() -> None:
+    """As GNU getopt permutes nbdkit's arguments: options anywhere, words kept in order."""
+    opts = parsed("memory", "-r", "size=1M", "-e", "x", "--filter", TAG, "tag=y", "-v")
+    assert (opts.plugin, opts.params, opts.filters) == ("memory", ["size=1M", "tag=y"], [TAG])
+    assert opts.config.readonly and opts.verbose and opts.exportname == "x"
+
+
+def test_double_dash_ends_the_options() -> None:
+    opts = parsed("-r", "--", "memory", "-v", "--filter=x")
+    assert (opts.plugin, opts.params, opts.filters, opts.verbose) == (
+        "memory", ["-v", "--filter=x"], [], False,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="unexpected argument '-v'"):
+        build_chain(parsed("--", "memory", "1M", "-v"))
+
+
+@pytest.mark.parametrize(
+    ("spelling", "field", "value"),
+    [
+        (["--fore"], "foreground", True),
+        (["--read"], "readonly", True),  # --readonly and --read-only: one option
+        (["--expo", "x"], "exportname", "x"),  # --export, --export-name, --exportname
+        (["--tls-c=/c"], "tls_certificates", "/c"),
+        (["--thr=8"], "threads", 8),
+    ],
+)
+def test_long_names_may_be_shortened_while_unambiguous(
+    spelling: list[str], field: str, value: object
+) -> None:
+    assert getattr(parsed(*spelling, "memory", "1M"), field) == value
+
+
+@pytest.mark.parametrize(
+    ("args", "value"),
+    [(["-t8"], 8), (["-t", "8"], 8), (["--threads=8"], 8), (["-t", "4", "-t", "8"], 8)],
+)
+def test_values_joined_or_apart_and_the_last_one_wins(args: list[str], value: int) -> None:
+    assert parsed(*args, "memory", "1M").config.max_in_flight == value
+
+
+@pytest.mark.parametrize(
+    ("given", "mode"),
+    [("on", "on"), ("yes", "on"), ("1", "on"), ("off", "off"), ("false", "off"),
+     ("require", "require"), ("required", "require"), ("force", "require")],
+)  # fmt: skip
+def test_tls_takes_nbdkits_spellings(given: str, mode: str) -> None:
+    tls = parsed(f"--tls={given}", "memory", "1M").tls
+    assert tls.mode is not None and tls.mode.value == mode
+
+
+def test_long_and_short_option_lists(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.run(["--long-options"]) == 0
+    longs = capsys.readouterr().out.split()
+    assert {"--unix", "--filter", "--export-name", "--run", "--tls-psk"} <= set(longs)
+    assert all(n.startswith("--") for n in longs) and "--long-options" not in longs
+    assert cli.run(["--short-options"]) == 0
+    shorts = capsys.readouterr().out.split()
+    assert {"-U", "-p", "-f", "-r", "-e", "-s", "-t", "-v", "-V"} <= set(shorts)
+    # Every listed name parses (bash completion offers exactly these).
+    for name in longs + shorts:
+        assert name in cli.OPTIONS
 
 
 # --- the real process ---------------------------------------------------------------------------
@@ -278,6 +392,30 @@ def test_private_socket_with_unix_dash_is_removed_at_exit() -> None:
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert not socket_path.exists() and not socket_path.parent.exists()
+
+
+@pytest.mark.parametrize("foreground", [True, False])
+def test_unix_dash_without_run_prints_the_uri(foreground: bool) -> None:
+    """``-U -`` names a socket nobody else knows: its URI is printed, as --print-uri."""
+    with short_tmpdir() as tmp:
+        pidfile = tmp / "pid"
+        args = ["-f"] if foreground else []
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "trionbd", *args, "-U", "-", "-P", str(pidfile), "memory", "1M"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        try:
+            uri = read_line(proc, HANG_GUARD).strip()
+            assert uri.startswith("nbd+unix:///?socket=/"), uri
+            assert run(["nbdinfo", "--size", uri]).strip() == str(1 << 20)
+            if not foreground:  # the parent returns once the child serves
+                assert proc.wait(20) == 0
+        finally:
+            pid = int(pidfile.read_text()) if pidfile.exists() else proc.pid
+            os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: not pidfile.exists(), "the server removed its pidfile")
+            rest, _ = proc.communicate(timeout=20)
+        assert rest == ""  # the URI once, nothing else
 
 
 def test_pidfile_is_written_once_listening_and_removed_at_exit() -> None:

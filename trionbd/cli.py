@@ -7,6 +7,10 @@ named is the one closest to the client. A bare word after the plugin sets the pl
 magic parameter (``trionbd file disk.img``). Each ``key=value`` goes to the first
 filter (nearest the client) that declares ``key``, else to the plugin.
 
+Each option is declared once, as a field of ``Options`` (its spellings, its value, its
+help line and its default), and the words are parsed the way GNU getopt_long parses
+nbdkit's: options anywhere, ``-fr`` bundles, unambiguous abbreviations, ``--``.
+
 How it runs, as nbdkit does: once its sockets listen (and the pidfile is written) it
 forks into the background and the parent exits 0, so ``trionbd -U sock ... && client``
 works; ``-f`` stays in the foreground. ``--run CMD`` serves (on a private Unix socket
@@ -26,28 +30,28 @@ where), 2 for a bad command line or parameter; with ``--run``, the command's sta
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import re
+import shlex
 import signal
 import socket
 import sys
 import traceback
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
-import cyclopts
 import trio
-from cyclopts import App, Parameter
 
 from . import __version__
 from .chain import Chain, ConfigError, Filter, Plugin, StartupError
-from .chain.params import describe_params
+from .chain.params import describe_params, help_columns, parse_bool, parse_choice, parse_int
 from .chain.registry import builtin_names, entry_point_names, load, manual, summary
 from .protocol.constants import DEFAULT_PORT, HandshakeFlag
 from .server import Server, ServerConfig, daemon, private_socket_path, serve
-from .server.config import HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT
+from .server.config import HANDSHAKE_TIMEOUT, MAX_IN_FLIGHT, SHUTDOWN_TIMEOUT
 from .server.listeners import as_listener, bind_tcp, bind_unix
 from .server.tls import ROOT_CERTIFICATES_DIR, TLSMode, TLSSettings, psk_supported
 
@@ -57,260 +61,330 @@ _KEY = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 """What the part before ``=`` must look like for a word to be ``key=value`` (as nbdkit)."""
 
 
+# --- options: each declared once, on its field of Options ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a field of ``Options`` is given on the command line."""
+
+    names: tuple[str, ...]
+    """``-U``, ``--unix``, ...: one letter after one hyphen, or a long name after two."""
+    help: str
+    metavar: str | None
+    """The value as ``--help`` shows it; ``None`` for a flag, which takes no value."""
+    parse: Callable[[str], Any]
+    repeat: bool
+    """Every use adds to a list (``--filter``); otherwise the last use wins (as getopt)."""
+
+
+def _option(
+    *names: str,
+    metavar: str,
+    help: str,
+    parse: Callable[[str], Any] = str,
+    default: Any = None,
+) -> Any:
+    """A field of ``Options`` set by the option ``names``: the one place that gives its
+    spellings, its value's parser, its ``--help`` line and its default. A list default
+    makes the option repeatable."""
+    repeat = isinstance(default, list)
+    meta = {"option": Option(names, help, metavar, parse, repeat)}
+    if repeat:
+        return field(default_factory=list, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _flag(*names: str, help: str) -> Any:
+    """A field of ``Options`` that the option ``names`` sets to true (it takes no value)."""
+    return field(default=False, metadata={"option": Option(names, help, None, str, False)})
+
+
+def _port(text: str) -> int:
+    port = parse_int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{text!r} is not a TCP port (0 to 65535)")
+    return port
+
+
+def _count(text: str) -> int:
+    n = parse_int(text)
+    if n < 1:
+        raise ValueError(f"{text!r} is less than 1")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def _socket_path(text: str) -> str:
+    return text if text == "-" else os.path.abspath(text)
+
+
+def _tls_mode(text: str) -> TLSMode:
+    """nbdkit's spellings: ``require`` (or ``required``, ``force``), else a boolean."""
+    if text.lower() in ("require", "required", "force"):
+        return TLSMode.REQUIRE
+    try:
+        return TLSMode.ON if parse_bool(text) else TLSMode.OFF
+    except ValueError:
+        raise ValueError(f"{text!r} is not off, on or require") from None
+
+
 @dataclass
 class Options:
-    """What the command line asked for (after parsing, before building anything)."""
+    """The command line: the plugin, the words after it, and one field per option.
+
+    Paths are made absolute as they are parsed (the background process moves to /).
+    ``config`` and ``tls`` are what the options make of the server's settings."""
 
     plugin: str | None = None
     params: list[str] = field(default_factory=list)
-    filters: list[str] = field(default_factory=list)
-    unix: str | None = None
-    port: int | None = None
-    ipaddr: str | None = None
-    pidfile: str | None = None
-    exportname: str = ""
-    verbose: bool = False
-    print_uri: bool = False
-    help: bool = False
-    foreground: bool = False
-    run: str | None = None
-    single: bool = False
-    exit_with_parent: bool = False
-    log: str | None = None
-    dump_plugin: bool = False
-    dump_config: bool = False
-    tls: TLSSettings = field(default_factory=TLSSettings)
-    config: ServerConfig = field(default_factory=ServerConfig)
+    """The words after the plugin's name: ``key=value`` parameters and the magic value."""
 
-
-Flag = Parameter(negative="")
-
-app = App(
-    name="trionbd",
-    help="A Network Block Device server: a chain of filters over one plugin.",
-    help_flags=[],
-    version_flags=[],
-    result_action="return_value",
-)
-
-
-@app.default
-def _parse(
-    plugin: str | None = None,
-    /,
-    *params: str,
-    filter: Annotated[list[str] | None, Parameter(name="--filter", help="add a filter")] = None,
-    unix: Annotated[
-        str | None,
-        Parameter(
-            name=["-U", "--unix"],
-            allow_leading_hyphen=True,
-            help="listen on a Unix socket (- for a private temporary one)",
-        ),
-    ] = None,
-    port: Annotated[int | None, Parameter(name=["-p", "--port"], help="TCP port")] = None,
-    ipaddr: Annotated[
-        str | None,
-        Parameter(name=["-i", "--ipaddr", "--ip-addr"], help="listen on this address only"),
-    ] = None,
-    foreground: Annotated[
-        bool,
-        Parameter(
-            name=["-f", "--foreground", "--no-fork"],
-            negative="",
-            help="stay in the foreground (default: detach once listening)",
-        ),
-    ] = False,
-    pidfile: Annotated[
-        str | None,
-        Parameter(name=["-P", "--pidfile", "--pid-file"], help="write the PID here once listening"),
-    ] = None,
-    readonly: Annotated[
-        bool,
-        Parameter(name=["-r", "--readonly", "--read-only"], negative="", help="serve read-only"),
-    ] = False,
-    exportname: Annotated[
-        str,
-        Parameter(
-            name=["-e", "--exportname", "--export-name", "--export"],
-            help="export name used in printed URIs and $uri",
-        ),
-    ] = "",
-    run: Annotated[
-        str | None,
-        Parameter(
-            name="--run",
-            allow_leading_hyphen=True,
-            help="serve while sh -c CMD runs (with $uri set); exit with its status",
-        ),
-    ] = None,
-    single: Annotated[
-        bool,
-        Parameter(
-            name=["-s", "--single", "--stdin"],
-            negative="",
-            help="serve one client on stdin/stdout",
-        ),
-    ] = False,
-    exit_with_parent: Annotated[
-        bool,
-        Parameter(name="--exit-with-parent", negative="", help="exit when the parent exits"),
-    ] = False,
-    log_to: Annotated[
-        Literal["stderr", "syslog", "null"] | None,
-        Parameter(name="--log", help="errors to stderr, syslog or null (background: syslog)"),
-    ] = None,
-    dump_plugin: Annotated[
-        bool, Parameter(name="--dump-plugin", negative="", help="describe the plugin, exit")
-    ] = False,
-    dump_config: Annotated[
-        bool, Parameter(name="--dump-config", negative="", help="describe trionbd, exit")
-    ] = False,
-    tls: Annotated[
-        Literal["off", "on", "require"] | None,
-        Parameter(name="--tls", help="TLS: off, on or require (default: on if certificates)"),
-    ] = None,
-    tls_certificates: Annotated[
-        str | None,
-        Parameter(name="--tls-certificates", help="directory with ca-cert.pem, server-*.pem"),
-    ] = None,
-    tls_psk: Annotated[
-        str | None,
-        Parameter(name="--tls-psk", help="pre-shared keys file (Python >= 3.13)"),
-    ] = None,
-    tls_verify_peer: Annotated[
-        bool,
-        Parameter(name="--tls-verify-peer", negative="", help="require client certificates"),
-    ] = False,
-    threads: Annotated[
-        int | None,
-        Parameter(name=["-t", "--threads"], help="requests served at once per connection"),
-    ] = None,
-    newstyle: Annotated[
-        bool, Parameter(name=["-n", "--newstyle", "--new-style"], negative="")
-    ] = False,
-    oldstyle: Annotated[
-        bool, Parameter(name=["-o", "--oldstyle", "--old-style"], negative="")
-    ] = False,
-    verbose: Annotated[
-        bool, Parameter(name=["-v", "--verbose"], negative="", help="debug messages")
-    ] = False,
-    print_uri: Annotated[
-        bool, Parameter(name="--print-uri", negative="", help="print the URI once listening")
-    ] = False,
-    version: Annotated[bool, Parameter(name=["-V", "--version"], negative="")] = False,
-    help: Annotated[bool, Parameter(name=["-h", "--help"], negative="")] = False,
-    no_sr: Annotated[
-        bool, Parameter(name="--no-sr", negative="", help="do not offer structured replies")
-    ] = False,
-    no_mc: Annotated[
-        bool, Parameter(name="--no-mc", negative="", help="do not offer meta contexts")
-    ] = False,
-    mask_handshake: Annotated[
-        int | None, Parameter(name="--mask-handshake", help="handshake flags to offer")
-    ] = None,
-    handshake_timeout: Annotated[
-        float,
-        Parameter(
-            name="--handshake-timeout",
-            help="seconds a negotiating client has for each option (0: no limit)",
-        ),
-    ] = HANDSHAKE_TIMEOUT,
-    idle_timeout: Annotated[
-        float,
-        Parameter(
-            name="--idle-timeout",
-            help="close a client that sends nothing for this many seconds with no request "
-            "in flight (0: never, the default)",
-        ),
-    ] = 0,
-    shutdown_timeout: Annotated[
-        float, Parameter(name="--shutdown-timeout", help="grace seconds at shutdown")
-    ] = SHUTDOWN_TIMEOUT,
-    max_connections: Annotated[
-        int | None, Parameter(name="--max-connections", help="refuse clients beyond this")
-    ] = None,
-) -> Options | str:
-    if version:
-        return f"trionbd {__version__}"
-    del newstyle  # -n is accepted: newstyle is the only protocol
-    if oldstyle:
-        raise ConfigError("-o/--oldstyle: the oldstyle protocol is not supported (newstyle only)")
-    for name, value in (
-        ("--handshake-timeout", handshake_timeout),
-        ("--idle-timeout", idle_timeout),
-        ("--shutdown-timeout", shutdown_timeout),
-    ):
-        if value < 0:
-            raise ConfigError(f"{name}={value}: a number of seconds, at least 0")
-    if max_connections is not None and max_connections < 1:
-        raise ConfigError(f"--max-connections={max_connections}: at least 1 client")
-    if threads is not None and threads < 1:
-        raise ConfigError(f"-t/--threads={threads}: at least 1 request must be served at once")
-    config = ServerConfig(
-        readonly=readonly,
-        structured_replies=not no_sr,
-        meta_contexts=not no_mc,
-        handshake_timeout=handshake_timeout or None,
-        idle_timeout=idle_timeout or None,
-        shutdown_timeout=shutdown_timeout,
-        max_connections=max_connections,
+    filters: list[str] = _option(
+        "--filter", metavar="NAME", default=[],
+        help="add a filter; repeatable, the first named is the one nearest the client",
+    )  # fmt: skip
+    unix: str | None = _option(
+        "-U", "--unix", metavar="SOCKET", parse=_socket_path,
+        help="listen on a Unix socket; - for a private one, whose URI is printed",
+    )  # fmt: skip
+    port: int | None = _option(
+        "-p", "--port", metavar="PORT", parse=_port,
+        help=f"listen on this TCP port; 0: any free one (without -U: {DEFAULT_PORT})",
+    )  # fmt: skip
+    ipaddr: str | None = _option(
+        "-i", "--ipaddr", "--ip-addr", metavar="ADDR",
+        help="listen on this address only (default: every address)",
+    )  # fmt: skip
+    exportname: str = _option(
+        "-e", "--exportname", "--export-name", "--export", metavar="NAME", default="",
+        help="the export named in printed URIs and in --run's $uri",
+    )  # fmt: skip
+    readonly: bool = _flag("-r", "--readonly", "--read-only", help="serve read-only")
+    foreground: bool = _flag(
+        "-f", "--foreground", "--no-fork",
+        help="stay in the foreground (default: go to the background once listening)",
+    )  # fmt: skip
+    pidfile: str | None = _option(
+        "-P", "--pidfile", "--pid-file", metavar="FILE", parse=os.path.abspath,
+        help="write the process id to FILE once listening",
+    )  # fmt: skip
+    print_uri: bool = _flag("--print-uri", help="print the URI to connect to once listening")
+    run: str | None = _option(
+        "--run", metavar="CMD",
+        help="serve while sh -c CMD runs (with $uri set), then exit with its status",
+    )  # fmt: skip
+    single: bool = _flag("-s", "--single", "--stdin", help="serve one client on stdin/stdout")
+    exit_with_parent: bool = _flag("--exit-with-parent", help="exit when the parent exits")
+    tls_mode: TLSMode | None = _option(
+        "--tls", metavar="off|on|require", parse=_tls_mode,
+        help="TLS for clients (default: on when certificates are found)",
+    )  # fmt: skip
+    tls_certificates: str | None = _option(
+        "--tls-certificates", metavar="DIR", parse=os.path.abspath,
+        help="directory of ca-cert.pem, server-cert.pem and server-key.pem",
+    )  # fmt: skip
+    tls_psk: str | None = _option(
+        "--tls-psk", metavar="FILE", parse=os.path.abspath,
+        help="pre-shared keys in psktool's format (needs Python 3.13)",
+    )  # fmt: skip
+    tls_verify_peer: bool = _flag(
+        "--tls-verify-peer", help="require a client certificate issued by the CA"
     )
-    if threads is not None:
-        config.max_in_flight = threads
-    if mask_handshake is not None:
-        config.handshake_flags &= mask_handshake
-        if not config.handshake_flags & HandshakeFlag.FIXED_NEWSTYLE:
+    threads: int = _option(
+        "-t", "--threads", metavar="N", parse=_count, default=MAX_IN_FLIGHT,
+        help="requests served at once per connection",
+    )  # fmt: skip
+    max_connections: int | None = _option(
+        "--max-connections", metavar="N", parse=_count,
+        help="refuse clients beyond N at once (default: no limit)",
+    )  # fmt: skip
+    handshake_timeout: float = _option(
+        "--handshake-timeout", metavar="SECONDS", parse=_seconds, default=HANDSHAKE_TIMEOUT,
+        help="seconds a negotiating client has for each option; 0: no limit",
+    )  # fmt: skip
+    idle_timeout: float = _option(
+        "--idle-timeout", metavar="SECONDS", parse=_seconds, default=0.0,
+        help="close a client that sends nothing this long with no request in flight; 0: never",
+    )  # fmt: skip
+    shutdown_timeout: float = _option(
+        "--shutdown-timeout", metavar="SECONDS", parse=_seconds, default=SHUTDOWN_TIMEOUT,
+        help="seconds requests in flight get to finish at shutdown",
+    )  # fmt: skip
+    no_sr: bool = _flag("--no-sr", help="do not offer structured replies")
+    no_mc: bool = _flag("--no-mc", help="do not offer meta contexts (base:allocation)")
+    mask_handshake: int | None = _option(
+        "--mask-handshake", metavar="MASK", parse=parse_int,
+        help="offer only these handshake flags (bit 0, FIXED_NEWSTYLE, must stay)",
+    )  # fmt: skip
+    newstyle: bool = _flag(
+        "-n", "--newstyle", "--new-style", help="the newstyle protocol (always; accepted)"
+    )
+    oldstyle: bool = _flag(
+        "-o", "--oldstyle", "--old-style", help="the oldstyle protocol (not supported)"
+    )
+    log: str | None = _option(
+        "--log", metavar="stderr|syslog|null", parse=parse_choice("stderr", "syslog", "null"),
+        help="where errors and warnings go (default: stderr; syslog in the background)",
+    )  # fmt: skip
+    verbose: bool = _flag("-v", "--verbose", help="debug messages too (to stderr)")
+    help: bool = _flag("-h", "--help", help="this text; with a plugin or filters: their manuals")
+    version: bool = _flag("-V", "--version", help="print the version")
+    dump_config: bool = _flag("--dump-config", help="describe this trionbd (key=value lines)")
+    dump_plugin: bool = _flag("--dump-plugin", help="describe the plugin (key=value lines)")
+    long_options: bool = _flag("--long-options", help="list the long options")
+    short_options: bool = _flag("--short-options", help="list the short options")
+
+    config: ServerConfig = field(init=False)
+    tls: TLSSettings = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.oldstyle:
             raise ConfigError(
-                f"--mask-handshake={mask_handshake} drops FIXED_NEWSTYLE (bit 0), the only "
-                "handshake trionbd speaks: no client could connect"
+                "-o/--oldstyle: the oldstyle protocol is not supported (newstyle only)"
             )
-    return Options(
-        plugin=plugin,
-        params=list(params),
-        filters=list(filter or []),
-        # Absolute paths: the background process moves to /.
-        unix=unix if unix in (None, "-") else os.path.abspath(unix),
-        port=port,
-        ipaddr=ipaddr,
-        pidfile=None if pidfile is None else os.path.abspath(pidfile),
-        exportname=exportname,
-        verbose=verbose,
-        print_uri=print_uri,
-        help=help,
-        foreground=foreground,
-        run=run,
-        single=single,
-        exit_with_parent=exit_with_parent,
-        log=log_to,
-        dump_plugin=dump_plugin,
-        dump_config=dump_config,
-        tls=TLSSettings(
-            mode=None if tls is None else TLSMode(tls),
-            certificates=None if tls_certificates is None else os.path.abspath(tls_certificates),
-            psk=None if tls_psk is None else os.path.abspath(tls_psk),
-            verify_peer=tls_verify_peer,
-        ),
-        config=config,
-    )
+        self.config = ServerConfig(
+            readonly=self.readonly,
+            structured_replies=not self.no_sr,
+            meta_contexts=not self.no_mc,
+            handshake_timeout=self.handshake_timeout or None,
+            idle_timeout=self.idle_timeout or None,
+            shutdown_timeout=self.shutdown_timeout,
+            max_in_flight=self.threads,
+            max_connections=self.max_connections,
+        )
+        if self.mask_handshake is not None:
+            self.config.handshake_flags &= self.mask_handshake
+            if not self.config.handshake_flags & HandshakeFlag.FIXED_NEWSTYLE:
+                raise ConfigError(
+                    f"--mask-handshake={self.mask_handshake} drops FIXED_NEWSTYLE (bit 0), "
+                    "the only handshake trionbd speaks: no client could connect"
+                )
+        self.tls = TLSSettings(
+            mode=self.tls_mode,
+            certificates=self.tls_certificates,
+            psk=self.tls_psk,
+            verify_peer=self.tls_verify_peer,
+        )
 
 
-def parse_args(argv: Sequence[str]) -> Options | str:
-    """Parse the command line; raises ``ConfigError`` with one line on mistakes."""
+OPTIONS: dict[str, tuple[str, Option]] = {
+    name: (f.name, f.metadata["option"])
+    for f in fields(Options)
+    if "option" in f.metadata
+    for name in f.metadata["option"].names
+}
+"""Every spelling of every option: the field it sets and its declaration."""
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    """Parse the command line as GNU getopt_long parses nbdkit's: options anywhere
+    (before, among and after the plugin's words), bundles (``-fr``, ``-frU SOCK``), a
+    value joined or apart (``-U-``, ``-U -``, ``--unix=-``, ``--unix -``), a long name
+    shortened as long as it stays unambiguous (``--fore``), and ``--`` ending the
+    options. Raises ``ConfigError`` with one line on mistakes."""
+    values: dict[str, Any] = {}
+    words: list[str] = []
+    args = list(argv)
+    i = 0
+
+    def value_of(given: str, opt: Option) -> str:
+        nonlocal i
+        if i == len(args):
+            raise ConfigError(f"option {given} needs a value ({opt.metavar})")
+        i += 1
+        return args[i - 1]
+
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            words += args[i:]
+            break
+        if arg.startswith("--"):
+            given, has_value, value = arg.partition("=")
+            attr, opt = _long_option(given)
+            if opt.metavar is None and has_value:
+                raise ConfigError(f"option {given} takes no value")
+            if opt.metavar is not None and not has_value:
+                value = value_of(given, opt)
+            _store(values, attr, opt, given, value)
+        elif arg.startswith("-") and arg != "-":
+            for j, letter in enumerate(arg[1:], start=2):
+                given = "-" + letter
+                if given not in OPTIONS:
+                    raise ConfigError(f"unknown option {given}")
+                attr, opt = OPTIONS[given]
+                if opt.metavar is None:
+                    _store(values, attr, opt, given, "")
+                    continue
+                _store(values, attr, opt, given, arg[j:] or value_of(given, opt))
+                break
+        else:
+            words.append(arg)
+    return Options(plugin=words[0] if words else None, params=words[1:], **values)
+
+
+def _long_option(given: str) -> tuple[str, Option]:
+    """The option a long name names: exactly, or as the start of one option's names."""
+    if given in OPTIONS:
+        return OPTIONS[given]
+    starting = sorted(name for name in OPTIONS if name.startswith(given) and len(given) > 2)
+    found = {OPTIONS[name][0] for name in starting}
+    if not found:
+        raise ConfigError(f"unknown option {given}")
+    if len(found) > 1:
+        raise ConfigError(f"option {given} is ambiguous: {', '.join(starting)}")
+    return OPTIONS[starting[0]]
+
+
+def _store(values: dict[str, Any], attr: str, opt: Option, given: str, value: str) -> None:
+    if opt.metavar is None:
+        values[attr] = True
+        return
     try:
-        result = app(list(argv), exit_on_error=False, print_error=False)
-    except cyclopts.CycloptsError as e:
-        raise ConfigError(str(e).strip().splitlines()[0]) from None
-    assert isinstance(result, Options | str)
-    return result
+        parsed = opt.parse(value)
+    except ValueError as e:
+        raise ConfigError(f"bad value for {given}: {e}") from None
+    if opt.repeat:
+        values.setdefault(attr, []).append(parsed)
+    else:
+        values[attr] = parsed
+
+
+def options_help() -> str:
+    """The option lines of ``--help``: names, value, help and default, from the fields."""
+    rows = []
+    for f in fields(Options):
+        opt: Option | None = f.metadata.get("option")
+        if opt is None:
+            continue
+        names = ", ".join(opt.names) + ("" if opt.metavar is None else f"={opt.metavar}")
+        default = f.default
+        shown = (
+            "" if default is None or isinstance(default, bool) or default is MISSING
+            else f"{default:g}" if isinstance(default, float)
+            else str(default)
+        )  # fmt: skip
+        rows.append((names, opt.help + (f" (default: {shown})" if shown else "")))
+    return help_columns(rows)
 
 
 def build_chain(opts: Options) -> Chain:
     """Load the plugin and filters and hand each its parameters."""
     if opts.plugin is None:
         raise ConfigError("no plugin given (try: trionbd --help)")
-    plugin_cls = load(Plugin, opts.plugin)
-    filter_classes = [load(Filter, name) for name in opts.filters]
+    plugin_cls = load_plugin(opts.plugin, opts.params)
+    filter_classes = [load_filter(name) for name in opts.filters]
     owners: list[type[Plugin] | type[Filter]] = [*filter_classes, plugin_cls]
     routed: list[list[tuple[str, str]]] = [[] for _ in owners]
     magic_seen = False
@@ -333,36 +407,90 @@ def build_chain(opts: Options) -> Chain:
     return Chain(plugin_cls.from_params(routed[-1]), filters)
 
 
+def load_plugin(name: str, params: Sequence[str] | None = None) -> type[Plugin]:
+    """The plugin class ``name``. A filter's name gets a hint: how to serve with it
+    (with ``params``, the words after it) or, without ``params``, to read its manual."""
+    try:
+        return load(Plugin, name)
+    except ConfigError:
+        if name not in builtin_names(Filter) + entry_point_names(Filter):
+            raise
+    if params is None:
+        hint = f"its manual is trionbd --filter={name} --help"
+    else:
+        hint = "try " + shlex.join(["trionbd", "file", *(params or ["FILE"]), f"--filter={name}"])
+    raise ConfigError(f"{name!r} is a filter, not a plugin: {hint}") from None
+
+
+def load_filter(name: str) -> type[Filter]:
+    """The filter class ``name``; a plugin's name gets a hint on how to use it."""
+    try:
+        return load(Filter, name)
+    except ConfigError:
+        if name not in builtin_names(Plugin) + entry_point_names(Plugin):
+            raise
+    raise ConfigError(f"{name!r} is a plugin, not a filter: name it without --filter") from None
+
+
+USAGE = "usage: trionbd [OPTIONS] PLUGIN [MAGIC] [KEY=VALUE ...] [--filter=NAME ...]"
+
+
 def help_text(opts: Options) -> str:
     """``--help`` alone: options, plugins and filters; with names: their manuals."""
     if opts.plugin or opts.filters:
-        classes: list[type[Plugin] | type[Filter]] = [load(Filter, n) for n in opts.filters]
+        classes: list[type[Plugin] | type[Filter]] = [load_filter(n) for n in opts.filters]
         if opts.plugin:
-            classes.append(load(Plugin, opts.plugin))
+            classes.append(load_plugin(opts.plugin))
         return "\n\n".join(
-            f"{manual(cls)}\n\nParameters of {cls.name}:\n{describe_params(cls.params)}"
+            f"{plain(manual(cls))}\n\nParameters of {cls.name}:\n{describe_params(cls.params)}"
             for cls in classes
         )
-    lines = [
-        "usage: trionbd [OPTIONS] PLUGIN [MAGIC] [KEY=VALUE ...] [--filter=NAME ...]",
-        "",
-        "Serves a chain of filters over one plugin. The first --filter named is the one",
-        "closest to the client; key=value parameters go to the filter or plugin that",
-        "declares them; a bare word after the plugin is its magic parameter.",
-        "",
-        "Options:",
-    ]
-    for argument in app.assemble_argument_collection(parse_docstring=False):
-        names = ", ".join(argument.parameter.name or ())
-        if names and argument.parameter.help:
-            lines.append(f"  {names:28} {argument.parameter.help}")
-    lines += ["", "Plugins (trionbd PLUGIN --help for a manual):"]
-    for name in builtin_names(Plugin) + entry_point_names(Plugin):
-        lines.append(f"  {name:14} {summary(load(Plugin, name))}")
-    lines += ["", "Filters (trionbd --filter=NAME --help for a manual):"]
-    for name in builtin_names(Filter) + entry_point_names(Filter):
-        lines.append(f"  {name:14} {summary(load(Filter, name))}")
-    return "\n".join(lines)
+    plugins = builtin_names(Plugin) + entry_point_names(Plugin)
+    filters = builtin_names(Filter) + entry_point_names(Filter)
+    return "\n".join(
+        [
+            USAGE,
+            "",
+            "Serves a chain of filters over one plugin. The first --filter named is the one",
+            "nearest the client; key=value parameters go to the filter or plugin that",
+            "declares them; a bare word after the plugin is its magic parameter.",
+            "",
+            "Options:",
+            options_help(),
+            "",
+            "Plugins (trionbd PLUGIN --help for a manual):",
+            help_columns(((n, plain(summary(load(Plugin, n)))) for n in plugins), column=17),
+            "",
+            "Filters (trionbd --filter=NAME --help for a manual):",
+            help_columns(((n, plain(summary(load(Filter, n)))) for n in filters), column=17),
+        ]
+    )
+
+
+def plain(text: str) -> str:
+    """A docstring for the terminal: reStructuredText's markup taken out (``code``
+    and :role:`target` become their text; a paragraph's closing ``::`` becomes ``:``)."""
+    text = re.sub(r":[a-z]+:`([^`]*)`", r"\1", text)
+    text = re.sub(r"``(.+?)``", r"\1", text, flags=re.DOTALL)
+    text = re.sub(r"(?m)\s+::$", "", text)
+    return re.sub(r"(?m)::$", ":", text)
+
+
+def answer(opts: Options) -> str | None:
+    """What to print instead of serving, for ``--help``, ``--version``, ``--dump-config``,
+    ``--dump-plugin``, ``--long-options`` and ``--short-options``; ``None`` to serve."""
+    if opts.help:
+        return help_text(opts)
+    if opts.version:
+        return f"trionbd {__version__}"
+    if opts.dump_config:
+        return dump_config()
+    if opts.dump_plugin:
+        return dump_plugin(opts)
+    if opts.long_options or opts.short_options:
+        listed = [n for n in OPTIONS if n not in ("--long-options", "--short-options")]
+        return "\n".join(n for n in listed if n.startswith("--") == opts.long_options)
+    return None
 
 
 def dump_config() -> str:
@@ -403,7 +531,7 @@ def dump_plugin(opts: Options) -> str:
     version, thread model, magic parameter, parameters, ``has_CALLBACK=1`` per callback)."""
     if opts.plugin is None:
         raise ConfigError("--dump-plugin needs a plugin name")
-    cls = load(Plugin, opts.plugin)
+    cls = load_plugin(opts.plugin, opts.params)
     module = sys.modules.get(cls.__module__)
     lines = [
         f"path={getattr(module, '__file__', None) or cls.__module__}",
@@ -504,7 +632,9 @@ async def serve_main(
                 if opts.pidfile:
                     daemon.write_pidfile(opts.pidfile)
                     cleanup.append(opts.pidfile)
-                if opts.print_uri and server.addresses:
+                # -U - alone would hide the server: its socket's name is printed.
+                private = opts.unix == "-" and opts.run is None
+                if (opts.print_uri or private) and server.addresses:
                     print(uri_of(server, opts), flush=True)
                 readiness.ready(keep_stderr=opts.verbose or opts.log == "stderr")
                 watching.start_soon(_watch_signals, signals, server, serving.cancel_scope)
@@ -595,17 +725,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         opts = parse_args(args)
-        if isinstance(opts, str):
-            print(opts)
-            return 0
-        if opts.help:
-            print(help_text(opts))
-            return 0
-        if opts.dump_config:
-            print(dump_config())
-            return 0
-        if opts.dump_plugin:
-            print(dump_plugin(opts))
+        text = answer(opts)
+        if text is not None:
+            print(text)
             return 0
         activated = daemon.activation_sockets()
         foreground = _foreground(opts, activated is not None)

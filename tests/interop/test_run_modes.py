@@ -509,11 +509,11 @@ def test_nbdkit_option_spellings_parse_alike(tmp: Path) -> None:
     ("args", "message"),
     [
         (["-o", "memory", "1M"], "-o/--oldstyle: the oldstyle protocol is not supported"),
-        (["-t", "0", "memory", "1M"], "-t/--threads=0: at least 1 request"),
-        (["--tls=maybe", "memory", "1M"], '"maybe" for --tls. Choose from: "off", "on", "require"'),
+        (["-t", "0", "memory", "1M"], "trionbd: bad value for -t: '0' is less than 1"),
+        (["--tls=maybe", "memory", "1M"], "bad value for --tls: 'maybe' is not off, on or require"),
         (
             ["--log=file", "memory", "1M"],
-            '"file" for --log. Choose from: "stderr", "syslog", "null"',
+            "bad value for --log: 'file' is not one of stderr, syslog, null",
         ),
     ],
 )

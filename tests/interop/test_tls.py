@@ -227,12 +227,12 @@ def test_psk_is_refused_on_python_without_psk_callbacks(tmp_path: Path) -> None:
 def psk_python() -> str | None:
     """An interpreter whose ssl module has PSK callbacks and that can run trionbd: this
     one, or the one named by TRIONBD_PSK_PYTHON (e.g. a Python 3.13 venv with trio and
-    cyclopts installed)."""
+    crc32c installed)."""
     for python in (PYTHON, os.environ.get("TRIONBD_PSK_PYTHON")):
         if python is None:
             continue
         probe = subprocess.run(
-            [python, "-c", "import ssl, trio, cyclopts, trionbd; assert ssl.HAS_PSK"],
+            [python, "-c", "import ssl, trio, crc32c, trionbd; assert ssl.HAS_PSK"],
             capture_output=True, env=os.environ | {"PYTHONPATH": str(ROOT)}, check=False,
         )  # fmt: skip
         if probe.returncode == 0:
@@ -242,7 +242,7 @@ def psk_python() -> str | None:
 
 @pytest.mark.skipif(
     psk_python() is None,
-    reason="needs a Python >= 3.13 with trio and cyclopts: set TRIONBD_PSK_PYTHON",
+    reason="needs a Python >= 3.13 with trio and crc32c: set TRIONBD_PSK_PYTHON",
 )
 def test_psk_with_libnbd(tmp_path: Path) -> None:
     python = psk_python()

@@ -8,6 +8,7 @@ class's constructor as keyword arguments (``tar-entry=x`` becomes ``tar_entry="x
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,20 +76,26 @@ class Param:
     required: bool = False
     repeat: bool = False
     """May be given several times; the constructor receives a list."""
+    metavar: str = ""
+    """What the value looks like in ``--help`` (``PATH``, ``SIZE``); when not given, it
+    follows from ``parse``: ``STRING``, ``SIZE``, ``BOOL``, ``N``, a choice's words as
+    they are typed (``default|none``), or the parser's name (``parse_delay``: ``DELAY``)."""
+    default: str = ""
+    """The default as ``--help`` shows it (``64K``, ``false``); empty: none to show."""
+
+    def __post_init__(self) -> None:
+        if not self.metavar:
+            kind = getattr(self.parse, "__name__", "")
+            named = {"str": "STRING", "parse_size": "SIZE", "parse_bool": "BOOL", "parse_int": "N"}
+            if "|" in kind:  # parse_choice's words
+                shown = kind
+            else:
+                shown = named.get(kind) or kind.removeprefix("parse_").upper() or "VALUE"
+            object.__setattr__(self, "metavar", shown)
 
     @property
     def attr(self) -> str:
         return self.name.replace("-", "_")
-
-    @property
-    def metavar(self) -> str:
-        kind = getattr(self.parse, "__name__", "")
-        return {
-            "str": "STRING",
-            "parse_size": "SIZE",
-            "parse_bool": "BOOL",
-            "parse_int": "N",
-        }.get(kind, kind.upper() or "VALUE")
 
 
 def build_kwargs(
@@ -122,9 +129,29 @@ def describe_params(params: Sequence[Param]) -> str:
     """The parameter list shown by ``trionbd NAME --help``."""
     if not params:
         return "  (no parameters)"
-    lines = []
+    rows = []
     for p in params:
-        tags = [t for t, on in (("required", p.required), ("repeatable", p.repeat)) if on]
-        suffix = f" ({', '.join(tags)})" if tags else ""
-        lines.append(f"  {p.name}={p.metavar}{suffix}\n      {p.help}")
+        notes = [t for t, on in (("required", p.required), ("repeatable", p.repeat)) if on]
+        if p.default:
+            notes.append(f"default: {p.default}")
+        rows.append((f"{p.name}={p.metavar}", p.help + (f" ({'; '.join(notes)})" if notes else "")))
+    return help_columns(rows)
+
+
+HELP_WIDTH = 88
+"""Columns of ``--help`` text."""
+
+
+def help_columns(rows: Iterable[tuple[str, str]], indent: int = 2, column: int = 26) -> str:
+    """Help lines: each row's left text, then its help wrapped beside it starting at
+    ``column`` (on the next line when the left text reaches the column)."""
+    lines = []
+    for left, text in rows:
+        head = " " * indent + left
+        wrapped = textwrap.wrap(text, HELP_WIDTH - column) or [""]
+        if len(head) + 2 > column:
+            lines.append(head)
+        else:
+            lines.append(head.ljust(column) + wrapped.pop(0))
+        lines += [" " * column + line for line in wrapped]
     return "\n".join(lines)
