@@ -30,7 +30,8 @@ from tests.support import (
     wait_until,
 )
 from trionbd import cli
-from trionbd.chain import ConfigError, Filter, Param
+from trionbd.chain import ConfigError, Filter, Param, Plugin
+from trionbd.chain.registry import builtin_names
 from trionbd.cli import build_chain, help_text, parse_args
 from trionbd.plugins.memory import MemoryPlugin
 from trionbd.protocol.constants import HandshakeFlag
@@ -113,11 +114,26 @@ def test_plugin_help_is_its_manual_and_parameters(capsys: pytest.CaptureFixture[
     assert cli.run(["file", "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("file: serve a file or block device")
-    assert "Parameters of file:" in out
-    for param in ("file=STRING", "dir=STRING", "cache=default|none"):
+    # The parameters are listed once, from their declarations.
+    assert "\nParameters:" not in out and out.count("Parameters of file:") == 1
+    for param in ("file=PATH", "dir=DIR", "cache=default|none"):
         assert f"\n  {param} " in out
     assert cli.run(["--help", "memory"]) == 0
     assert capsys.readouterr().out.startswith("memory: a sparse RAM disk.")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[name] for name in builtin_names(Plugin)] + [[f"--filter={n}"] for n in builtin_names(Filter)],
+)
+def test_manuals_are_plain_text_with_parameters_listed_once(args: list[str]) -> None:
+    """No reStructuredText markup reaches the terminal, and the parameters come from
+    the declarations alone (no hand-written second list in the docstring)."""
+    text = help_text(parsed(*args, "--help"))
+    assert "``" not in text and not re.search(r":[a-z]+:`", text), text
+    assert not re.search(r"::$", text, re.MULTILINE), text
+    assert "\nParameters:" not in text and "\nParameters (" not in text, text
+    assert text.count("\nParameters of ") == 1
 
 
 def test_plain_turns_markup_into_text() -> None:

@@ -442,7 +442,8 @@ def help_text(opts: Options) -> str:
         if opts.plugin:
             classes.append(load_plugin(opts.plugin))
         return "\n\n".join(
-            f"{plain(manual(cls))}\n\nParameters of {cls.name}:\n{describe_params(cls.params)}"
+            f"{plain(manual(cls))}\n\nParameters of {cls.name}:\n"
+            + describe_params(cls.params, getattr(cls, "magic_param", None))
             for cls in classes
         )
     plugins = builtin_names(Plugin) + entry_point_names(Plugin)

@@ -570,7 +570,7 @@ def test_capabilities_are_those_of_the_layer_below(readonly: bool, tmp_path: Pat
 def test_help_shows_the_manual() -> None:
     out = run([PYTHON, "-m", "trionbd", "--filter=tar", "--help"], cwd=ROOT)
     assert out.startswith("tar: serve the members of a tar archive as exports.\n")
-    assert "tar-entry=STRING" in out
+    assert "\n  tar-entry=NAME " in out
     assert "trionbd file disk.tar --filter=tar" in out
 
 

@@ -125,13 +125,16 @@ def build_kwargs(
     return kwargs
 
 
-def describe_params(params: Sequence[Param]) -> str:
-    """The parameter list shown by ``trionbd NAME --help``."""
+def describe_params(params: Sequence[Param], magic: str | None = None) -> str:
+    """The parameter list shown by ``trionbd NAME --help``; ``magic`` names the plugin's
+    magic parameter (the one a bare word sets)."""
     if not params:
         return "  (no parameters)"
     rows = []
     for p in params:
         notes = [t for t, on in (("required", p.required), ("repeatable", p.repeat)) if on]
+        if p.name == magic:
+            notes.append(f"may be given bare, without {p.name}=")
         if p.default:
             notes.append(f"default: {p.default}")
         rows.append((f"{p.name}={p.metavar}", p.help + (f" ({'; '.join(notes)})" if notes else "")))

@@ -31,14 +31,6 @@ Details:
 The overlay lives in ``$TMPDIR`` (``/var/tmp`` when unset, since it can grow as large as
 the disk). Start-up fails if no temporary file can be created there.
 
-Parameters:
-  cow-block-size=SIZE   overlay block size: a power of two from 4096 to 2G (default 64K)
-  cow-on-read=BOOL|/PATH   true: also copy blocks read from the layer below into the
-                        overlay (useful when the layer below is slow); /PATH: do so
-                        while the file /PATH exists (default false)
-  cow-on-cache=BOOL     true: copy blocks into the overlay on cache (prefetch) requests;
-                        false: pass cache requests of unwritten blocks down (default)
-
 Example (writable view of a read-only disk image; the image is never modified):
   trionbd --filter=cow file disk.img
 """
@@ -246,13 +238,28 @@ class CowFilter(Filter):
 
     name = "cow"
     params = (
-        Param("cow-block-size", "overlay block size: power of two, 4096..2G", parse_block_size),
+        Param(
+            "cow-block-size",
+            "overlay block size: a power of two from 4096 to 2G",
+            parse_block_size,
+            metavar="SIZE",
+            default="64K",
+        ),
         Param(
             "cow-on-read",
-            "true, false, or /PATH: copy blocks read into the overlay",
+            "true: also copy blocks read from the layer below into the overlay (useful when "
+            "the layer below is slow); /PATH: do so while the file /PATH exists",
             parse_cow_on_read,
+            metavar="BOOL|/PATH",
+            default="false",
         ),
-        Param("cow-on-cache", "copy blocks into the overlay on cache requests", parse_bool),
+        Param(
+            "cow-on-cache",
+            "true: copy blocks into the overlay on cache (prefetch) requests; false: pass "
+            "cache requests of unwritten blocks down",
+            parse_bool,
+            default="false",
+        ),
     )
     # nonblocking stays True: no locks, and the overlay's I/O is page-cache I/O done inline.
 

@@ -7,22 +7,6 @@ pipelined reads with a 100 ms delay take about 100 ms, not N times as long.
 Delays are seconds (``2``, ``0.5``) or milliseconds with an ``ms`` suffix
 (``100ms``); nbdkit accepts whole numbers only, trionbd also decimals.
 
-Parameters:
-  rdelay=DELAY, delay-read=DELAY
-                        delay reads (two names for one setting; give one)
-  wdelay=DELAY          delay writes, zeroing and trimming
-  delay-write=DELAY     delay writes (wins over wdelay)
-  delay-zero=DELAY      delay zeroing (wins over wdelay)
-  delay-trim=DELAY      delay trims (wins over wdelay)
-  delay-extents=DELAY   delay block status requests
-  delay-cache=DELAY     delay cache requests
-  delay-flush=DELAY     delay flushes (a trionbd extension)
-  delay-open=DELAY      delay opening the export for each client
-  delay-fast-zero=BOOL  true (default): fast zero requests wait like other zeroing;
-                        false: with a zero delay set, they fail at once with ENOTSUP
-                        (the client then writes zeroes itself), and fast zeroing is
-                        advertised
-
 Example:
   trionbd --filter=delay file disk.img rdelay=100ms wdelay=100ms
   trionbd --filter=delay file disk.img delay-zero=1
@@ -59,17 +43,24 @@ class DelayFilter(Filter):
     name = "delay"
     nonblocking = False  # requests wait: the server must give each its own task
     params = (
-        Param("rdelay", "delay reads (seconds, or NNms)", parse_delay),
-        Param("delay-read", "delay reads (same as rdelay)", parse_delay),
+        Param("rdelay", "delay reads", parse_delay),
+        Param("delay-read", "delay reads (another name for rdelay; give one)", parse_delay),
         Param("wdelay", "delay writes, zeroing and trims", parse_delay),
-        Param("delay-write", "delay writes", parse_delay),
-        Param("delay-zero", "delay zeroing", parse_delay),
-        Param("delay-trim", "delay trims", parse_delay),
-        Param("delay-extents", "delay block status", parse_delay),
+        Param("delay-write", "delay writes (wins over wdelay)", parse_delay),
+        Param("delay-zero", "delay zeroing (wins over wdelay)", parse_delay),
+        Param("delay-trim", "delay trims (wins over wdelay)", parse_delay),
+        Param("delay-extents", "delay block status requests", parse_delay),
         Param("delay-cache", "delay cache requests", parse_delay),
-        Param("delay-flush", "delay flushes", parse_delay),
-        Param("delay-open", "delay opening the export", parse_delay),
-        Param("delay-fast-zero", "delay fast zero requests too (default true)", parse_bool),
+        Param("delay-flush", "delay flushes (a trionbd extension)", parse_delay),
+        Param("delay-open", "delay opening the export for each client", parse_delay),
+        Param(
+            "delay-fast-zero",
+            "true: fast zero requests wait like other zeroing; false: with a zero delay set, "
+            "they fail at once with ENOTSUP (the client then writes zeroes itself), and fast "
+            "zeroing is advertised",
+            parse_bool,
+            default="true",
+        ),
     )
 
     def __init__(

@@ -4,22 +4,15 @@ Fails a chosen share of requests with a chosen error before they reach the layer
 below. Nothing is injected unless a rate is set. Each injected error is logged
 (``injecting EIO error into pread``) and the client receives it as an NBD error.
 
-Parameters:
-  error=NAME          the error to inject: EPERM, EIO (default), ENOMEM, EINVAL,
-                      ENOSPC, ESHUTDOWN, and (beyond nbdkit) ENOTSUP and EOVERFLOW,
-                      which clients receive as EINVAL except for fast zero requests
-                      (ENOTSUP) and reads with the DF flag (EOVERFLOW)
-  error-rate=RATE     share of requests that fail: a probability from 0 to 1 (0.1)
-                      or a percentage from 0% to 100% (10%); default 0: never
-  error-file=PATH     inject only while PATH exists: create or remove it at run time
-                      to switch errors on and off (checked on every request)
-  error-CMD=NAME, error-CMD-rate=RATE, error-CMD-file=PATH
-                      the same for one command only, where CMD is pread, pwrite,
-                      trim, zero, extents, cache or flush; a per-command setting
-                      wins over the general one whatever their order
-  error-seed=N        seed of the random choices (a trionbd extension; default: a
-                      fresh seed each run). With a seed, the same sequence of
-                      requests fails the same way on every run
+The errors are EPERM, EIO, ENOMEM, EINVAL, ENOSPC, ESHUTDOWN and, beyond nbdkit,
+ENOTSUP and EOVERFLOW, which clients receive as EINVAL except for fast zero requests
+(ENOTSUP) and reads with the DF flag (EOVERFLOW). ``error``, ``error-rate`` and
+``error-file`` apply to every command; ``error-CMD``, ``error-CMD-rate`` and
+``error-CMD-file`` (CMD being pread, pwrite, trim, zero, extents, cache or flush) to one
+command, and win over the general ones whatever their order. A file named by
+``error-file`` switches errors on and off at run time: create or remove it (it is
+checked on every request). With ``error-seed`` (a trionbd extension) the same sequence
+of requests fails the same way on every run.
 
 Rates 0 and 1 (0% and 100%) draw no random numbers: they never or always inject, so
 tests that need certainty use them (with ``error-file`` to switch at a known moment),
@@ -85,17 +78,25 @@ class Setting:
 
 def _params() -> tuple[Param, ...]:
     params = [
-        Param("error", "error to inject (default EIO)", parse_error),
-        Param("error-rate", "share of requests that fail: 0..1 or 0%..100%", parse_rate),
-        Param("error-file", "inject only while this file exists"),
+        Param("error", "the error to inject", parse_error, metavar="NAME", default="EIO"),
+        Param(
+            "error-rate",
+            "share of requests that fail: a probability from 0 to 1 (0.1) or a percentage "
+            "from 0% to 100% (10%); 0: never",
+            parse_rate,
+            default="0",
+        ),
+        Param("error-file", "inject only while PATH exists", metavar="PATH"),
     ]
     for cmd in COMMANDS:
         params += [
-            Param(f"error-{cmd}", f"error to inject into {cmd}", parse_error),
+            Param(f"error-{cmd}", f"the error to inject into {cmd}", parse_error, metavar="NAME"),
             Param(f"error-{cmd}-rate", f"share of {cmd} requests that fail", parse_rate),
-            Param(f"error-{cmd}-file", f"inject into {cmd} only while this file exists"),
+            Param(f"error-{cmd}-file", f"inject into {cmd} only while PATH exists", metavar="PATH"),
         ]
-    params.append(Param("error-seed", "seed of the random choices", parse_int))
+    params.append(
+        Param("error-seed", "seed of the random choices", parse_int, default="a fresh one each run")
+    )
     return tuple(params)
 
 

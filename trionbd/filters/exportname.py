@@ -119,20 +119,23 @@ class ExportnameFilter(Filter):
             "default-export",
             "open this export of the layer below when a client asks for the default export",
             parse_export_name,
+            metavar="NAME",
         ),
-        Param("exportname-list", "what NBD_OPT_LIST shows (default keep)", parse_list_mode),
+        Param("exportname-list", "what NBD_OPT_LIST shows", parse_list_mode, default="keep"),
         Param(
             "exportname-strict",
-            "allow only the exportname= names to be opened (default false)",
+            "allow only the exportname= names to be opened",
             parse_bool,
+            default="false",
         ),
         Param(
             "exportname",
             "a name for exportname-list=explicit and exportname-strict",
             parse_export_name,
             repeat=True,
+            metavar="NAME",
         ),
-        Param("exportdesc", "export descriptions (default keep)", parse_exportdesc),
+        Param("exportdesc", "export descriptions", parse_exportdesc, default="keep"),
     )
 
     def __init__(

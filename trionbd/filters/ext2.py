@@ -59,11 +59,6 @@ the file system may be inconsistent: such an image is refused, unless the server
 read-only (``-r``) and ``ext2-allow-recovery=true`` is given; then it is served as it is
 on disk, without the journal's changes.
 
-Parameters:
-  ext2file=PATH            serve only the file at PATH (absolute, inside the file system)
-  ext2file=exportname      the export name is the path (the same as no ext2file)
-  ext2-allow-recovery=BOOL serve an image whose journal needs recovery (needs -r)
-
 Examples:
   trionbd file fs.img --filter=ext2
   trionbd file fs.img --filter=ext2 ext2file=/disk.img
@@ -175,13 +170,15 @@ class Ext2Filter(Filter):
     params = (
         Param(
             "ext2file",
-            "serve only this file (absolute path inside the file system); 'exportname': "
+            "serve only the file at PATH (absolute, inside the file system); 'exportname': "
             "the export name is the path (the default: every regular file is an export)",
+            metavar="PATH",
         ),
         Param(
             "ext2-allow-recovery",
             "serve an image whose journal needs recovery, as it is on disk (needs -r)",
             parse_bool,
+            default="false",
         ),
     )
     nonblocking = True

@@ -49,10 +49,6 @@ Differences from nbdkit: ``minsize``, ``prefsize`` and ``maxsize`` are the block
 limits the server advertises (nbdkit writes 0 when the plugin sets none); nbdkit's
 ``Preconnect`` and ``Fork`` lines have no counterpart here.
 
-Parameters:
-  logfile=PATH      write the log to this file (default: standard error)
-  logappend=BOOL    append to an existing logfile (default false: truncate it)
-
 nbdkit's ``logscript=`` is not supported.
 
 Example:
@@ -150,8 +146,13 @@ class LogFilter(Filter):
 
     name = "log"
     params = (
-        Param("logfile", "file to write the log to (default: standard error)"),
-        Param("logappend", "append to an existing logfile (default false)", parse_bool),
+        Param("logfile", "write the log to this file (default: standard error)", metavar="PATH"),
+        Param(
+            "logappend",
+            "append to an existing logfile; false: truncate it",
+            parse_bool,
+            default="false",
+        ),
     )
 
     def __init__(self, logfile: str | None = None, logappend: bool = False):

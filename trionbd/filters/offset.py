@@ -10,10 +10,6 @@ below for that export: an offset beyond the end, or an offset+range beyond the e
 refused for that client with an error naming both numbers (the server keeps serving).
 Capabilities (writability, trim, zero, FUA, multi-conn, ...) are those of the layer below.
 
-Parameters:
-  offset=SIZE   first byte of the window (default 0); k/M/G suffixes allowed
-  range=SIZE    length of the window (default: from offset to the end of the layer below)
-
 Example (serve 100 MiB starting 1 MiB into disk.img):
   trionbd --filter=offset file disk.img offset=1M range=100M
 """
@@ -89,8 +85,12 @@ class OffsetFilter(WindowFilter):
 
     name = "offset"
     params = (
-        Param("offset", "first byte of the window (default 0)", parse_size),
-        Param("range", "length of the window (default: to the end of the layer below)", parse_size),
+        Param("offset", "first byte of the window, k/M/G allowed", parse_size, default="0"),
+        Param(
+            "range",
+            "length of the window (default: from offset to the end of the layer below)",
+            parse_size,
+        ),
     )
 
     def __init__(self, offset: int = 0, range: int | None = None):

@@ -18,9 +18,6 @@ carrying the reason (no table found, a damaged GPT, a partition that lies outsid
 disk or overlaps another, partition N missing with the list of those that exist), and
 the server keeps serving other clients.
 
-Parameters:
-  partition=N   the partition to serve, counting from 1 (required)
-
 Example:
   trionbd --filter=partition file disk.img partition=1
 """

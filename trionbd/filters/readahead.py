@@ -27,8 +27,6 @@ Cache requests are served by reading through the buffer (a prefetch into it).
 
 Memory: one buffer per connection, at most 64 MiB.
 
-Parameters: none.
-
 Example (sequential copies from a slow read-only source, writable through cow):
   trionbd --filter=readahead --filter=cow file disk.img
 """

@@ -22,8 +22,6 @@ Consequences:
   upstream server of ``nbd`` dies), every client sees the errors until the server is
   restarted.
 
-Parameters: none.
-
 Example:
   trionbd --filter=shared nbd socket=/tmp/upstream.sock
 """

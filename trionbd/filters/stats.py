@@ -43,10 +43,6 @@ its latency histogram: one line per non-empty power-of-two bucket of whole
 microseconds (``<1 us``, ``1-1 us``, ``2-3 us``, ``4-7 us``, ...), with the count
 and its share of the command's operations. A blank line ends each report.
 
-Parameters:
-  statsfile=PATH      where to write the report (required)
-  statsappend=BOOL    append each report instead of replacing the file (default false)
-
 nbdkit's ``statsthreshold=`` (request size and alignment histograms) is not supported.
 
 Example:
@@ -191,8 +187,13 @@ class StatsFilter(Filter):
 
     name = "stats"
     params = (
-        Param("statsfile", "file to write the report to", required=True),
-        Param("statsappend", "append each report instead of replacing it", parse_bool),
+        Param("statsfile", "where to write the report", required=True, metavar="PATH"),
+        Param(
+            "statsappend",
+            "append each report instead of replacing the file",
+            parse_bool,
+            default="false",
+        ),
     )
 
     def __init__(self, statsfile: str, statsappend: bool = False):

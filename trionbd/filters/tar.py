@@ -38,12 +38,6 @@ is then not listed (a warning goes to the log) and opening one of its names is
 refused with the message, while the other archives are served. An archive that could
 not be opened or read (missing, an I/O error) is tried again by the next client.
 
-Parameters:
-  tar-entry=NAME   serve only member NAME, whatever export name a client asks for (as
-                   nbdkit's tar filter); it is then the one export listed and the
-                   default. Over several archives, the exports are the archives'
-                   names, each serving its own member NAME.
-
 Examples:
   trionbd file disk.tar --filter=tar
   trionbd file disk.tar --filter=tar tar-entry=images/root.img
@@ -159,7 +153,15 @@ class TarFilter(Filter):
     """Serve the members of the tar archive(s) below as exports."""
 
     name = "tar"
-    params = (Param("tar-entry", "serve only this member, whatever export name is asked for"),)
+    params = (
+        Param(
+            "tar-entry",
+            "serve only member NAME, whatever export name a client asks for (as nbdkit's tar "
+            "filter); it is then the one export listed and the default. Over several "
+            "archives, the exports are the archives' names, each serving its own member NAME",
+            metavar="NAME",
+        ),
+    )
     nonblocking = True  # every data callback is offset arithmetic and one call below
 
     def __init__(self, tar_entry: str | None = None):

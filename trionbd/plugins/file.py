@@ -16,11 +16,6 @@ Reads and writes run inline in the server's event loop: they normally hit the pa
 cache, where a worker-thread round trip costs more than the copy (see bench/). Slow
 operations (fdatasync, fallocate) run in worker threads.
 
-Parameters:
-  file=PATH   the file or block device to serve
-  dir=DIR     serve each regular file in DIR as an export
-  cache=default|none   none: advise the kernel not to keep served data cached
-
 Examples:
   trionbd file disk.img
   trionbd file dir=/var/images
@@ -66,12 +61,13 @@ class FilePlugin(Plugin):
 
     name = "file"
     params = (
-        Param("file", "the file or block device to serve"),
-        Param("dir", "serve each regular file in this directory as an export"),
+        Param("file", "the file or block device to serve", metavar="PATH"),
+        Param("dir", "serve each regular file in DIR as an export", metavar="DIR"),
         Param(
             "cache",
-            "default, or none to drop served data from the page cache",
+            "none: advise the kernel not to keep served data cached",
             parse_choice("default", "none"),
+            default="default",
         ),
     )
     magic_param = "file"

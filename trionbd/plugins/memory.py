@@ -4,9 +4,6 @@ Serves a writable disk of ``size`` bytes held in memory. Only pages that were wr
 take memory, so sizes up to 2^63-1 bytes are fine. Data is lost when the server exits.
 All clients see the same disk (multi-conn is safe).
 
-Parameters:
-  size=SIZE   size of the disk, e.g. 1G, 512M, 2T (the magic parameter)
-
 Example:
   trionbd memory 1G
 """
@@ -30,7 +27,7 @@ class MemoryPlugin(Plugin):
     """A sparse RAM disk."""
 
     name = "memory"
-    params = (Param("size", "size of the disk (k/M/G/T suffixes)", parse_size, required=True),)
+    params = (Param("size", "size of the disk, e.g. 1G, 512M, 2T", parse_size, required=True),)
     magic_param = "size"
     nonblocking = True
 

@@ -16,12 +16,7 @@ If the upstream server goes away, requests in flight and all later requests on t
 connection fail with EIO and a message saying so; new clients are refused until the
 upstream is back.
 
-Parameters (give one of uri, socket, hostname):
-  uri=URI          nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (magic)
-  socket=PATH      the upstream server's Unix socket
-  hostname=HOST    the upstream server's host name or address (TCP)
-  port=PORT        its TCP port (default 10809; with hostname only)
-  export=NAME      the upstream export (default: the one each client asks for)
+The upstream server is given by one of ``uri``, ``socket`` and ``hostname``.
 
 Examples:
   trionbd nbd socket=/tmp/upstream.sock
@@ -62,11 +57,25 @@ class NbdPlugin(Plugin):
 
     name = "nbd"
     params = (
-        Param("uri", "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"),
-        Param("socket", "Unix socket of the upstream server"),
-        Param("hostname", "host name or address of the upstream server (TCP)"),
-        Param("port", f"TCP port of the upstream server (default {DEFAULT_PORT})", parse_int),
-        Param("export", "upstream export name (default: the name each client asks for)"),
+        Param(
+            "uri",
+            "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH",
+            metavar="URI",
+        ),
+        Param("socket", "the upstream server's Unix socket", metavar="PATH"),
+        Param("hostname", "the upstream server's host name or address (TCP)", metavar="HOST"),
+        Param(
+            "port",
+            "its TCP port, with hostname only",
+            parse_int,
+            metavar="PORT",
+            default=str(DEFAULT_PORT),
+        ),
+        Param(
+            "export",
+            "the upstream export (default: the one each client asks for)",
+            metavar="NAME",
+        ),
     )
     magic_param = "uri"
     nonblocking = False  # every request waits on the network

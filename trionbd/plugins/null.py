@@ -4,9 +4,6 @@ Every byte reads as zero and block status reports one big hole. Writes, trims an
 zeroes succeed and change nothing. Useful as a sink (``nbdcopy SRC nbd://...``) and
 for benchmarking the server itself.
 
-Parameters:
-  size=SIZE   size of the disk (default 0; the magic parameter)
-
 Example:
   trionbd null 1G
 """
@@ -24,7 +21,7 @@ class NullPlugin(Plugin):
     """Reads zeroes, discards writes."""
 
     name = "null"
-    params = (Param("size", "size of the disk (k/M/G/T suffixes)", parse_size),)
+    params = (Param("size", "size of the disk, e.g. 1G, 512M, 2T", parse_size, default="0"),)
     magic_param = "size"
     nonblocking = True
 

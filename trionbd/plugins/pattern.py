@@ -4,9 +4,6 @@ The 8 bytes at offset N (N a multiple of 8) are N as a big-endian 64-bit number,
 same pattern as nbdkit's pattern plugin, so corruption or misplaced data is easy to
 spot (``hexdump``, tests). Nothing is stored; any size is fine.
 
-Parameters:
-  size=SIZE   size of the disk (the magic parameter)
-
 Example:
   trionbd pattern 1G
 """
@@ -35,7 +32,7 @@ class PatternPlugin(Plugin):
     """Each 8-byte word holds its own offset (big-endian)."""
 
     name = "pattern"
-    params = (Param("size", "size of the disk (k/M/G/T suffixes)", parse_size, required=True),)
+    params = (Param("size", "size of the disk, e.g. 1G, 512M, 2T", parse_size, required=True),)
     magic_param = "size"
     nonblocking = True
 

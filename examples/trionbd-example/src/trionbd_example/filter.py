@@ -4,9 +4,6 @@ The layer below stores the data XORed with the key; clients see it plain. Zeroin
 emulated by writing zeroes through the filter, and extents never promise zeroes (a hole
 below reads as the key here).
 
-Parameters:
-  xor-key=N   the key, a byte (default 0x5a)
-
 Example:
   trionbd --filter=xor-example file disk.img xor-key=0xff
 """
@@ -19,7 +16,7 @@ from trionbd import Next
 
 class XorExample(trionbd.Filter):
     name = "xor-example"
-    params = (trionbd.Param("xor-key", "the key, a byte", trionbd.parse_int),)
+    params = (trionbd.Param("xor-key", "the key, a byte", trionbd.parse_int, default="0x5a"),)
 
     def __init__(self, xor_key: int = 0x5A) -> None:
         if not 0 <= xor_key <= 255:

@@ -1,8 +1,5 @@
 """mem-example: a RAM disk (the example plugin of trionbd's docs/plugins.md).
 
-Parameters:
-  size=SIZE   size of the disk, e.g. 64M (the magic parameter)
-
 Example:
   trionbd mem-example 64M
 """
@@ -14,7 +11,7 @@ import trionbd
 
 class MemExample(trionbd.Plugin):
     name = "mem-example"
-    params = (trionbd.Param("size", "size of the disk", trionbd.parse_size, required=True),)
+    params = (trionbd.Param("size", "size of the disk (64M)", trionbd.parse_size, required=True),)
     magic_param = "size"
     nonblocking = True  # memory never waits: requests are served without a task each
 
