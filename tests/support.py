@@ -127,6 +127,42 @@ def nbdkit_process(*args: str) -> Iterator[Running]:
             _terminate(proc)
 
 
+MARK = "TRIONBD_TESTS_MARK"
+"""The environment variable that marks the processes a test starts (tests/conftest.py)."""
+
+
+def marked(mark: str) -> list[tuple[int, str]]:
+    """The running processes whose environment holds ``MARK=mark``: (pid, command line)."""
+    wanted = f"{MARK}={mark}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if wanted not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        if cmdline:  # a zombie has none: it has exited, only its parent has not looked
+            found.append((int(entry), cmdline))
+    return found
+
+
+def stop_marked(mark: str, grace: float = 10.0) -> list[str]:
+    """Wait up to ``grace`` seconds for the processes marked ``mark`` to exit (one may
+    be finishing its shutdown), then SIGKILL the rest; their descriptions."""
+    deadline = time.monotonic() + grace
+    while (left := marked(mark)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid, _ in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return [f"pid {pid}: {cmdline}" for pid, cmdline in left]
+
+
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
     """Poll ``condition`` until it is true; AssertionError naming ``what`` after ``timeout``
     seconds of real time."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from tests.support import (
     short_tmpdir,
     trionbd_exit,
     trionbd_process,
+    wait_until,
 )
 from trionbd.protocol.constants import Opt, Rep
 
@@ -576,16 +578,18 @@ def test_help_shows_the_manual() -> None:
 
 def test_the_readme_command(tmp_path: Path) -> None:
     """``trionbd file disk.tar --filter=tar`` run from the directory holding disk.tar (on
-    a Unix socket instead of TCP port 10809, which a test cannot count on)."""
+    a Unix socket instead of TCP port 10809, which a test cannot count on). It goes to
+    the background, so it is stopped through its pidfile."""
     src = tmp_path / "src"
     files = {"boot.img": random_bytes(2 * MiB, 1), "root.img": random_bytes(3 * MiB + 1, 2)}
     write_tree(src, files)
     gnu_tar(tmp_path / "disk.tar", src, list(files))
     trionbd = str(Path(PYTHON).parent / "trionbd")
     with short_tmpdir() as tmp:
-        sock = str(tmp / "sock")
+        sock, pidfile = str(tmp / "sock"), tmp / "pid"
         proc = subprocess.Popen(
-            [trionbd, "--print-uri", "-U", sock, "file", "disk.tar", "--filter=tar"],
+            [trionbd, "--print-uri", "-U", sock, "-P", str(pidfile), "file", "disk.tar",
+             "--filter=tar"],
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -599,8 +603,13 @@ def test_the_readme_command(tmp_path: Path) -> None:
             assert read_export(uri, tmp_path) == files["boot.img"]
             root = f"nbd+unix:///root.img?socket={sock}"
             assert read_export(root, tmp_path) == files["root.img"]
+            _, err = proc.communicate(timeout=20)  # the parent, exited once serving
+            assert proc.returncode == 0, err
         finally:
-            proc.terminate()
-            _, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err
+            if pidfile.exists():
+                os.kill(int(pidfile.read_text()), signal.SIGTERM)
+                wait_until(lambda: not pidfile.exists(), "the server removed its pidfile")
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert "Traceback" not in err
