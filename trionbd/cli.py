@@ -16,7 +16,9 @@ forks into the background and the parent exits 0, so ``trionbd -U sock ... && cl
 works; ``-f`` stays in the foreground. ``--run CMD`` serves (on a private Unix socket
 unless ``-U``/``-p`` say otherwise) while ``sh -c CMD`` runs with ``$uri``, ``$nbd``,
 ``$unixsocket``, ``$port``, ``$exportname`` and ``$tls`` in its environment, then exits
-with its status. ``-s`` serves one client on stdin/stdout. ``LISTEN_PID``/``LISTEN_FDS``
+with its status. ``-U -`` listens on a private Unix socket and, without ``--run``,
+prints its URI (nobody could find it otherwise). ``-s`` serves one client on
+stdin/stdout. ``LISTEN_PID``/``LISTEN_FDS``
 (systemd socket activation) serve the passed sockets. SIGINT, SIGTERM and SIGQUIT shut
 down gracefully (a second one cuts the grace period short); SIGUSR1 asks every layer
 for a report; SIGHUP is ignored.
