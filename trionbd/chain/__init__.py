@@ -12,10 +12,12 @@ from .types import (
     CacheMode,
     Concurrency,
     Export,
+    ExportList,
     Extent,
     FuaMode,
     Sparse,
     ZeroMode,
+    each_export,
 )
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "Concurrency",
     "ConfigError",
     "Export",
+    "ExportList",
     "Extent",
     "Filter",
     "FuaMode",
@@ -42,6 +45,7 @@ __all__ = [
     "ZeroMode",
     "clip_extents",
     "current_client",
+    "each_export",
     "parse_bool",
     "parse_choice",
     "parse_int",

@@ -21,7 +21,15 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from .params import Param, build_kwargs
-from .types import BlockSize, CacheMode, Concurrency, Export, Extent, FuaMode, ZeroMode
+from .types import (
+    BlockSize,
+    CacheMode,
+    Concurrency,
+    ExportList,
+    Extent,
+    FuaMode,
+    ZeroMode,
+)
 
 if TYPE_CHECKING:
     from ..nursery import Lifetime
@@ -64,7 +72,7 @@ class Filter:
 
     # --- exports -------------------------------------------------------------------------
 
-    async def list_exports(self, below: Layer, readonly: bool, is_tls: bool) -> Iterable[Export]:
+    async def list_exports(self, below: Layer, readonly: bool, is_tls: bool) -> ExportList:
         return await below.list_exports(readonly, is_tls)
 
     async def default_export(self, below: Layer, readonly: bool, is_tls: bool) -> str:

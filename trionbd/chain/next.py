@@ -32,7 +32,7 @@ from .types import (
     BlockSize,
     CacheMode,
     Concurrency,
-    Export,
+    ExportList,
     Extent,
     FuaMode,
     ZeroMode,
@@ -161,7 +161,7 @@ class Layer:
         value = getattr(self.target, magic, None) if magic else None
         return value if isinstance(value, str) else f"{self.name} export ''"
 
-    async def list_exports(self, readonly: bool, is_tls: bool) -> Iterable[Export]:
+    async def list_exports(self, readonly: bool, is_tls: bool) -> ExportList:
         return await self.callback("list_exports")(*self._below_arg, readonly, is_tls)  # type: ignore[no-any-return]
 
     async def default_export(self, readonly: bool, is_tls: bool) -> str:

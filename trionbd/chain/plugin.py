@@ -23,6 +23,7 @@ from .types import (
     CacheMode,
     Concurrency,
     Export,
+    ExportList,
     Extent,
     FuaMode,
     ZeroMode,
@@ -81,8 +82,9 @@ class Plugin:
 
     # --- exports -------------------------------------------------------------------------
 
-    async def list_exports(self, readonly: bool, is_tls: bool) -> Iterable[Export]:
-        """The exports a client sees with ``NBD_OPT_LIST``. Default: the default export."""
+    async def list_exports(self, readonly: bool, is_tls: bool) -> ExportList:
+        """The exports a client sees with ``NBD_OPT_LIST``. Default: the default export.
+        An async iterable streams a long list (see :data:`~.types.ExportList`)."""
         return [Export(await self.default_export(readonly, is_tls))]
 
     async def default_export(self, readonly: bool, is_tls: bool) -> str:

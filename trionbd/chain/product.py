@@ -20,7 +20,7 @@ import trio
 
 from .errors import NBDError
 from .next import Layer
-from .types import Export
+from .types import Export, each_export
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -37,7 +37,7 @@ class ProductNames:
 
     @classmethod
     async def of(cls, below: Layer, readonly: bool, is_tls: bool) -> ProductNames:
-        return cls(await below.list_exports(readonly, is_tls))
+        return cls([e async for e in each_export(await below.list_exports(readonly, is_tls))])
 
     def __contains__(self, name: str) -> bool:
         """Whether ``name`` is an export of the layer below."""

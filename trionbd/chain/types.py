@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -15,6 +16,22 @@ class Export:
 
     name: str
     description: str = ""
+
+
+ExportList = Iterable[Export] | AsyncIterable[Export]
+"""What ``list_exports`` returns: any iterable of exports, or an async iterable for a list
+fetched page by page (the s3 plugin's keys), so that long lists reach the client as they
+come. Consumers iterate either kind with :func:`each_export`."""
+
+
+async def each_export(exports: ExportList) -> AsyncIterator[Export]:
+    """The exports of a ``list_exports`` answer, whichever kind of iterable it is."""
+    if isinstance(exports, AsyncIterable):
+        async for export in exports:
+            yield export
+    else:
+        for export in exports:
+            yield export
 
 
 class Extent(NamedTuple):

@@ -54,12 +54,22 @@ import logging
 import os
 import shlex
 import signal
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import trio
 
-from ..chain import Export, Filter, Layer, NBDError, Next, Param, parse_bool
+from ..chain import (
+    Export,
+    ExportList,
+    Filter,
+    Layer,
+    NBDError,
+    Next,
+    Param,
+    each_export,
+    parse_bool,
+)
 from ..protocol.constants import MAX_STRING
 
 log = logging.getLogger(__name__)
@@ -157,8 +167,8 @@ class ExportnameFilter(Filter):
 
     # --- exports -------------------------------------------------------------------------
 
-    async def list_exports(self, below: Layer, readonly: bool, is_tls: bool) -> Iterable[Export]:
-        exports: Iterable[Export]
+    async def list_exports(self, below: Layer, readonly: bool, is_tls: bool) -> ExportList:
+        exports: ExportList
         if self.list_mode == "error":
             raise NBDError(errno.EPERM, "exportname: the export list is restricted by policy")
         if self.list_mode == "empty":
@@ -203,15 +213,20 @@ class ExportnameFilter(Filter):
 
     # --- descriptions --------------------------------------------------------------------
 
-    async def _described(self, exports: Iterable[Export]) -> Iterable[Export]:
+    async def _described(self, exports: ExportList) -> ExportList:
         """``exports`` with descriptions replaced according to ``exportdesc``. Lists are
         mapped lazily where no command runs, so a long list below stays streamed."""
         if self.desc_mode == "keep":
             return exports
         if self.desc_mode != "script":
             text = self.desc_arg if self.desc_mode == "fixed" else ""
-            return (Export(e.name, text) for e in exports)
-        names = [e.name for e in exports]
+
+            async def described() -> AsyncIterator[Export]:
+                async for e in each_export(exports):
+                    yield Export(e.name, text)
+
+            return described()
+        names = [e.name async for e in each_export(exports)]
         descriptions = [""] * len(names)
         limiter = trio.CapacityLimiter(SCRIPT_CONCURRENCY)
 

@@ -76,6 +76,7 @@ from ..chain import (
     Param,
     StartupError,
     current_client,
+    each_export,
     parse_bool,
 )
 from ..protocol.constants import CmdFlag, State
@@ -258,7 +259,7 @@ class LogFilter(Filter):
         id = self._list_ids
         self._write(None, "ListExports", id, f"readonly={int(readonly)} tls={int(is_tls)}", _ENTER)
         try:
-            exports = list(await below.list_exports(readonly, is_tls))
+            exports = [e async for e in each_export(await below.list_exports(readonly, is_tls))]
         except Exception as e:
             self._write(None, "ListExports", id, f"return=-1 error={error_name(e, 0)}", _LEAVE)
             raise

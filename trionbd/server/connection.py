@@ -36,7 +36,7 @@ import trio
 from ..chain.client import ClientInfo, set_current_client
 from ..chain.errors import NBDError
 from ..chain.next import Caps, Layer, Next
-from ..chain.types import CacheMode, FuaMode, Sparse, ZeroMode
+from ..chain.types import CacheMode, FuaMode, Sparse, ZeroMode, each_export
 from ..protocol import wire
 from ..protocol.constants import (
     BASE_ALLOCATION,
@@ -511,23 +511,26 @@ class Connection:
 
     async def _list(self, option: int) -> None:
         proto = self.proto
+        batch: list[Buffer] = []
+        count = 0
         try:
             exports = await self.chain.top.list_exports(self.config.readonly, self.is_tls)
+            # A streamed list may fail after some of it was sent: the error reply ends it.
+            async for export in each_export(exports):
+                try:
+                    batch.append(proto.reply_server(option, export.name, export.description))
+                except LocalProtocolError as e:
+                    log.warning("conn %d: not listing an export: %s", self.id, e)
+                    continue
+                count += 1
+                if len(batch) >= LIST_BATCH:
+                    await self._send(batch)
+                    batch = []
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise  # the client is gone: nothing to answer
         except Exception as e:
             await self._option_failed(option, "listing exports", e)
             return
-        batch: list[Buffer] = []
-        count = 0
-        for export in exports:
-            try:
-                batch.append(proto.reply_server(option, export.name, export.description))
-            except LocalProtocolError as e:
-                log.warning("conn %d: not listing an export: %s", self.id, e)
-                continue
-            count += 1
-            if len(batch) >= LIST_BATCH:
-                await self._send(batch)
-                batch = []
         batch.append(proto.reply(option, Rep.ACK))
         await self._send(batch)
         proto.grant_options(MAX_OPTIONS * count)  # nbdinfo --list asks about each export
