@@ -623,6 +623,11 @@ class Connection:
                     batch += self._error(event.cookie, event.error, event.message)
                 elif kind is Disconnect or kind is ConnectionClosed:
                     self.debug("client disconnected (%s)", kind.__name__)
+                    if kind is ConnectionClosed and self._tasks:
+                        # Gone without NBD_CMD_DISC: no one will read the replies, so stop
+                        # the requests still running (a remote plugin's GETs, say).
+                        self.debug("cancelling %d requests in flight", self._tasks)
+                        requests.cancel_scope.cancel()
                     break
                 else:
                     raise LocalProtocolError(f"unexpected event in transmission: {event}")
