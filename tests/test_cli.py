@@ -172,7 +172,7 @@ def test_console_script_and_python_m_are_the_same_command() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["nosuch"], "trionbd: unknown plugin 'nosuch' (known: file, memory,"),
+        (["nosuch"], "trionbd: unknown plugin 'nosuch' (known: file, http, memory,"),
         (["--filter=nosuch", "memory", "1M"], "trionbd: unknown filter 'nosuch' (known: "),
         (["memory", "1M", "colour=blue"], "unknown parameter 'colour' (not a parameter of memory)"),
         (["memory", "size=big"], "trionbd: memory: bad value for size=big: 'big' is not a size"),

@@ -26,6 +26,10 @@ _KINDS: dict[type, tuple[str, str, str]] = {
 }
 
 
+ALIASES = {Plugin: {"curl": "http", "S3": "s3"}, Filter: {}}
+"""Other names of built-ins (nbdkit's), accepted wherever a name is."""
+
+
 def builtin_names(base: type[Plugin] | type[Filter]) -> list[str]:
     _, package, _ = _KINDS[base]
     mod = importlib.import_module(package)
@@ -40,6 +44,7 @@ def entry_point_names(base: type[Plugin] | type[Filter]) -> list[str]:
 def load(base: type[T], name: str) -> type[T]:
     """The class named ``name``: built-in, entry point, or ``module:attribute``."""
     kind, package, attr = _KINDS[base]
+    name = ALIASES[base].get(name, name)
     obj: Any
     if ":" in name:
         module_name, _, attr_name = name.partition(":")
