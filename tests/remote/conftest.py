@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.remote.servers import Moto, Nginx, moto_server, nginx
+from tests.remote.servers import S3_ENV, Moto, Nginx, moto_server, nginx
 
 MiB = 1 << 20
 IMAGE_SIZE = 5 * MiB + 12345
@@ -76,3 +76,10 @@ def web(files: Files) -> Iterator[Nginx]:
 def moto() -> Iterator[Moto]:
     with moto_server() as server:
         yield server
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto's credentials in the environment that trionbd and nbdkit inherit."""
+    for name, value in S3_ENV.items():
+        monkeypatch.setenv(name, value)

@@ -178,11 +178,10 @@ class Faults:
     ignoring the range), "trickle" (the body a byte at a time, ``trickle`` seconds apart)."""
 
     head: str | int = "ok"
-    plan: list[str | int] = field(default_factory=list)
+    plan: list[str | int | tuple[int, str]] = field(default_factory=list)
+    """A (status, code) pair answers with S3's XML error body of that code."""
     slow: float = 30.0
     trickle: float = 0.05
-    s3_code: str = ""
-    """With a status from ``plan``: the S3 error code put in an XML body."""
 
 
 class FaultServer(http.server.ThreadingHTTPServer):
@@ -206,7 +205,7 @@ class FaultServer(http.server.ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://{LOCALHOST}:{self.server_address[1]}/disk.img"
 
-    def next_action(self) -> str | int:
+    def next_action(self) -> str | int | tuple[int, str]:
         with self.lock:
             return self.faults.plan.pop(0) if self.faults.plan else "ok"
 
@@ -245,6 +244,9 @@ class _FaultHandler(http.server.BaseHTTPRequestHandler):
         if isinstance(action, int):
             self._status(action)
             return
+        if isinstance(action, tuple):
+            self._status(*action)
+            return
         if rng is None or action == "whole":
             self._send(200, data, None)
             return
@@ -260,9 +262,9 @@ class _FaultHandler(http.server.BaseHTTPRequestHandler):
             body = body + b"x"
         self._send(206, body, crange, action)
 
-    def _status(self, status: int) -> None:
-        code = self.server.faults.s3_code
-        body = f"<Error><Code>{code}</Code><Message>m</Message></Error>".encode() if code else b""
+    def _status(self, status: int, code: str = "") -> None:
+        message = f"<Error><Code>{code}</Code><Message>as planned</Message></Error>"
+        body = message.encode() if code else b""
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -321,8 +323,11 @@ S3_ENV = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": "/nonexistent/aws/config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws/credentials",
 }
-"""Credentials for moto (it takes any), and no instance metadata lookups."""
+"""Credentials for moto (it takes any unless told to check), no instance metadata
+lookups, and none of the machine's own AWS files."""
 
 
 @dataclass
@@ -342,9 +347,10 @@ class Moto:
             region_name=S3_ENV["AWS_DEFAULT_REGION"],
         )
 
-    def requests(self, needle: str) -> int:
-        """How many requests moto logged whose request line contains ``needle``."""
-        return sum(1 for line in self.log.read_text().splitlines() if needle in line)
+    def requests(self, *needles: str) -> int:
+        """How many requests moto logged whose line contains every one of ``needles``."""
+        lines = self.log.read_text().splitlines()
+        return sum(1 for line in lines if all(n in line for n in needles))
 
 
 @contextlib.contextmanager

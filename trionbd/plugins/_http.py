@@ -240,11 +240,15 @@ class Remote:
         name: str,
         settings: Settings,
         retryable: Callable[[int, bytes], bool] = retryable_status,
+        explain: Callable[[bytes], str] | None = None,
     ):
+        """``retryable(status, body)`` tells which error answers to retry; ``explain(body)``
+        adds what an error answer's body says to the message (S3's error code)."""
         self.name = name
         """Starts every message (the plugin's name)."""
         self.settings = settings
         self._retryable = retryable
+        self._explain = explain
         self._slots = trio.CapacityLimiter(settings.connections)
         self._client: httpx.AsyncClient | None = None
 
@@ -393,6 +397,9 @@ class Remote:
             if self._retryable(status, body):
                 raise _Retry(f"HTTP {status} {response.reason_phrase}")
             message = f"{self.name}: {what}: HTTP {status} {response.reason_phrase}"
+            detail = self._explain(body) if self._explain is not None else ""
+            if detail:
+                message += f" ({detail})"
             if response.has_redirect_location:
                 message += (
                     f", redirecting to {response.headers['location']} (redirects are "
