@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import trionbd
 from tests.remote.conftest import Files
 from tests.remote.servers import PASSWORD, USER, Nginx
 from tests.support import (
@@ -17,10 +18,12 @@ from tests.support import (
     listing,
     read_export,
     run,
+    serving,
     trionbd_exit,
     trionbd_process,
     trionbd_run,
 )
+from trionbd.plugins.http import HttpPlugin
 
 
 def connections_used(log: Path, path: str) -> set[str]:
@@ -83,6 +86,18 @@ def test_tar_archive_members_over_http(web: Nginx, files: Files, tmp_path: Path)
         for name, data in files.members.items():
             assert export_info(server.uri_for(name))["export-size"] == len(data)
             assert read_export(server.uri_for(name), tmp_path) == data
+
+
+async def test_the_pool_lives_until_the_server_stops(web: Nginx, files: Files) -> None:
+    plugin = HttpPlugin(url=web.url("disk.img"), connections=2)
+    async with serving(plugin) as server:
+        assert plugin.size == len(files.image)
+        pool = plugin.remote._client
+        assert pool is not None and not pool.is_closed
+        addr = server.addresses[0]
+        async with await trionbd.connect_uri(addr.uri("")) as disk:
+            assert await disk.pread(1000, 4096) == files.image[4096:5096]
+    assert plugin.remote._client is None and pool.is_closed
 
 
 # --- TLS -----------------------------------------------------------------------------------

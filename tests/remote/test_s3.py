@@ -5,6 +5,7 @@ own S3 plugin both ways."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import textwrap
@@ -291,6 +292,20 @@ def test_concurrent_partial_writes_to_one_object_lose_nothing(moto: Moto) -> Non
     with s3(moto, name, *disk_args("256K")) as server:
         assert run(["/usr/bin/python3", "-c", script, server.uri]).strip() == "True"
     assert len(keys(client, name, "disk/")) == 4
+
+
+def test_fio_random_writes_verify(moto: Moto) -> None:
+    """fio writes 4 KiB blocks at random, 16 at a time, into 64 KiB objects (each a
+    read-modify-write), then reads every block back and checks its crc32c."""
+    _, name = bucket(moto)
+    with s3(moto, name, *disk_args("2M")) as server:
+        out = run(
+            ["fio", "--name=verify", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randwrite",
+             "--bs=4k", "--size=2M", "--iodepth=16", "--verify=crc32c", "--output-format=json"]
+        )  # fmt: skip
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    assert job["error"] == 0
+    assert job["write"]["io_bytes"] == job["read"]["io_bytes"] == 2 * MiB
 
 
 def test_nbdkit_s3_and_trionbd_share_disks_both_ways(moto: Moto, tmp_path: Path) -> None:
