@@ -61,7 +61,7 @@ def test_help_lists_the_installed_plugin_and_filter(env: dict[str, str]) -> None
         [PYTHON, "-m", "trionbd", "mem-example", "1M"], capture_output=True, text=True, cwd="/"
     )
     assert bare.returncode == 2
-    assert "unknown plugin 'mem-example' (known: file, memory" in bare.stderr
+    assert "unknown plugin 'mem-example' (known: file, http, memory" in bare.stderr
 
 
 def test_the_plugin_by_entry_point_name_with_nbdcopy(env: dict[str, str], tmp_path: Path) -> None:
