@@ -83,22 +83,33 @@ def parse_secret(text: str) -> str:
 
 PARAMS = (
     Param(
-        "connections", "connections to the server kept open and used at once (default 4)", parse_int
+        "connections",
+        "connections to the server kept open and used at once",
+        parse_int,
+        default="4",
     ),
-    Param("retries", "times a failed request is retried (default 4)", parse_int),
+    Param("retries", "times a failed request is retried", parse_int, default="4"),
     Param(
         "retry-delay",
-        "seconds before the first retry, doubled for each next one (default 0.5)",
+        "seconds before the first retry, doubled for each next one",
         parse_seconds,
+        default="0.5",
     ),
     Param(
         "timeout",
-        "seconds one attempt of a request may take, 0 for no limit (default 60)",
+        "seconds one attempt of a request may take, 0 for no limit",
         parse_seconds,
+        default="60",
     ),
-    Param("sslverify", "false: do not verify the server's certificate (default true)", parse_bool),
-    Param("cainfo", "file of CA certificates to verify the server with (instead of the system's)"),
-    Param("capath", "directory of CA certificates, with hashed names (openssl rehash)"),
+    Param("sslverify", "false: do not verify the server's certificate", parse_bool, default="true"),
+    Param(
+        "cainfo",
+        "CA certificates to verify the server with, instead of the system's",
+        metavar="FILE",
+    ),
+    Param(
+        "capath", "a directory of CA certificates with hashed names (openssl rehash)", metavar="DIR"
+    ),
 )
 """The connection parameters every remote plugin takes; :meth:`Settings.of` reads them."""
 

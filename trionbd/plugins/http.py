@@ -20,23 +20,9 @@ Faults: refused, reset or dropped connections, bodies cut off, attempts longer t
 or longer than the range asked, or for another range, is an error, never data. A client
 that disconnects cancels its reads in flight; the pool is closed at shutdown.
 
-Parameters (nbdkit curl's names):
-  url=URL                 http:// or https:// URL of the file (the magic parameter)
-  header="NAME: VALUE"    an extra request header (repeatable)
-  cookie=COOKIE           the Cookie header (-: read from stdin, +FILE: from a file)
-  user=USER               user name for HTTP basic authentication
-  password=PASSWORD       its password (-: read from the terminal or stdin, +FILE: from a file)
-  user-agent=STRING       the User-Agent header (default trionbd/VERSION)
-  proxy=URL               the proxy to use (default: http_proxy/https_proxy from the environment)
-  unix-socket-path=PATH   connect to this Unix socket instead of the URL's host
-  followlocation=false    refuse redirects at start-up
-  sslverify=false         do not verify the server's certificate
-  cainfo=FILE             CA certificates to verify the server with (instead of the system's)
-  capath=DIR              a directory of CA certificates (hashed names: openssl rehash)
-  timeout=SECONDS         limit of one attempt of a request, 0 for none (default 60)
-  retries=N               retries of a failed request (default 4)
-  retry-delay=SECONDS     wait before the first retry, doubled for each next (default 0.5)
-  connections=N           connections kept open to the server (default 4)
+The parameters have nbdkit curl's names; ``password=-`` reads the password from the
+terminal (or a line of stdin), ``password=+FILE`` from a file, and ``cookie=`` takes the
+same forms.
 
 Examples:
   trionbd http https://example.com/disk.img
@@ -75,23 +61,35 @@ class HttpPlugin(Plugin):
 
     name = "http"
     params = (
-        Param("url", "http:// or https:// URL of the file", required=True),
-        Param("header", '"NAME: VALUE", an extra request header', parse_header, repeat=True),
+        Param("url", "the file's http:// or https:// URL", required=True, metavar="URL"),
+        Param(
+            "header", "an extra request header", parse_header, repeat=True, metavar='"NAME: VALUE"'
+        ),
         Param(
             "cookie",
             "the Cookie header (-: read from stdin, +FILE: from a file)",
             _http.parse_secret,
+            metavar="COOKIE",
         ),
         Param("user", "user name for HTTP basic authentication"),
         Param(
             "password",
-            "password for basic authentication (-: read from the terminal, +FILE: from a file)",
+            "its password (-: read from the terminal or stdin, +FILE: from a file)",
             _http.parse_secret,
+            metavar="PASSWORD",
         ),
-        Param("user-agent", "the User-Agent header"),
-        Param("proxy", "URL of the proxy to use (default: from the environment)"),
-        Param("unix-socket-path", "connect to this Unix socket instead of the URL's host"),
-        Param("followlocation", "false: refuse redirects (default true)", parse_bool),
+        Param("user-agent", "the User-Agent header", default="trionbd/VERSION"),
+        Param(
+            "proxy",
+            "the proxy's URL (default: http_proxy, https_proxy from the environment)",
+            metavar="URL",
+        ),
+        Param(
+            "unix-socket-path",
+            "connect to this Unix socket instead of the URL's host",
+            metavar="PATH",
+        ),
+        Param("followlocation", "false: refuse redirects at start-up", parse_bool, default="true"),
         *_http.PARAMS,
     )
     magic_param = "url"

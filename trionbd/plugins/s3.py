@@ -37,21 +37,9 @@ Faults: as the http plugin (connection faults, timeouts, 5xx, 408 and 429 retrie
 exponential backoff), plus S3's SlowDown and RequestTimeout answers; other errors are
 final (EIO, logged with S3's error code).
 
-Parameters (nbdkit's S3 names, and more):
-  bucket=BUCKET           the bucket (required)
-  key=KEY                 one object; with size= and object-size=, the disk's key prefix
-  prefix=PREFIX           serve every object whose key starts with PREFIX
-  size=SIZE               size of the writable disk made of objects
-  object-size=SIZE        bytes per object of that disk
-  endpoint-url=URL        an S3-compatible service (MinIO, Ceph ...)
-  region=REGION           the bucket's region
-  addressing=path|virtual how the bucket is named in URLs
-  access-key=ID           credentials (the command line is visible to other users:
-  secret-key=SECRET         prefer the environment or ~/.aws/credentials)
-  session-token=TOKEN
-  profile=NAME            the profile of the shared config and credentials files
-  sslverify=, cainfo=, capath=, timeout=, retries=, retry-delay=, connections=
-                          as for the http plugin
+The parameters have nbdkit's S3 names where it has them. Credentials on the command
+line are visible to other users of the machine: prefer the environment or
+``~/.aws/credentials``.
 
 Examples:
   trionbd s3 bucket=images key=fedora.img
@@ -304,18 +292,30 @@ class S3Plugin(Plugin):
 
     name = "s3"
     params = (
-        Param("bucket", "the bucket", required=True),
-        Param("key", "one object; with size= and object-size=, the disk's key prefix"),
-        Param("prefix", "serve every object whose key starts with this"),
+        Param("bucket", "the bucket", required=True, metavar="BUCKET"),
+        Param(
+            "key", "one object; with size= and object-size=, the disk's key prefix", metavar="KEY"
+        ),
+        Param("prefix", "serve every object whose key starts with this", metavar="PREFIX"),
         Param("size", "size of the writable disk made of objects", parse_size),
         Param("object-size", "bytes per object of that disk", parse_size),
-        Param("endpoint-url", "URL of an S3-compatible service"),
-        Param("region", "the bucket's region"),
-        Param("addressing", "path or virtual", parse_choice("path", "virtual")),
-        Param("access-key", "AWS access key id"),
-        Param("secret-key", "AWS secret access key"),
-        Param("session-token", "AWS session token"),
-        Param("profile", "profile of the shared AWS config and credentials files"),
+        Param("endpoint-url", "URL of an S3-compatible service", metavar="URL"),
+        Param(
+            "region",
+            "the bucket's region",
+            metavar="REGION",
+            default="from the profile, else us-east-1",
+        ),
+        Param(
+            "addressing",
+            "how URLs name the bucket",
+            parse_choice("path", "virtual"),
+            default="path with endpoint-url, else virtual",
+        ),
+        Param("access-key", "AWS access key id", metavar="ID"),
+        Param("secret-key", "AWS secret access key", metavar="SECRET"),
+        Param("session-token", "AWS session token", metavar="TOKEN"),
+        Param("profile", "profile of the shared AWS config and credentials files", metavar="NAME"),
         *_http.PARAMS,
     )
 
