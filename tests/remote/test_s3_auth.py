@@ -136,6 +136,20 @@ def test_credentials_from_a_profile(
     assert refused.returncode == 1
 
 
+def test_temporary_credentials_on_the_command_line(checked: Checked, tmp_path: Path) -> None:
+    sts = boto3.client(
+        "sts", endpoint_url=checked.moto.endpoint, region_name="us-east-1",
+        aws_access_key_id=checked.key_id, aws_secret_access_key=checked.secret,
+    )  # fmt: skip
+    role = "arn:aws:iam::123456789012:role/disks"
+    creds = sts.assume_role(RoleArn=role, RoleSessionName="cli")["Credentials"]
+    keys = (f"access-key={creds['AccessKeyId']}", f"secret-key={creds['SecretAccessKey']}")
+    token = f"session-token={creds['SessionToken']}"
+    with trionbd_process(*checked.args("key=plain.img", *keys, token)) as server:
+        assert read_export(server.uri, tmp_path) == checked.objects["plain.img"]
+    assert trionbd_exit(*checked.args("key=plain.img", *keys)).returncode == 1  # no token
+
+
 class _Credentials(http.server.BaseHTTPRequestHandler):
     """A container credentials endpoint (what ECS serves): temporary credentials that
     expire in five minutes, so botocore must refresh them before each use."""
