@@ -81,6 +81,7 @@ from .protocol.constants import (
     Rep,
     TransmissionFlag,
 )
+from .protocol.errnos import host_errno, option_errno
 from .protocol.errors import ProtocolError, RemoteProtocolError
 from .protocol.events import (
     BlockStatusChunk,
@@ -123,25 +124,6 @@ ABORT_TIMEOUT = 1.0
 INFO_REQUESTS = (Info.NAME, Info.DESCRIPTION, Info.BLOCK_SIZE)
 """What INFO and GO ask the server for (``NBD_INFO_EXPORT`` always comes)."""
 
-_ERRNO: dict[int, int] = {
-    Err.EPERM: errno.EPERM,
-    Err.EIO: errno.EIO,
-    Err.ENOMEM: errno.ENOMEM,
-    Err.EINVAL: errno.EINVAL,
-    Err.ENOSPC: errno.ENOSPC,
-    Err.EOVERFLOW: errno.EOVERFLOW,
-    Err.ENOTSUP: errno.ENOTSUP,
-    Err.ESHUTDOWN: errno.ESHUTDOWN,
-}
-_OPTION_ERRNO: dict[int, int] = {
-    Rep.ERR_UNKNOWN: errno.ENOENT,
-    Rep.ERR_POLICY: errno.EPERM,
-    Rep.ERR_TLS_REQD: errno.EPERM,
-    Rep.ERR_INVALID: errno.EINVAL,
-    Rep.ERR_SHUTDOWN: errno.ESHUTDOWN,
-    Rep.ERR_UNSUP: errno.ENOTSUP,
-    Rep.ERR_PLATFORM: errno.ENOTSUP,
-}
 _STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -158,7 +140,7 @@ class RequestError(NBDError):
     """
 
     def __init__(self, error: int, message: str, offset: int | None = None):
-        super().__init__(_ERRNO.get(error, errno.EINVAL), message or _name(Err, error))
+        super().__init__(host_errno(error), message or _name(Err, error))
         self.error = error
         self.offset = offset
 
@@ -174,7 +156,7 @@ class OptionError(NBDError):
     def __init__(self, option: int, reply: int, message: str):
         text = f"{_name(Opt, option)} refused with {_name(Rep, reply)}"
         text += f": {message}" if message else ""
-        super().__init__(_OPTION_ERRNO.get(reply, errno.EIO), text)
+        super().__init__(option_errno(reply), text)
         self.option = option
         self.reply = reply
         self.server_message = message

@@ -37,7 +37,7 @@ from trionbd.protocol import (
 )
 from trionbd.protocol.constants import BASE_ALLOCATION, MAX_OPTIONS, HandshakeFlag
 from trionbd.server import ServerConfig
-from trionbd.server.connection import nbd_error, transmission_flags
+from trionbd.server.connection import transmission_flags
 
 MiB = 1 << 20
 TF = TransmissionFlag
@@ -346,31 +346,6 @@ def test_transmission_flags() -> None:
         block_size=BlockSize(),
     )
     assert transmission_flags(ro, False) == TF.HAS_FLAGS | TF.READ_ONLY | TF.ROTATIONAL
-
-
-@pytest.mark.parametrize(
-    ("code", "flags", "error"),
-    [
-        (errno.EPERM, 0, Err.EPERM),
-        (errno.EROFS, 0, Err.EPERM),
-        (errno.EACCES, 0, Err.EPERM),
-        (errno.EIO, 0, Err.EIO),
-        (errno.ENOMEM, 0, Err.ENOMEM),
-        (errno.ENOSPC, 0, Err.ENOSPC),
-        (errno.EDQUOT, 0, Err.ENOSPC),
-        (errno.EFBIG, 0, Err.ENOSPC),
-        (errno.ESHUTDOWN, 0, Err.ESHUTDOWN),
-        (errno.ENOTSUP, 0, Err.EINVAL),
-        (errno.ENOTSUP, CmdFlag.FAST_ZERO, Err.ENOTSUP),
-        (errno.EOPNOTSUPP, CmdFlag.FAST_ZERO, Err.ENOTSUP),
-        (errno.EOVERFLOW, 0, Err.EINVAL),
-        (errno.EOVERFLOW, CmdFlag.DF, Err.EOVERFLOW),
-        (errno.ENOENT, 0, Err.EINVAL),
-        (errno.EBADF, 0, Err.EINVAL),
-    ],
-)
-def test_errno_mapping(code: int, flags: int, error: Err) -> None:
-    assert nbd_error(code, flags) == error
 
 
 async def test_memory_export_flags_and_every_command() -> None:

@@ -80,7 +80,7 @@ from ..chain import (
     parse_bool,
 )
 from ..protocol.constants import CmdFlag, State
-from ..server.connection import nbd_error
+from ..protocol.errnos import nbd_error
 
 if TYPE_CHECKING:
     from ..nursery import Lifetime

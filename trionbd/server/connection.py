@@ -49,6 +49,7 @@ from ..protocol.constants import (
     Rep,
     TransmissionFlag,
 )
+from ..protocol.errnos import nbd_error, option_error
 from ..protocol.errors import LocalProtocolError, RemoteProtocolError
 from ..protocol.events import (
     NEED_DATA,
@@ -90,40 +91,6 @@ _DF = int(CmdFlag.DF)
 
 _PAYLOAD = frozenset({_READ, _WRITE})
 """Commands whose requests hold payload in memory (counted against max_buffered)."""
-
-_ERRNO = {
-    errno.EPERM: Err.EPERM,
-    errno.EROFS: Err.EPERM,
-    errno.EACCES: Err.EPERM,
-    errno.EIO: Err.EIO,
-    errno.ENOMEM: Err.ENOMEM,
-    errno.ENOSPC: Err.ENOSPC,
-    errno.EDQUOT: Err.ENOSPC,
-    errno.EFBIG: Err.ENOSPC,
-    errno.ESHUTDOWN: Err.ESHUTDOWN,
-    errno.EINVAL: Err.EINVAL,
-}
-
-
-def nbd_error(code: int, flags: int) -> Err:
-    """Map a host errno to the NBD error a client sees (as nbdkit does)."""
-    if code in (errno.ENOTSUP, errno.EOPNOTSUPP):
-        return Err.ENOTSUP if flags & CmdFlag.FAST_ZERO else Err.EINVAL
-    if code == errno.EOVERFLOW:
-        return Err.EOVERFLOW if flags & CmdFlag.DF else Err.EINVAL
-    return _ERRNO.get(code, Err.EINVAL)
-
-
-def _option_error(e: NBDError) -> Rep:
-    """Map an error opening or listing exports to an option error reply."""
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return Rep.ERR_POLICY
-    if e.errno == errno.ESHUTDOWN:
-        return Rep.ERR_SHUTDOWN
-    if e.errno == errno.EINVAL:
-        return Rep.ERR_INVALID
-    return Rep.ERR_UNKNOWN
-
 
 _TF = TransmissionFlag
 
@@ -408,7 +375,7 @@ class Connection:
         matching error reply; anything else is a bug, logged once with its traceback,
         and answered ERR_UNKNOWN. Either way the client may go on negotiating."""
         if isinstance(error, NBDError):
-            await self._refuse(option, _option_error(error), error.message)
+            await self._refuse(option, option_error(error.errno), error.message)
             return
         log.error("conn %d: %s failed unexpectedly", self.id, what, exc_info=error)
         await self._refuse(option, Rep.ERR_UNKNOWN, f"{what}: internal server error")
