@@ -33,9 +33,9 @@ from trionbd import cli
 from trionbd.chain import ConfigError, Filter, Param, Plugin
 from trionbd.chain.registry import builtin_names
 from trionbd.cli import build_chain, help_text, parse_args
+from trionbd.net import Address
 from trionbd.plugins.memory import MemoryPlugin
 from trionbd.protocol.constants import HandshakeFlag
-from trionbd.server import Address
 
 TAG = "tests.test_cli:Tag"
 

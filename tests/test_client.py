@@ -17,6 +17,7 @@ import trio.testing
 import trionbd.client as nbd
 from tests.support import HANG_GUARD, nbdkit_process, serving, trionbd_process
 from trionbd.chain import Chain, NBDError, Plugin, Sparse
+from trionbd.net.transport import Transport
 from trionbd.plugins.memory import MemoryPlugin
 from trionbd.protocol import ServerConnection, wire
 from trionbd.protocol.client import (
@@ -35,7 +36,6 @@ from trionbd.protocol.events import (
 )
 from trionbd.server import ServerConfig, open_tcp_listeners, serve
 from trionbd.server.listeners import Address
-from trionbd.server.transport import Transport
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB

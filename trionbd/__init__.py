@@ -61,9 +61,10 @@ from .client import (
     open_stream,
 )
 from .exporttable import ExportTable
+from .net import Address
 from .nursery import Lifetime, open_lifetime
 from .protocol.constants import CmdFlag, State
-from .server import Address, Server, ServerConfig, serve
+from .server import Server, ServerConfig, serve
 from .server.server import ExportStats, ListenerSpec
 
 __all__ = [

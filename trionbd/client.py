@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import errno
 import itertools
-import urllib.parse
 from collections import deque
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
@@ -59,6 +58,8 @@ import trio
 
 from .chain.errors import NBDError
 from .chain.types import BlockSize, Export, Extent, Sparse
+from .net.address import Address, parse_uri
+from .net.transport import Buffer, Transport
 from .protocol import wire
 from .protocol.client import (
     ClientConnection,
@@ -95,8 +96,6 @@ from .protocol.events import (
     SimpleReply,
     _NeedData,
 )
-from .server.listeners import Address
-from .server.transport import Buffer, Transport
 
 __all__ = [
     "Address",
@@ -194,37 +193,6 @@ def _describe(e: BaseException) -> str:
 
 
 # --- addresses ---------------------------------------------------------------------------
-
-
-def parse_uri(uri: str) -> tuple[Address, str]:
-    """The address and export name of an ``nbd://`` or ``nbd+unix://`` URI.
-
-    ``nbd://HOST[:PORT]/EXPORT`` (port 10809 by default, IPv6 hosts in brackets) and
-    ``nbd+unix:///EXPORT?socket=PATH``. The export name is the path without its first
-    ``/``, percent-decoded. Raises ``ValueError`` saying what is wrong.
-    """
-    parts = urllib.parse.urlsplit(uri)
-    scheme = parts.scheme.lower()
-    export = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
-    if scheme in ("nbds", "nbds+unix", "nbds+vsock"):
-        raise ValueError(f"{uri!r}: TLS ({scheme}://) is not supported by this client")
-    if scheme == "nbd+unix":
-        sockets = query.get("socket", [])
-        if len(sockets) != 1 or not sockets[0]:
-            raise ValueError(f"{uri!r}: nbd+unix:// needs exactly one socket=PATH")
-        if parts.netloc:
-            raise ValueError(f"{uri!r}: nbd+unix:// takes no host (use nbd+unix:///EXPORT)")
-        return Address(unix_path=sockets[0]), export
-    if scheme in ("nbd", "nbd+tcp"):
-        if not parts.hostname:
-            raise ValueError(f"{uri!r}: nbd:// needs a host")
-        try:
-            port = parts.port or DEFAULT_PORT
-        except ValueError:
-            raise ValueError(f"{uri!r}: bad port") from None
-        return Address(host=parts.hostname, port=port), export
-    raise ValueError(f"{uri!r}: not an NBD URI (nbd://HOST/EXPORT or nbd+unix:///EXPORT?socket=P)")
 
 
 async def open_stream(address: Address) -> trio.SocketStream:

@@ -37,6 +37,7 @@ from ..chain.client import ClientInfo, set_current_client
 from ..chain.errors import NBDError
 from ..chain.next import Caps, Layer, Next
 from ..chain.types import CacheMode, FuaMode, Sparse, ZeroMode, each_export
+from ..net.transport import Buffer, Transport
 from ..protocol import wire
 from ..protocol.constants import (
     BASE_ALLOCATION,
@@ -69,7 +70,6 @@ from ..protocol.events import (
 )
 from ..protocol.server import ServerConnection
 from .tls import TLSMode
-from .transport import Buffer, Transport
 
 if TYPE_CHECKING:
     from .server import Server

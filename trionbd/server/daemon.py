@@ -21,7 +21,7 @@ from urllib.parse import quote
 import trio
 
 from ..chain.errors import StartupError
-from .listeners import Address
+from ..net.address import Address
 from .tls import TLSMode
 
 log = logging.getLogger("trionbd")

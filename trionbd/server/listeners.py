@@ -1,4 +1,5 @@
-"""Listening sockets: Unix, TCP (IPv4 and IPv6), and the URIs clients use to reach them."""
+"""Listening sockets: Unix, TCP (IPv4 and IPv6). Where they listen is an
+:class:`~trionbd.net.Address`."""
 
 from __future__ import annotations
 
@@ -7,44 +8,15 @@ import os
 import socket as _stdlib_socket
 import stat
 import tempfile
-import urllib.parse
-from dataclasses import dataclass
 
 import trio
 
-from ..protocol.constants import DEFAULT_PORT
+from ..net.address import Address
 
 BACKLOG = _stdlib_socket.SOMAXCONN
 """Connections the kernel queues before we accept them (as nbdkit: SOMAXCONN; the kernel
 caps it at net.core.somaxconn). With 128, a burst of 200 clients overflowed the queue:
 a Unix client then gets EAGAIN from connect, which Trio's client takes for success."""
-
-
-@dataclass(frozen=True)
-class Address:
-    """Where a listener listens, printable as an NBD URI."""
-
-    unix_path: str | None = None
-    host: str | None = None
-    port: int | None = None
-
-    def uri(self, export: str = "", tls: bool = False) -> str:
-        quoted = urllib.parse.quote(export, safe="/")
-        scheme = "nbds" if tls else "nbd"
-        if self.unix_path is not None:
-            sock = urllib.parse.quote(self.unix_path, safe="/")
-            return f"{scheme}+unix:///{quoted}?socket={sock}"
-        # A wildcard address (all interfaces) is nothing to connect to: name this host.
-        host = "localhost" if self.host in (None, "", "0.0.0.0", "::") else self.host
-        if ":" in host:
-            host = f"[{host}]"
-        port = "" if self.port == DEFAULT_PORT else f":{self.port}"
-        return f"{scheme}://{host}{port}/{quoted}"
-
-    def __str__(self) -> str:
-        if self.unix_path is not None:
-            return self.unix_path
-        return f"{self.host}:{self.port}"
 
 
 def address_of(listener: trio.SocketListener) -> Address:

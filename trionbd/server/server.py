@@ -38,11 +38,12 @@ import trio
 from ..chain.next import Chain, Layer, Next
 from ..chain.plugin import Plugin
 from ..chain.types import Concurrency
+from ..net.address import Address
 from ..nursery import Lifetime, open_lifetime
 from .config import ServerConfig
 from .connection import Connection
 from .daemon import remove_quietly
-from .listeners import Address, address_of, listen
+from .listeners import address_of, listen
 
 log = logging.getLogger("trionbd.server")
 

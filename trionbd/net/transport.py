@@ -12,6 +12,7 @@ of exports) does not pay a scheduler pass per message.
 
 Any other stream (the pipes of ``-s``, memory streams in tests) and, after
 :meth:`Transport.start_tls`, a ``trio.SSLStream`` go through Trio's stream methods.
+The server's connections and the client both move their bytes through a transport.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ Buffer = bytes | bytearray | memoryview
 
 
 class Transport:
-    """A connection's byte stream with the two operations the server needs fast."""
+    """A connection's byte stream with the two operations NBD needs fast."""
 
     def __init__(self, stream: trio.abc.Stream):
         self.stream = stream
