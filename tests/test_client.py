@@ -17,6 +17,7 @@ import trio.testing
 import trionbd.client as nbd
 from tests.support import HANG_GUARD, nbdkit_process, serving, trionbd_process
 from trionbd.chain import Chain, NBDError, Plugin, Sparse
+from trionbd.net import Address
 from trionbd.net.transport import Transport
 from trionbd.plugins.memory import MemoryPlugin
 from trionbd.protocol import ServerConnection, wire
@@ -28,14 +29,14 @@ from trionbd.protocol.client import (
 from trionbd.protocol.constants import Cmd, CmdFlag, Err, Info, Opt, Rep, State, TransmissionFlag
 from trionbd.protocol.errors import RemoteProtocolError
 from trionbd.protocol.events import (
+    NEED_DATA,
     ConnectionClosed,
     Disconnect,
     ExportNameOption,
+    OptionEvent,
     Request,
-    _NeedData,
 )
 from trionbd.server import ServerConfig, open_tcp_listeners, serve
-from trionbd.server.listeners import Address
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
@@ -408,7 +409,7 @@ async def old_server(stream: trio.abc.Stream, data: bytearray, seen: list[object
     await stream.send_all(proto.greeting())
     while True:
         event = proto.next_event()
-        if isinstance(event, _NeedData):
+        if event is NEED_DATA:
             proto.receive_data(await stream.receive_some(1 << 16))
             continue
         seen.append(event)
@@ -427,8 +428,8 @@ async def old_server(stream: trio.abc.Stream, data: bytearray, seen: list[object
             await stream.aclose()
             return
         else:
-            option = getattr(event, "option", 0)
-            await stream.send_all(proto.reply_error(option, Rep.ERR_UNSUP, "old server"))
+            assert isinstance(event, OptionEvent), event
+            await stream.send_all(proto.reply_error(event.option, Rep.ERR_UNSUP, "old server"))
 
 
 async def test_go_falls_back_to_export_name() -> None:

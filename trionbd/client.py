@@ -85,7 +85,9 @@ from .protocol.constants import (
 from .protocol.errnos import host_errno, option_errno
 from .protocol.errors import ProtocolError, RemoteProtocolError
 from .protocol.events import (
+    NEED_DATA,
     BlockStatusChunk,
+    Chunk,
     ConnectionClosed,
     DataChunk,
     ErrorChunk,
@@ -93,8 +95,8 @@ from .protocol.events import (
     Greeting,
     HoleChunk,
     OptionReply,
+    ReplyEvent,
     SimpleReply,
-    _NeedData,
 )
 
 __all__ = [
@@ -253,7 +255,7 @@ class Handshake:
         proto = self._proto
         while True:
             event = proto.next_event()
-            if not isinstance(event, _NeedData):
+            if event is not NEED_DATA:
                 return event
             proto.receive_data(await self._transport.receive())
 
@@ -788,7 +790,7 @@ class Client:
                 if proto.phase is ClientPhase.CLOSED:
                     return  # after NBD_CMD_DISC
                 event = proto.next_event()
-                if isinstance(event, _NeedData):
+                if event is NEED_DATA:
                     proto.receive_data(await self._transport.receive())
                 elif isinstance(event, ConnectionClosed):
                     self._fail(self._lost("the server closed the connection"))
@@ -806,8 +808,10 @@ class Client:
         return f"{self.peer}: connection lost{in_flight}: {why}"
 
     def _dispatch(self, event: ClientEvent) -> None:
-        cookie = getattr(event, "cookie", None)
-        req = self._pending.get(cookie) if cookie is not None else None
+        if not isinstance(event, ReplyEvent):
+            raise RemoteProtocolError(f"{event} in transmission")
+        cookie = event.cookie
+        req = self._pending.get(cookie)
         if req is None:
             raise RemoteProtocolError(f"reply for cookie {cookie}, which is not in flight")
         kind = type(event)
@@ -838,7 +842,7 @@ class Client:
             assert isinstance(event, ErrorChunk)
             if req.error is None:
                 req.error = RequestError(event.error, event.message, event.offset)
-        if getattr(event, "done", False):
+        if isinstance(event, Chunk) and event.done:
             self._complete(req)
 
     def _place(self, req: _Request, offset: int, length: int, data: bytes | None) -> None:

@@ -28,6 +28,7 @@ from trionbd.protocol import (
     wire,
 )
 from trionbd.protocol.client import ClientEvent
+from trionbd.protocol.events import Chunk
 
 TIMEOUT = 30.0
 
@@ -99,7 +100,7 @@ class RawClient:
             event = self.event()
             assert not isinstance(event, ConnectionClosed), "server closed the connection"
             out.append(event)
-            if isinstance(event, SimpleReply) or getattr(event, "done", False):
+            if isinstance(event, SimpleReply) or (isinstance(event, Chunk) and event.done):
                 return out
 
     def reset(self) -> None:

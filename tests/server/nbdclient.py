@@ -24,7 +24,7 @@ from trionbd.protocol import (
 )
 from trionbd.protocol.client import ClientEvent
 from trionbd.protocol.constants import BASE_ALLOCATION, Info
-from trionbd.protocol.events import _NeedData
+from trionbd.protocol.events import NEED_DATA, Chunk, ReplyEvent
 from trionbd.server import Server
 
 DEFAULT_INFOS = (Info.BLOCK_SIZE, Info.NAME, Info.DESCRIPTION)
@@ -43,7 +43,7 @@ class Client:
     async def event(self) -> ClientEvent:
         while True:
             event = self.proto.next_event()
-            if not isinstance(event, _NeedData):
+            if event is not NEED_DATA:
                 return event
             self.proto.receive_data(await self.stream.receive_some(1 << 20))
 
@@ -107,9 +107,9 @@ class Client:
             event = await self.event()
             assert not isinstance(event, ConnectionClosed), "server closed the connection"
             if cookie is not None:
-                assert getattr(event, "cookie", None) == cookie, (event, cookie)
+                assert isinstance(event, ReplyEvent) and event.cookie == cookie, (event, cookie)
             out.append(event)
-            if isinstance(event, SimpleReply) or getattr(event, "done", False):
+            if isinstance(event, SimpleReply) or (isinstance(event, Chunk) and event.done):
                 return out
 
     async def request(

@@ -45,11 +45,11 @@ from .events import (
     ExportNameReply,
     Greeting,
     HoleChunk,
+    NeedData,
     NoneChunk,
     OptionReply,
     ReplyEvent,
     SimpleReply,
-    _NeedData,
 )
 from .wire import (
     CHUNK_HEADER,
@@ -110,7 +110,7 @@ class ClientConnection:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
-    def _need(self, what: str) -> _NeedData | ConnectionClosed:
+    def _need(self, what: str) -> NeedData | ConnectionClosed:
         if not self._eof:
             return NEED_DATA
         closed_cleanly = self.buffered == 0
@@ -149,7 +149,7 @@ class ClientConnection:
         self._pending_option = option
         return wire.option_request(option, payload)
 
-    def next_event(self) -> ClientEvent | _NeedData:
+    def next_event(self) -> ClientEvent | NeedData:
         if self.phase is ClientPhase.TRANSMISSION:
             return self._next_reply()
         if self.phase is ClientPhase.OPTIONS:
@@ -162,7 +162,7 @@ class ClientConnection:
             return NEED_DATA
         raise LocalProtocolError("the connection is closed")
 
-    def _greeting(self) -> ClientEvent | _NeedData:
+    def _greeting(self) -> ClientEvent | NeedData:
         if self.buffered < GREETING.size:
             return self._need("an 18-byte greeting")
         magic, newstyle, flags = GREETING.unpack_from(self._buf, self._pos)
@@ -179,7 +179,7 @@ class ClientConnection:
         self.phase = ClientPhase.CLIENT_FLAGS
         return Greeting(flags)
 
-    def _option_reply(self) -> ClientEvent | _NeedData:
+    def _option_reply(self) -> ClientEvent | NeedData:
         if self.buffered < OPTION_REPLY_HEADER.size:
             return self._need("a 20-byte option reply header")
         magic, option, reply, length = OPTION_REPLY_HEADER.unpack_from(self._buf, self._pos)
@@ -210,7 +210,7 @@ class ClientConnection:
                     self.structured = False
         return OptionReply(option, reply, payload)
 
-    def _export_name_reply(self) -> ClientEvent | _NeedData:
+    def _export_name_reply(self) -> ClientEvent | NeedData:
         zeroes = not self.handshake_flags & HandshakeFlag.NO_ZEROES
         size = 134 if zeroes else 10
         if self.buffered < size:
@@ -239,7 +239,7 @@ class ClientConnection:
             self.phase = ClientPhase.CLOSED
         return wire.request(cookie, command, flags, offset, length) + data
 
-    def _next_reply(self) -> ClientEvent | _NeedData:
+    def _next_reply(self) -> ClientEvent | NeedData:
         if self.buffered < 4:
             return self._need("a reply")
         (magic,) = U32.unpack_from(self._buf, self._pos)

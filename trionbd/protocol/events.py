@@ -1,36 +1,45 @@
 """Events: what the state machines have understood from the bytes they were fed.
 
 Every event is a frozen dataclass. Server-side events describe what a client sent;
-client-side events describe what a server sent.
+client-side events describe what a server sent. Events of one kind share a base class
+naming what they have in common: :class:`OptionEvent` (``.option``),
+:class:`RequestEvent` (the request header), :class:`ReplyEvent` (``.cookie``) and
+:class:`Chunk` (``.done``).
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from typing import Final
 
 
-class _NeedData:
-    """Sentinel: more bytes must be fed before another event can be produced."""
+class NeedData(enum.Enum):
+    """The type of :data:`NEED_DATA`, its only value (test with ``event is NEED_DATA``)."""
 
-    _instance: _NeedData | None = None
-
-    def __new__(cls) -> _NeedData:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
+    NEED_DATA = "NEED_DATA"
 
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA = _NeedData()
+NEED_DATA: Final = NeedData.NEED_DATA
+"""Not an event: more bytes must be fed before another event can be produced."""
 
 
 # --- server side: options -------------------------------------------------------------
 
 
+class OptionEvent:
+    """Base of the events of one option: ``option`` is its code (an ``Opt`` value for
+    the options trionbd knows)."""
+
+    __slots__ = ()
+    option: int
+
+
 @dataclass(frozen=True, slots=True)
-class ExportNameOption:
+class ExportNameOption(OptionEvent):
     """``NBD_OPT_EXPORT_NAME``: the client enters transmission with this export or we close."""
 
     option: int
@@ -38,27 +47,27 @@ class ExportNameOption:
 
 
 @dataclass(frozen=True, slots=True)
-class AbortOption:
+class AbortOption(OptionEvent):
     option: int
 
 
 @dataclass(frozen=True, slots=True)
-class ListOption:
+class ListOption(OptionEvent):
     option: int
 
 
 @dataclass(frozen=True, slots=True)
-class StartTLSOption:
+class StartTLSOption(OptionEvent):
     option: int
 
 
 @dataclass(frozen=True, slots=True)
-class StructuredReplyOption:
+class StructuredReplyOption(OptionEvent):
     option: int
 
 
 @dataclass(frozen=True, slots=True)
-class InfoOption:
+class InfoOption(OptionEvent):
     """``NBD_OPT_INFO`` or ``NBD_OPT_GO`` (``option`` tells which)."""
 
     option: int
@@ -67,7 +76,7 @@ class InfoOption:
 
 
 @dataclass(frozen=True, slots=True)
-class MetaContextOption:
+class MetaContextOption(OptionEvent):
     """``NBD_OPT_LIST_META_CONTEXT`` or ``NBD_OPT_SET_META_CONTEXT``."""
 
     option: int
@@ -76,14 +85,14 @@ class MetaContextOption:
 
 
 @dataclass(frozen=True, slots=True)
-class UnknownOption:
+class UnknownOption(OptionEvent):
     """An option this server does not implement; its payload was discarded."""
 
     option: int
 
 
 @dataclass(frozen=True, slots=True)
-class InvalidOption:
+class InvalidOption(OptionEvent):
     """A known option with a malformed payload. Answer it with ``reply`` and ``message``."""
 
     option: int
@@ -91,24 +100,22 @@ class InvalidOption:
     message: str
 
 
-OptionEvent = (
-    ExportNameOption
-    | AbortOption
-    | ListOption
-    | StartTLSOption
-    | StructuredReplyOption
-    | InfoOption
-    | MetaContextOption
-    | UnknownOption
-    | InvalidOption
-)
-
-
 # --- server side: transmission --------------------------------------------------------
 
 
+class RequestEvent:
+    """Base of :class:`Request` and :class:`BadRequest`: the request's header."""
+
+    __slots__ = ()
+    cookie: int
+    command: int
+    flags: int
+    offset: int
+    length: int
+
+
 @dataclass(frozen=True, slots=True, init=False)
-class Request:
+class Request(RequestEvent):
     """A valid request. ``data`` is the payload of a WRITE, else empty.
 
     One is made for every request, so its ``__init__`` is written out, setting the slots
@@ -143,7 +150,7 @@ _set_data = Request.__dict__["data"].__set__
 
 
 @dataclass(frozen=True, slots=True)
-class BadRequest:
+class BadRequest(RequestEvent):
     """A request that must be answered with ``error`` (an ``Err`` value) and ``message``.
 
     Any payload it carried has been (or is being) discarded.
@@ -191,8 +198,22 @@ class ExportNameReply:
     flags: int
 
 
+class ReplyEvent:
+    """Base of the replies to a request (simple replies and structured chunks)."""
+
+    __slots__ = ()
+    cookie: int
+
+
+class Chunk(ReplyEvent):
+    """Base of the structured reply chunks: ``done`` is set on a request's last chunk."""
+
+    __slots__ = ()
+    done: bool
+
+
 @dataclass(frozen=True, slots=True)
-class SimpleReply:
+class SimpleReply(ReplyEvent):
     """A simple reply; ``data`` holds a successful READ's bytes."""
 
     cookie: int
@@ -201,7 +222,7 @@ class SimpleReply:
 
 
 @dataclass(frozen=True, slots=True)
-class DataChunk:
+class DataChunk(Chunk):
     cookie: int
     offset: int
     data: bytes
@@ -209,7 +230,7 @@ class DataChunk:
 
 
 @dataclass(frozen=True, slots=True)
-class HoleChunk:
+class HoleChunk(Chunk):
     cookie: int
     offset: int
     length: int
@@ -217,7 +238,7 @@ class HoleChunk:
 
 
 @dataclass(frozen=True, slots=True)
-class BlockStatusChunk:
+class BlockStatusChunk(Chunk):
     cookie: int
     context_id: int
     extents: tuple[tuple[int, int], ...]
@@ -225,7 +246,7 @@ class BlockStatusChunk:
 
 
 @dataclass(frozen=True, slots=True)
-class ErrorChunk:
+class ErrorChunk(Chunk):
     cookie: int
     error: int
     message: str
@@ -234,9 +255,6 @@ class ErrorChunk:
 
 
 @dataclass(frozen=True, slots=True)
-class NoneChunk:
+class NoneChunk(Chunk):
     cookie: int
     done: bool
-
-
-ReplyEvent = SimpleReply | DataChunk | HoleChunk | BlockStatusChunk | ErrorChunk | NoneChunk

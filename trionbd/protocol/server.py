@@ -49,12 +49,12 @@ from .events import (
     InvalidOption,
     ListOption,
     MetaContextOption,
+    NeedData,
     OptionEvent,
     Request,
     StartTLSOption,
     StructuredReplyOption,
     UnknownOption,
-    _NeedData,
 )
 from .wire import OPTION_HEADER, REQUEST, U16, U32
 
@@ -180,7 +180,7 @@ class ServerConnection:
         """Bytes received but not yet turned into events (must be 0 before STARTTLS)."""
         return len(self._buf) - self._pos
 
-    def next_event(self) -> ServerEvent | _NeedData:
+    def next_event(self) -> ServerEvent | NeedData:
         """The next event, or ``NEED_DATA``. Raises ``RemoteProtocolError`` when the
         client broke the protocol: the connection must then be closed."""
         if self._discard:
@@ -196,7 +196,7 @@ class ServerConnection:
             return self._client_flags()
         raise LocalProtocolError("the connection is closed; no more events")
 
-    def _need(self, what: str) -> _NeedData | ConnectionClosed:
+    def _need(self, what: str) -> NeedData | ConnectionClosed:
         if not self._eof:
             return NEED_DATA
         where = self._where()
@@ -210,7 +210,7 @@ class ServerConnection:
     def _where(self) -> str:
         return self.phase.value
 
-    def _client_flags(self) -> ServerEvent | _NeedData:
+    def _client_flags(self) -> ServerEvent | NeedData:
         if self.buffered < 4:
             return self._need("4 bytes of client flags")
         (flags,) = U32.unpack_from(self._buf, self._pos)
@@ -237,7 +237,7 @@ class ServerConnection:
         """Allow ``count`` more options (the server grants some per listed export)."""
         self.option_budget += count
 
-    def _next_option(self) -> ServerEvent | _NeedData:
+    def _next_option(self) -> ServerEvent | NeedData:
         if self.buffered < OPTION_HEADER.size:
             return self._need("a 16-byte option header")
         magic, option, length = OPTION_HEADER.unpack_from(self._buf, self._pos)
@@ -528,7 +528,7 @@ class ServerConnection:
 
     # --- transmission --------------------------------------------------------------------
 
-    def _next_request(self) -> ServerEvent | _NeedData:
+    def _next_request(self) -> ServerEvent | NeedData:
         buf = self._buf
         pos = self._pos
         if len(buf) - pos < 28:

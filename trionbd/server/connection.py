@@ -63,6 +63,7 @@ from ..protocol.events import (
     InvalidOption,
     ListOption,
     MetaContextOption,
+    OptionEvent,
     Request,
     StartTLSOption,
     StructuredReplyOption,
@@ -361,9 +362,9 @@ class Connection:
         client over the connection limit gets ERR_POLICY for every option but ABORT;
         under ``--tls=require`` before TLS, every option but STARTTLS and ABORT gets
         ERR_TLS_REQD."""
-        option: int | None = getattr(event, "option", None)
-        if option is None or option == Opt.ABORT:
+        if not isinstance(event, OptionEvent) or event.option == Opt.ABORT:
             return None
+        option = event.option
         if self.refusal is not None:
             return option, Rep.ERR_POLICY, self.refusal
         if self.config.tls is TLSMode.REQUIRE and not self.is_tls and option != Opt.STARTTLS:
