@@ -59,7 +59,7 @@ import trio
 from .chain.errors import NBDError
 from .chain.types import BlockSize, Export, Extent, Sparse
 from .net.address import Address, parse_uri
-from .net.transport import Buffer, Transport
+from .net.transport import Transport
 from .protocol import wire
 from .protocol.client import (
     ClientConnection,
@@ -98,6 +98,7 @@ from .protocol.events import (
     ReplyEvent,
     SimpleReply,
 )
+from .protocol.wire import Buffer
 
 __all__ = [
     "Address",

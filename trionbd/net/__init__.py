@@ -2,6 +2,6 @@
 (:mod:`.address`), and the transport that moves a connection's bytes (:mod:`.transport`)."""
 
 from .address import Address, parse_uri
-from .transport import Buffer, Transport
+from .transport import Transport
 
-__all__ = ["Address", "Buffer", "Transport", "parse_uri"]
+__all__ = ["Address", "Transport", "parse_uri"]

@@ -23,14 +23,14 @@ import ssl
 
 import trio
 
+from ..protocol.wire import Buffer
+
 RECEIVE_SIZE = 256 * 1024
 """Bytes asked for per receive."""
 EAGER_RECEIVES = 8
 """Receives that found data waiting allowed in a row before yielding to the scheduler."""
 IOV_BATCH = 512
 """Buffers per ``writev`` call (below the kernel's IOV_MAX of 1024)."""
-
-Buffer = bytes | bytearray | memoryview
 
 
 class Transport:

@@ -7,6 +7,8 @@ touches a socket.
 
 Phases: the greeting is sent, the client answers with its flags, options are haggled
 (fixed newstyle only), then transmission carries requests until the client disconnects.
+In transmission, :attr:`ServerConnection.replies` frames the reply to each request in
+the shape the options negotiated (:mod:`.replies`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from .events import (
     StructuredReplyOption,
     UnknownOption,
 )
+from .replies import SIMPLE, STRUCTURED, Replies
 from .wire import OPTION_HEADER, REQUEST, U16, U32
 
 ServerEvent = OptionEvent | Request | BadRequest | Disconnect | ConnectionClosed
@@ -147,6 +150,9 @@ class ServerConnection:
         self.export_size = 0
         self.export_flags = TransmissionFlag.HAS_FLAGS
         self.block_status_ok = False
+        self.replies: Replies = SIMPLE
+        """Frames the replies to requests, in the shape negotiated (set when
+        transmission starts)."""
         self._valid: dict[int, tuple[int, int]] = {}
 
     # --- input ---------------------------------------------------------------------------
@@ -484,6 +490,7 @@ class ServerConnection:
             and BASE_ALLOCATION_ID in self.meta_contexts
         )
         self._valid = self._valid_requests()
+        self.replies = STRUCTURED if self.structured else SIMPLE
         self.phase = Phase.TRANSMISSION
 
     def _valid_requests(self) -> dict[int, tuple[int, int]]:
@@ -529,6 +536,9 @@ class ServerConnection:
     # --- transmission --------------------------------------------------------------------
 
     def _next_request(self) -> ServerEvent | NeedData:
+        """The next compact (28-byte) request. Extended headers bring 32-byte requests
+        with 64-bit lengths: a sibling of this parser, chosen when transmission starts
+        (as :attr:`replies` is), with the same checks."""
         buf = self._buf
         pos = self._pos
         if len(buf) - pos < 28:

@@ -37,7 +37,7 @@ from ..chain.client import ClientInfo, set_current_client
 from ..chain.errors import NBDError
 from ..chain.next import Caps, Layer, Next
 from ..chain.types import CacheMode, FuaMode, Sparse, ZeroMode, each_export
-from ..net.transport import Buffer, Transport
+from ..net.transport import Transport
 from ..protocol import wire
 from ..protocol.constants import (
     BASE_ALLOCATION,
@@ -70,6 +70,7 @@ from ..protocol.events import (
     UnknownOption,
 )
 from ..protocol.server import ServerConnection
+from ..protocol.wire import Buffer
 from .tls import TLSMode
 
 if TYPE_CHECKING:
