@@ -31,7 +31,7 @@ from trionbd.chain import (
 )
 from trionbd.chain.next import EMULATION_CHUNK, Layer
 from trionbd.protocol.constants import CmdFlag, TransmissionFlag
-from trionbd.server.connection import transmission_flags
+from trionbd.server.handshake import transmission_flags
 
 SIZE = 8 * EMULATION_CHUNK
 Call = tuple[Any, ...]

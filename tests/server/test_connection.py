@@ -37,7 +37,7 @@ from trionbd.protocol import (
 )
 from trionbd.protocol.constants import BASE_ALLOCATION, MAX_OPTIONS, HandshakeFlag
 from trionbd.server import ServerConfig
-from trionbd.server.connection import transmission_flags
+from trionbd.server.handshake import transmission_flags
 
 MiB = 1 << 20
 TF = TransmissionFlag

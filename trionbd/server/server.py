@@ -77,7 +77,8 @@ class ExportStats:
 
     @classmethod
     def of(cls, conn: Connection, connected: bool) -> ExportStats:
-        return cls(conn.requests, conn.bytes_read, conn.bytes_written, conn.errors, int(connected))
+        c = conn.counters
+        return cls(c.requests, c.bytes_read, c.bytes_written, c.errors, int(connected))
 
 
 class Server:
@@ -104,7 +105,7 @@ class Server:
             trio.Lock() if chain.concurrency is Concurrency.SERIALIZE_CONNECTIONS else None
         )
         self.shutting_down = False
-        self._refusing = 0
+        self._turning_away = 0
         """Connections over the limit being refused (they are in ``connections`` too)."""
         self._connections: trio.Nursery | None = None
         self._running = trio.Event()
@@ -179,28 +180,29 @@ class Server:
                 await trio.sleep(0.1)
                 continue
             limit = self.config.max_connections
-            if limit is not None and len(self.connections) - self._refusing >= limit:
-                if self._refusing >= limit:
+            if limit is not None and len(self.connections) - self._turning_away >= limit:
+                if self._turning_away >= limit:
                     log.warning(
                         "closing a client at once: %d served and %d being refused "
-                        "(--max-connections=%d)", limit, self._refusing, limit,
+                        "(--max-connections=%d)", limit, self._turning_away, limit,
                     )  # fmt: skip
                     await stream.aclose()
                 else:
-                    connections.start_soon(self._refuse, stream, limit)
+                    connections.start_soon(self._turn_away, stream, limit)
                 continue
             connections.start_soon(self.handle_stream, stream)
 
-    async def _refuse(self, stream: trio.abc.Stream, limit: int) -> None:
-        """Negotiate with a client over the limit only to refuse it (see the module doc)."""
+    async def _turn_away(self, stream: trio.abc.Stream, limit: int) -> None:
+        """Negotiate with a client over the limit only to refuse its options (see the
+        module doc)."""
         reason = f"too many clients: the limit is {limit} (--max-connections)"
-        conn = Connection(self, stream, next(self._ids), refusal=reason)
+        conn = Connection(self, stream, next(self._ids), unserved_reason=reason)
         log.warning("conn %d: refused: %s", conn.id, reason)
-        self._refusing += 1
+        self._turning_away += 1
         try:
             await self._serve_connection(conn, None)
         finally:
-            self._refusing -= 1
+            self._turning_away -= 1
 
     async def serve_stream(self, stream: trio.abc.Stream) -> None:
         """Serve a client on an already connected ``stream`` (``-s`` serves stdin and
