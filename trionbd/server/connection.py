@@ -10,6 +10,12 @@ A connection whose export goes away is *retired* (``Server.close_connections``):
 answers whatever still arrives with ``ESHUTDOWN`` until the client disconnects or the
 grace period ends. Draining (server shutdown) stops reading new requests; those in
 flight finish.
+
+Why a client's option or request failed (an export that cannot be opened, a read the
+plugin refused, a malformed request) is logged as a warning, as nbdkit prints its
+errors, within two budgets so that a client cannot flood the log: the first
+``WARNINGS_PER_CONNECTION`` of each connection, and the server's
+:class:`~.ratelimit.WarningBudget`. What is held back is counted in a later line.
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ if TYPE_CHECKING:
     from .server import Server
 
 log = logging.getLogger("trionbd.server")
+
+WARNINGS_PER_CONNECTION = 10
+"""Failures of one connection logged as warnings; later ones are counted, and the count
+is logged when the connection closes."""
 
 
 @dataclass(slots=True)
@@ -85,12 +95,23 @@ class Connection:
         """The cancel scope of a receive that waits (draining cancels it; the idle
         timeout moves its deadline)."""
         self._send_lock = trio.StrictFIFOLock()
+        self._warnings = 0
+        self._unlogged = 0
 
     def __repr__(self) -> str:
         return f"<Connection {self.id}>"
 
     def debug(self, msg: str, *args: object) -> None:
         log.debug("conn %d: " + msg, self.id, *args)
+
+    def warn(self, msg: str, *args: object) -> None:
+        """Log why one of the client's options or requests failed, as a warning, within
+        the connection's and the server's budgets (see the module doc)."""
+        if self._warnings >= WARNINGS_PER_CONNECTION:
+            self._unlogged += 1
+            return
+        self._warnings += 1
+        self.server.warnings.log(log, "conn %d: " + msg, self.id, *args)
 
     @property
     def is_tls(self) -> bool:
@@ -135,6 +156,13 @@ class Connection:
             for error in group.exceptions:
                 log.error("conn %d: internal error; closing", self.id, exc_info=error)
         finally:
+            if self._unlogged:
+                self.server.warnings.log(
+                    log,
+                    "conn %d: %d more failure%s not logged (the first %d were)",
+                    self.id, self._unlogged, "s" if self._unlogged > 1 else "",
+                    WARNINGS_PER_CONNECTION,
+                )  # fmt: skip
             await self.transport.aclose()
             self.closed.set()
 

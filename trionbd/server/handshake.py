@@ -5,8 +5,9 @@ The client has ``handshake_timeout`` seconds for each option (the time the chain
 to answer does not count). A client over the connection limit, or one that has not sent
 STARTTLS under ``--tls=require``, has its options refused unseen
 (:meth:`Handshake._refused_unseen`). An export that cannot be opened, described or
-listed is answered with the matching option error and its message; the client may go
-on negotiating.
+listed is answered with the matching option error and its message, and the reason is
+logged as a warning (:meth:`~.connection.Connection.warn`); the client may go on
+negotiating.
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ class Handshake:
         self.proto = conn.proto
         self.config = conn.config
         self.chain = conn.chain
+        self._last_warning: str | None = None
+        """The last reason logged: a client asking INFO, then GO, about an export that
+        cannot be opened gets the same answer twice, logged once."""
 
     async def run(self) -> Next | None:
         """Haggle options until the client enters transmission (returns its context), or
@@ -179,10 +183,14 @@ class Handshake:
 
     async def _option_failed(self, option: int, what: str, error: Exception) -> None:
         """Answer an option whose backend call raised: an ``NBDError`` becomes the
-        matching error reply; anything else is a bug, logged
+        matching error reply, and its reason a warning; anything else is a bug, logged
         once with its traceback, and answered ERR_UNKNOWN. Either way the client may go
         on negotiating."""
         if isinstance(error, NBDError):
+            warning = f"{what}: {error.message}"
+            if warning != self._last_warning:
+                self._last_warning = warning
+                self.conn.warn("%s", warning)
             await self._send_error(option, option_error(error.errno), error.message)
             return
         log.error("conn %d: %s failed unexpectedly", self.conn.id, what, exc_info=error)
@@ -268,7 +276,7 @@ class Handshake:
         try:
             name, ctx = await self._open(event.name)
         except NBDError as e:
-            log.info("conn %d: export %r: %s; closing (EXPORT_NAME)", conn.id, event.name, e)
+            conn.warn("opening export %r: %s; closing (EXPORT_NAME)", event.name, e.message)
             return None
         except Exception as e:
             log.error(

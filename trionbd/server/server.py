@@ -44,6 +44,7 @@ from .config import ServerConfig
 from .connection import Connection
 from .daemon import remove_quietly
 from .listeners import address_of, listen
+from .ratelimit import WarningBudget
 
 log = logging.getLogger("trionbd.server")
 
@@ -98,6 +99,8 @@ class Server:
         self.addresses: list[Address] = [address_of(lis) for lis in self.listeners]
         self.connections: set[Connection] = set()
         self.inline = chain.nonblocking
+        self.warnings = WarningBudget()
+        """Shared by the connections: how many warnings about clients may be logged."""
         self._ids = itertools.count(1)
         self._listen_scope = trio.CancelScope()
         self._connections_scope = trio.CancelScope()

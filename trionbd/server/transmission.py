@@ -14,7 +14,9 @@ flight is closed.
 
 The frames of each reply come from the state machine (``proto.replies``), which knows
 the reply shape the client negotiated. A failed request is answered with the NBD error
-of its errno and its message.
+of its errno and its message, and the reason is logged as a warning
+(:meth:`~.connection.Connection.warn`), except the answers a client is meant to fall
+back from (``ENOTSUP`` to a fast zero, ``EOVERFLOW`` to a DF read).
 
 It counts the requests, the bytes read and written and the errors in the connection's
 ``counters``. It refers to the connection, never the other way round: once the client
@@ -63,6 +65,8 @@ _FLUSH, _TRIM, _ZERO, _CACHE = int(Cmd.FLUSH), int(Cmd.TRIM), int(Cmd.WRITE_ZERO
 
 _PAYLOAD = frozenset({_READ, _WRITE})
 """Commands whose requests hold payload in memory (counted against max_buffered)."""
+_FALL_BACK = frozenset({Err.ENOTSUP, Err.EOVERFLOW})
+"""Errors that tell a client to do without FAST_ZERO or DF: expected, not logged."""
 
 
 class Transmission:
@@ -150,7 +154,7 @@ class Transmission:
                         drained = True
                         break
                 elif type(event) is BadRequest:
-                    conn.debug("bad request: %s", event.message)
+                    conn.warn("bad request: %s", event.message)
                     self.counters.requests += 1
                     batch += self._error(event, event.error, event.message)
                 elif type(event) is Disconnect or type(event) is ConnectionClosed:
@@ -276,9 +280,17 @@ class Transmission:
         return self.replies.error(req, error, message)
 
     def _failed(self, req: Request, code: int, message: str) -> list[Buffer]:
-        """The reply to a request the chain failed with the host errno ``code``."""
-        self.conn.debug("cookie %d: %s", req.cookie, message)
-        return self._error(req, nbd_error(code, req.flags), message)
+        """The reply to a request the chain failed with the host errno ``code``; the
+        reason is logged unless the client is meant to fall back."""
+        error = nbd_error(code, req.flags)
+        if error in _FALL_BACK:
+            self.conn.debug("cookie %d: %s", req.cookie, message)
+        else:
+            self.conn.warn(
+                "%s of %d bytes at offset %d failed: %s",
+                Cmd(req.command).name, req.length, req.offset, message,
+            )  # fmt: skip
+        return self._error(req, error, message)
 
     async def _serve(self, ctx: Next, req: Request) -> list[Buffer]:
         """Do one request; return its reply frames (errors become error replies)."""
