@@ -28,8 +28,10 @@ plugin or filter asks (:meth:`Server.close_connections`, reached through
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +49,14 @@ from .listeners import address_of, listen
 from .ratelimit import WarningBudget
 
 log = logging.getLogger("trionbd.server")
+
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""Errors of accept(2) that mean the system is out of something for now (descriptors,
+buffers, memory): the server keeps serving the clients it has and tries again after
+ACCEPT_RETRY seconds, with a log line, as ``trio.serve_listeners`` does. Any other
+error ends the server (Trio's listener already retries those that concern only the
+client, such as ECONNABORTED)."""
+ACCEPT_RETRY = 0.1
 
 ListenerSpec = str | trio.SocketListener
 """A listener, or where to listen: ``unix:PATH``, ``tcp:HOST:PORT``, ``tcp:PORT``."""
@@ -178,9 +188,14 @@ class Server:
             try:
                 stream = await listener.accept()
             except OSError as e:
-                # EMFILE and friends: keep serving the clients we have, retry shortly.
-                log.error("accept on %s failed: %s", address_of(listener), e)
-                await trio.sleep(0.1)
+                if e.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error(
+                    "accept on %s failed: %s (%s); retrying in %ss",
+                    address_of(listener), errno.errorcode[e.errno], os.strerror(e.errno),
+                    ACCEPT_RETRY,
+                )  # fmt: skip
+                await trio.sleep(ACCEPT_RETRY)
                 continue
             limit = self.config.max_connections
             if limit is not None and len(self.connections) - self._turning_away >= limit:
