@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -257,10 +258,17 @@ def test_a_plugin_raising_keyboard_interrupt_or_system_exit_stops_with_one_line(
     ), err
 
 
-def test_cannot_listen_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cannot_listen_exits_1_naming_where_and_why(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.run(["-U", "/nonexistent/dir/sock", "memory", "1M"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("trionbd: cannot listen: ") and err.count("\n") == 1
+    assert capsys.readouterr().err == (
+        "trionbd: /nonexistent/dir/sock: no such file or directory\n"
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.run(["-p", str(port), "-i", "127.0.0.1", "memory", "1M"]) == 1
+    assert capsys.readouterr().err == f"trionbd: 127.0.0.1:{port}: address already in use\n"
 
 
 # --- parsing ----------------------------------------------------------------------------------

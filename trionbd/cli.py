@@ -602,7 +602,7 @@ def bind_sockets(opts: Options, cleanup: list[str]) -> list[socket.socket]:
     except OSError as e:
         for sock in socks:
             sock.close()
-        raise StartupError(f"cannot listen: {e}") from e
+        raise StartupError(str(e)) from e
     return socks
 
 

@@ -1,5 +1,6 @@
 """Listening sockets: Unix, TCP (IPv4 and IPv6). Where they listen is an
-:class:`~trionbd.net.Address`."""
+:class:`~trionbd.net.Address`. A socket that cannot listen raises :class:`ListenError`,
+which says where and why in one line (``127.0.0.1:10809: address already in use``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,28 @@ caps it at net.core.somaxconn). With 128, a burst of 200 clients overflowed the 
 a Unix client then gets EAGAIN from connect, which Trio's client takes for success."""
 
 
+class ListenError(OSError):
+    """Listening failed: ``where`` is the socket path or ``HOST:PORT``; ``errno`` is the
+    system's error (``None`` when it was not a system call that failed)."""
+
+    def __init__(self, where: str, error: OSError | str):
+        if isinstance(error, str):
+            super().__init__(error)
+            self.reason = error
+        else:
+            super().__init__(error.errno, error.strerror)
+            text = error.strerror or str(error)
+            self.reason = text[:1].lower() + text[1:]
+        self.where = where
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def address_of(listener: trio.SocketListener) -> Address:
     sock = listener.socket
     if sock.family == _stdlib_socket.AF_UNIX:
@@ -30,7 +53,10 @@ def address_of(listener: trio.SocketListener) -> Address:
 def bind_unix(path: str) -> _stdlib_socket.socket:
     """A plain socket listening on a Unix socket at ``path`` (an existing socket file is
     replaced). Plain sockets can be opened before forking and Trio starts."""
-    sock = _stdlib_socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
+    try:
+        sock = _stdlib_socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
+    except OSError as e:
+        raise ListenError(path, e) from e
     try:
         try:
             if stat.S_ISSOCK(os.stat(path).st_mode):
@@ -39,6 +65,9 @@ def bind_unix(path: str) -> _stdlib_socket.socket:
             pass
         sock.bind(path)
         sock.listen(BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise ListenError(path, e) from e
     except BaseException:
         sock.close()
         raise
@@ -48,30 +77,37 @@ def bind_unix(path: str) -> _stdlib_socket.socket:
 def bind_tcp(port: int, host: str | None = None) -> list[_stdlib_socket.socket]:
     """Plain sockets listening on TCP; without ``host``, on every address (IPv4 and
     IPv6, each family its own socket). Port 0 picks a free port."""
-    infos = _stdlib_socket.getaddrinfo(
-        host, port, type=_stdlib_socket.SOCK_STREAM, flags=_stdlib_socket.AI_PASSIVE
-    )
+    try:
+        infos = _stdlib_socket.getaddrinfo(
+            host, port, type=_stdlib_socket.SOCK_STREAM, flags=_stdlib_socket.AI_PASSIVE
+        )
+    except OSError as e:
+        raise ListenError(_host_port(host or "*", port), e) from e
     socks: list[_stdlib_socket.socket] = []
     try:
         for family, kind, proto, _, sockaddr in infos:
+            where = _host_port(str(sockaddr[0]), port)
             try:
                 sock = _stdlib_socket.socket(family, kind, proto)
             except OSError as e:
                 if e.errno == errno.EAFNOSUPPORT:  # e.g. no IPv6 on this machine
                     continue
-                raise
+                raise ListenError(where, e) from e
             socks.append(sock)
-            sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEADDR, 1)
-            if family == _stdlib_socket.AF_INET6:
-                sock.setsockopt(_stdlib_socket.IPPROTO_IPV6, _stdlib_socket.IPV6_V6ONLY, 1)
-            sock.bind(sockaddr)
-            sock.listen(BACKLOG)
+            try:
+                sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEADDR, 1)
+                if family == _stdlib_socket.AF_INET6:
+                    sock.setsockopt(_stdlib_socket.IPPROTO_IPV6, _stdlib_socket.IPV6_V6ONLY, 1)
+                sock.bind(sockaddr)
+                sock.listen(BACKLOG)
+            except OSError as e:
+                raise ListenError(where, e) from e
     except BaseException:
         for sock in socks:
             sock.close()
         raise
     if not socks:
-        raise OSError(errno.EAFNOSUPPORT, f"no usable address family for {host or '*'}:{port}")
+        raise ListenError(_host_port(host or "*", port), "no usable address family")
     return socks
 
 
@@ -87,7 +123,10 @@ async def open_unix_listener(path: str) -> trio.SocketListener:
 
 def private_socket_path() -> str:
     """A socket path in a new private directory (for ``-U -``)."""
-    return os.path.join(tempfile.mkdtemp(prefix="trionbd"), "socket")
+    try:
+        return os.path.join(tempfile.mkdtemp(prefix="trionbd"), "socket")
+    except OSError as e:
+        raise ListenError(tempfile.gettempdir(), e) from e
 
 
 async def open_tcp_listeners(port: int, host: str | None = None) -> list[trio.SocketListener]:
@@ -98,7 +137,8 @@ async def open_tcp_listeners(port: int, host: str | None = None) -> list[trio.So
 def listen(spec: str) -> list[trio.SocketListener]:
     """Listen where ``spec`` says: ``unix:PATH``, ``tcp:HOST:PORT`` (an IPv6 host in
     brackets: ``tcp:[::1]:10809``) or ``tcp:PORT`` (every address). Port 0 picks a free
-    port. Raises ``ValueError`` for a malformed ``spec``, ``OSError`` if binding fails."""
+    port. Raises ``ValueError`` for a malformed ``spec``, :class:`ListenError` (an
+    ``OSError``) if binding fails."""
     kind, _, rest = spec.partition(":")
     if kind == "unix" and rest:
         return [as_listener(bind_unix(rest))]
