@@ -1,444 +1,40 @@
-"""An async NBD client on Trio, built on the sans-IO :class:`~trionbd.protocol.ClientConnection`.
-
-Connect, negotiate and enter transmission in one call, then use the client inside
-``async with`` (which runs its reader task and disconnects at the end)::
-
-    import trionbd.client
-
-    async with await trionbd.client.connect_unix("/tmp/sock", export="disk") as nbd:
-        data = await nbd.pread(4096, 0)
-        await nbd.pwrite(b"x" * 512, 8192, trionbd.client.CmdFlag.FUA)
-
-Any number of tasks may issue requests on one client at the same time: they are
-pipelined on the connection and each caller gets its own reply. To keep a client
-longer than one ``async with`` block, run its reader in a nursery you own and close it
-yourself (the ``nbd`` plugin does this with the lifetime nursery)::
-
-    client = await trionbd.client.connect_uri("nbd://server/disk")
-    await nursery.start(client.run)
-    ...
-    await client.aclose()          # run() returns
-
-Export lists and export details come from the handshake (option) phase::
-
-    async with await trionbd.client.handshake(await trionbd.client.open_stream(addr)) as h:
-        exports = await h.list_exports()
-        details = await h.info("disk")
-
-Negotiation: fixed newstyle only; structured replies and the ``base:allocation`` meta
-context are requested; ``NBD_OPT_GO`` (asking for the canonical name, description and
-block sizes) falls back to ``NBD_OPT_EXPORT_NAME`` when the server answers
-``NBD_REP_ERR_UNSUP``. No TLS, no extended headers.
-
-Errors are :class:`~trionbd.chain.NBDError` subclasses carrying a host ``errno``:
-
-* :class:`RequestError` — the server answered one request with an error (``.error`` is
-  the NBD error value, ``.message`` the server's message); the connection stays usable.
-* :class:`OptionError` — the server refused an option (no such export, ...).
-* :class:`ConnectionFailed` (``EIO``) — the connection could not be made or is gone:
-  every request in flight and every later one raises it, promptly.
-
-The client sends requests as given and does not check them against the export's
-flags; the server judges them (and says why in its error message).
-"""
+"""The client in transmission: requests pipelined from any number of tasks, one writer
+task sending them in order, one reader task matching replies to them by cookie."""
 
 from __future__ import annotations
 
 import errno
 import itertools
 from collections import deque
-from collections.abc import Iterator
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from enum import IntEnum
 from types import TracebackType
 from typing import Self
 
 import trio
 
-from .chain.errors import NBDError
-from .chain.types import BlockSize, Export, Extent, Sparse
-from .net.address import Address, parse_uri
-from .net.transport import Transport
-from .protocol import wire
-from .protocol.client import (
-    ClientConnection,
-    ClientEvent,
-    ClientPhase,
-    ExportInfo,
-    parse_info_replies,
-    parse_meta_context_reply,
-    parse_server_reply,
-)
-from .protocol.constants import (
-    BASE_ALLOCATION,
-    DEFAULT_PORT,
-    REP_FLAG_ERROR,
-    Cmd,
-    CmdFlag,
-    Err,
-    Info,
-    Opt,
-    Rep,
-    TransmissionFlag,
-)
-from .protocol.errnos import host_errno, option_errno
-from .protocol.errors import ProtocolError, RemoteProtocolError
-from .protocol.events import (
+from ..chain.errors import NBDError
+from ..chain.types import BlockSize, Extent, Sparse
+from ..net.transport import Transport
+from ..protocol.client import ClientConnection, ClientEvent, ClientPhase, ExportInfo
+from ..protocol.constants import Cmd, TransmissionFlag
+from ..protocol.errors import ProtocolError, RemoteProtocolError
+from ..protocol.events import (
     NEED_DATA,
     BlockStatusChunk,
     Chunk,
     ConnectionClosed,
     DataChunk,
     ErrorChunk,
-    ExportNameReply,
-    Greeting,
     HoleChunk,
-    OptionReply,
     ReplyEvent,
     SimpleReply,
 )
-from .protocol.wire import Buffer
-
-__all__ = [
-    "Address",
-    "Client",
-    "CmdFlag",
-    "ConnectionFailed",
-    "ExportInfo",
-    "Handshake",
-    "OptionError",
-    "RequestError",
-    "TransmissionFlag",
-    "connect",
-    "connect_tcp",
-    "connect_unix",
-    "connect_uri",
-    "handshake",
-    "open_stream",
-    "parse_uri",
-]
+from ..protocol.wire import Buffer
+from .errors import STREAM_ERRORS, ConnectionFailed, RequestError, describe, failures
 
 CLOSE_TIMEOUT = 5.0
 """Seconds :meth:`Client.aclose` waits for in-flight requests before cutting the connection."""
-ABORT_TIMEOUT = 1.0
-"""Seconds :meth:`Handshake.aclose` waits for the server's ACK to ``NBD_OPT_ABORT``."""
-INFO_REQUESTS = (Info.NAME, Info.DESCRIPTION, Info.BLOCK_SIZE)
-"""What INFO and GO ask the server for (``NBD_INFO_EXPORT`` always comes)."""
-
-_STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-
-
-# --- errors -----------------------------------------------------------------------------
-
-
-class RequestError(NBDError):
-    """The server answered a request with an error. The connection stays usable.
-
-    ``error`` is the NBD error value (``Err``), ``errno`` the matching host errno
-    (unknown values count as ``EINVAL``, as the spec says), ``message`` the server's
-    message (or the error's name when it sent none), ``offset`` the offset an
-    ``NBD_REPLY_TYPE_ERROR_OFFSET`` chunk pointed at.
-    """
-
-    def __init__(self, error: int, message: str, offset: int | None = None):
-        super().__init__(host_errno(error), message or _name(Err, error))
-        self.error = error
-        self.offset = offset
-
-
-class OptionError(NBDError):
-    """The server refused an option of the handshake (``reply`` is its ``Rep`` error).
-
-    ``NBD_REP_ERR_UNKNOWN`` (no such export) maps to ``ENOENT``, policy and TLS refusals
-    to ``EPERM``, ``ERR_INVALID`` to ``EINVAL``, ``ERR_SHUTDOWN`` to ``ESHUTDOWN``.
-    The connection stays in the handshake: another option may follow.
-    """
-
-    def __init__(self, option: int, reply: int, message: str):
-        text = f"{_name(Opt, option)} refused with {_name(Rep, reply)}"
-        text += f": {message}" if message else ""
-        super().__init__(option_errno(reply), text)
-        self.option = option
-        self.reply = reply
-        self.server_message = message
-
-
-class ConnectionFailed(NBDError):
-    """The connection could not be made, broke, or was closed (``errno`` is ``EIO``)."""
-
-    def __init__(self, message: str):
-        super().__init__(errno.EIO, message)
-
-
-def _name(kind: type[IntEnum], value: int) -> str:
-    try:
-        return kind(value).name
-    except ValueError:
-        return str(value)
-
-
-@contextmanager
-def _failures(peer: str, doing: str) -> Iterator[None]:
-    """Turn stream and protocol errors into ``ConnectionFailed`` naming the peer."""
-    try:
-        yield
-    except ProtocolError as e:
-        raise ConnectionFailed(f"{peer}: protocol error while {doing}: {e}") from e
-    except _STREAM_ERRORS as e:
-        raise ConnectionFailed(f"{peer}: connection failed while {doing}: {_describe(e)}") from e
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e) or type(e).__name__
-
-
-# --- addresses ---------------------------------------------------------------------------
-
-
-async def open_stream(address: Address) -> trio.SocketStream:
-    """A socket connected to ``address`` (Unix or TCP); ``ConnectionFailed`` if it fails."""
-    try:
-        if address.unix_path is not None:
-            return await trio.open_unix_socket(address.unix_path)
-        assert address.host is not None
-        return await trio.open_tcp_stream(address.host, address.port or DEFAULT_PORT)
-    except OSError as e:
-        raise ConnectionFailed(f"cannot connect to {address}: {_describe(e)}") from e
-
-
-# --- handshake ---------------------------------------------------------------------------
-
-
-class Handshake:
-    """A connection in the handshake (option) phase: list exports, ask about one, or
-    enter transmission with :meth:`go`.
-
-    Options are sent one at a time (the protocol allows no pipelining here). Use it as
-    an async context manager, or call :meth:`aclose`: unless :meth:`go` succeeded, that
-    sends ``NBD_OPT_ABORT`` and closes the stream.
-    """
-
-    def __init__(self, stream: trio.abc.Stream, peer: str):
-        self.peer = peer
-        self._transport = Transport(stream)
-        self._proto = ClientConnection()
-        self._finished = False
-
-    @property
-    def structured(self) -> bool:
-        """Whether the server accepted structured replies."""
-        return self._proto.structured
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-    async def _start(self, structured_replies: bool) -> None:
-        with _failures(self.peer, "reading the greeting"):
-            event = await self._event()
-            if not isinstance(event, Greeting):
-                raise ConnectionFailed(f"{self.peer}: closed the connection before its greeting")
-            await self._transport.send([self._proto.client_flags()])
-        if structured_replies:
-            try:
-                await self._option(Opt.STRUCTURED_REPLY)
-            except OptionError:
-                pass  # simple replies only; the client copes
-
-    async def _event(self) -> ClientEvent:
-        proto = self._proto
-        while True:
-            event = proto.next_event()
-            if event is not NEED_DATA:
-                return event
-            proto.receive_data(await self._transport.receive())
-
-    async def _option(self, option: Opt, payload: bytes = b"") -> list[OptionReply]:
-        """Send one option; return its non-final replies; raise ``OptionError`` on refusal."""
-        if self._finished:
-            raise ConnectionFailed(f"{self.peer}: the handshake is over")
-        with _failures(self.peer, f"negotiating {option.name}"):
-            await self._transport.send([self._proto.option(option, payload)])
-            replies: list[OptionReply] = []
-            while True:
-                event = await self._event()
-                if not isinstance(event, OptionReply):
-                    raise ConnectionFailed(
-                        f"{self.peer}: closed the connection during {option.name}"
-                    )
-                if event.reply == Rep.ACK:
-                    return replies
-                if event.reply & REP_FLAG_ERROR:
-                    message = event.payload.decode("utf-8", "replace")
-                    raise OptionError(option, event.reply, message)
-                replies.append(event)
-
-    async def list_exports(self) -> list[Export]:
-        """The server's export list (``NBD_OPT_LIST``): names and descriptions."""
-        replies = await self._option(Opt.LIST)
-        with _failures(self.peer, "reading the export list"):
-            return [
-                Export(*parse_server_reply(r.payload)) for r in replies if r.reply == Rep.SERVER
-            ]
-
-    async def info(self, export: str = "") -> ExportInfo:
-        """What the server says about ``export`` (``NBD_OPT_INFO``); the handshake goes on.
-
-        ``""`` is the default export; ``.name`` is its canonical name if the server says.
-        """
-        return await self._export_info(Opt.INFO, export, f"reading INFO of {export!r}")
-
-    async def _export_info(self, option: Opt, export: str, doing: str) -> ExportInfo:
-        """Ask INFO or GO about ``export`` and read the answer (``doing`` names the step
-        in errors)."""
-        replies = await self._option(option, wire.name_and_infos(export, INFO_REQUESTS))
-        with _failures(self.peer, doing):
-            return parse_info_replies(export, [r.payload for r in replies if r.reply == Rep.INFO])
-
-    async def go(self, export: str = "", *, base_allocation: bool = True) -> Client:
-        """Enter transmission with ``export``; the stream now belongs to the returned client.
-
-        With ``base_allocation`` (and structured replies), ``base:allocation`` is selected
-        first so that :meth:`Client.block_status` works if the server offers it. A server
-        answering GO with ``ERR_UNSUP`` gets ``NBD_OPT_EXPORT_NAME`` instead (it closes
-        the connection if it refuses that: ``ConnectionFailed``).
-        """
-        context_id = None
-        if base_allocation and self.structured:
-            payload = wire.name_and_queries(export, [BASE_ALLOCATION])
-            try:
-                replies = await self._option(Opt.SET_META_CONTEXT, payload)
-            except OptionError:
-                replies = []  # no meta contexts on this server
-            with _failures(self.peer, "reading meta contexts"):
-                for reply in replies:
-                    if reply.reply == Rep.META_CONTEXT:
-                        cid, name = parse_meta_context_reply(reply.payload)
-                        if name == BASE_ALLOCATION:
-                            context_id = cid
-        try:
-            info = await self._export_info(Opt.GO, export, f"reading GO replies for {export!r}")
-        except OptionError as e:
-            if e.reply != Rep.ERR_UNSUP:
-                raise
-            info = await self._export_name(export)
-        self._finished = True
-        return Client(self._transport, self._proto, info, context_id, self.peer)
-
-    async def _export_name(self, export: str) -> ExportInfo:
-        with _failures(self.peer, f"negotiating EXPORT_NAME {export!r}"):
-            await self._transport.send([self._proto.option(Opt.EXPORT_NAME, export.encode())])
-            event = await self._event()
-        if not isinstance(event, ExportNameReply):
-            raise ConnectionFailed(
-                f"{self.peer}: closed the connection after EXPORT_NAME {export!r} "
-                "(no such export, or the server refused it)"
-            )
-        return ExportInfo(export, event.size, TransmissionFlag(event.flags))
-
-    async def aclose(self) -> None:
-        """Abort the handshake (unless :meth:`go` succeeded) and close the stream."""
-        if self._finished:
-            return
-        self._finished = True
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(ABORT_TIMEOUT):
-                try:
-                    if self._proto.phase is ClientPhase.OPTIONS:
-                        await self._transport.send([self._proto.option(Opt.ABORT)])
-                        await self._event()  # the ACK; the server closes after it
-                except (ProtocolError, *_STREAM_ERRORS):
-                    pass
-            await self._transport.aclose()
-
-
-async def handshake(
-    stream: trio.abc.Stream, *, structured_replies: bool = True, peer: str = "NBD server"
-) -> Handshake:
-    """Read the greeting on ``stream``, send the client flags and (by default) ask for
-    structured replies. The stream belongs to the result (closed if this fails)."""
-    h = Handshake(stream, peer)
-    try:
-        await h._start(structured_replies)
-    except BaseException:
-        await h.aclose()
-        raise
-    return h
-
-
-# --- connecting --------------------------------------------------------------------------
-
-
-async def connect(
-    stream: trio.abc.Stream,
-    export: str = "",
-    *,
-    structured_replies: bool = True,
-    base_allocation: bool = True,
-    peer: str = "NBD server",
-) -> Client:
-    """Negotiate ``export`` on an open ``stream`` and return the client in transmission.
-
-    The stream belongs to the client (it is closed if negotiation fails). ``peer``
-    names the server in error messages.
-    """
-    h = await handshake(stream, structured_replies=structured_replies, peer=peer)
-    try:
-        return await h.go(export, base_allocation=base_allocation)
-    except BaseException:
-        await h.aclose()
-        raise
-
-
-async def connect_unix(
-    path: str, export: str = "", *, structured_replies: bool = True, base_allocation: bool = True
-) -> Client:
-    """Connect to a server on a Unix socket and negotiate ``export``."""
-    return await _connect_to(Address(unix_path=path), export, structured_replies, base_allocation)
-
-
-async def connect_tcp(
-    host: str,
-    port: int = DEFAULT_PORT,
-    export: str = "",
-    *,
-    structured_replies: bool = True,
-    base_allocation: bool = True,
-) -> Client:
-    """Connect to a server over TCP and negotiate ``export``."""
-    address = Address(host=host, port=port)
-    return await _connect_to(address, export, structured_replies, base_allocation)
-
-
-async def connect_uri(
-    uri: str, *, structured_replies: bool = True, base_allocation: bool = True
-) -> Client:
-    """Connect to the server and export an ``nbd://`` or ``nbd+unix://`` URI names
-    (``ValueError`` for a bad URI)."""
-    address, export = parse_uri(uri)
-    return await _connect_to(address, export, structured_replies, base_allocation)
-
-
-async def _connect_to(
-    address: Address, export: str, structured_replies: bool, base_allocation: bool
-) -> Client:
-    return await connect(
-        await open_stream(address),
-        export,
-        structured_replies=structured_replies,
-        base_allocation=base_allocation,
-        peer=str(address),
-    )
-
-
-# --- transmission ------------------------------------------------------------------------
 
 
 @dataclass(eq=False, slots=True)
@@ -653,7 +249,7 @@ class Client:
                 self._enqueue(disc)
                 await disc.done.wait()
             else:
-                with _failures(self.peer, "disconnecting"):
+                with failures(self.peer, "disconnecting"):
                     await self._transport.send([self._frame(disc)])
         finally:
             self._fail(bye)
@@ -774,8 +370,8 @@ class Client:
                     frames.append(self._frame(r))
             try:
                 await self._transport.send(frames)
-            except _STREAM_ERRORS as e:
-                self._fail(f"{self.peer}: connection lost while sending: {_describe(e)}")
+            except STREAM_ERRORS as e:
+                self._fail(f"{self.peer}: connection lost while sending: {describe(e)}")
                 return
             finally:
                 discs = [r for r in batch if r.command == Cmd.DISC]
@@ -800,8 +396,8 @@ class Client:
                     self._dispatch(event)
         except ProtocolError as e:
             self._fail(self._lost(f"protocol error: {e}"))
-        except _STREAM_ERRORS as e:
-            self._fail(self._lost(_describe(e)))
+        except STREAM_ERRORS as e:
+            self._fail(self._lost(describe(e)))
 
     def _lost(self, why: str) -> str:
         n = len(self._pending)
