@@ -445,7 +445,7 @@ async def test_go_falls_back_to_export_name() -> None:
             await c.pwrite(b"new!", 4)
             await c.flush()
             assert await c.pread(12, 0) == b"old!new!old!"
-    options = [getattr(e, "option", None) for e in seen]
+    options = [e.option for e in seen if isinstance(e, OptionEvent)]
     assert Opt.GO in options and Opt.EXPORT_NAME in options
     assert isinstance(seen[-1], Disconnect)
 
