@@ -20,7 +20,7 @@ import trio
 
 from ..chain.errors import NBDError
 from ..chain.next import Caps, Next
-from ..chain.types import CacheMode, FuaMode, ZeroMode
+from ..chain.types import CacheMode, FuaMode, ZeroMode, each_export
 from ..protocol.constants import (
     BASE_ALLOCATION,
     BASE_ALLOCATION_ID,
@@ -299,23 +299,26 @@ class Handshake:
     async def _list(self, option: int) -> None:
         conn = self.conn
         proto = self.proto
+        batch: list[Buffer] = []
+        count = 0
         try:
             exports = await self.chain.top.list_exports(self.config.readonly, conn.is_tls)
+            # A streamed list may fail after some of it was sent: the error reply ends it.
+            async for export in each_export(exports):
+                try:
+                    batch.append(proto.reply_server(option, export.name, export.description))
+                except LocalProtocolError as e:
+                    log.warning("conn %d: not listing an export: %s", conn.id, e)
+                    continue
+                count += 1
+                if len(batch) >= LIST_BATCH:
+                    await conn.send(batch)
+                    batch = []
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise  # the client is gone: nothing to answer
         except Exception as e:
             await self._option_failed(option, "listing exports", e)
             return
-        batch: list[Buffer] = []
-        count = 0
-        for export in exports:
-            try:
-                batch.append(proto.reply_server(option, export.name, export.description))
-            except LocalProtocolError as e:
-                log.warning("conn %d: not listing an export: %s", conn.id, e)
-                continue
-            count += 1
-            if len(batch) >= LIST_BATCH:
-                await conn.send(batch)
-                batch = []
         batch.append(proto.reply(option, Rep.ACK))
         await conn.send(batch)
         proto.grant_options(MAX_OPTIONS * count)  # nbdinfo --list asks about each export

@@ -159,6 +159,11 @@ class Transmission:
                     batch += self._error(event, event.error, event.message)
                 elif type(event) is Disconnect or type(event) is ConnectionClosed:
                     conn.debug("client disconnected (%s)", type(event).__name__)
+                    if type(event) is ConnectionClosed and self._tasks:
+                        # Gone without NBD_CMD_DISC: no one will read the replies, so stop
+                        # the requests still running (a remote plugin's GETs, say).
+                        conn.debug("cancelling %d requests in flight", self._tasks)
+                        requests.cancel_scope.cancel()
                     break
                 else:
                     raise LocalProtocolError(f"unexpected event in transmission: {event}")
