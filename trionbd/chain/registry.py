@@ -1,9 +1,11 @@
 """Finding plugins and filters by name: built-in modules, entry points, module:attribute.
 
 Built-ins are the modules of ``trionbd.plugins`` and ``trionbd.filters``; each has a
-``PLUGIN`` or ``FILTER`` attribute. Installed packages add their own through the entry
-point groups ``trionbd.plugins`` and ``trionbd.filters``. Any importable class can be
-named directly as ``package.module:ClassName``.
+``PLUGIN`` or ``FILTER`` attribute. A built-in's name is its module's with ``_`` written
+``-`` (module ``multi_conn`` is the filter ``multi-conn``, as in nbdkit). Installed
+packages add their own through the entry point groups ``trionbd.plugins`` and
+``trionbd.filters``. Any importable class can be named directly as
+``package.module:ClassName``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ ALIASES = {Plugin: {"curl": "http", "S3": "s3"}, Filter: {}}
 def builtin_names(base: type[Plugin] | type[Filter]) -> list[str]:
     _, package, _ = _KINDS[base]
     mod = importlib.import_module(package)
-    return sorted(m.name for m in pkgutil.iter_modules(mod.__path__) if not m.name.startswith("_"))
+    return sorted(
+        m.name.replace("_", "-")
+        for m in pkgutil.iter_modules(mod.__path__)
+        if not m.name.startswith("_")
+    )
 
 
 def entry_point_names(base: type[Plugin] | type[Filter]) -> list[str]:
@@ -53,7 +59,7 @@ def load(base: type[T], name: str) -> type[T]:
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"cannot load {kind} {name!r}: {e}") from None
     elif name in builtin_names(base):
-        obj = getattr(importlib.import_module(f"{package}.{name}"), attr)
+        obj = getattr(importlib.import_module(f"{package}.{name.replace('-', '_')}"), attr)
     else:
         eps = importlib.metadata.entry_points(group=package, name=name)
         if not eps:
