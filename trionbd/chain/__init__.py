@@ -1,7 +1,7 @@
 """What a plugin or filter author sees: base classes, the layer below, values, errors."""
 
 from .client import ClientInfo, current_client
-from .errors import ConfigError, NBDError, StartupError
+from .errors import ConfigError, DropConnection, NBDError, StartupError
 from .filter import Filter
 from .next import Caps, Chain, Layer, Next, clip_extents
 from .params import Param, parse_bool, parse_choice, parse_int, parse_size
@@ -29,6 +29,7 @@ __all__ = [
     "ClientInfo",
     "Concurrency",
     "ConfigError",
+    "DropConnection",
     "Export",
     "ExportList",
     "Extent",

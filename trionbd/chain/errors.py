@@ -20,6 +20,12 @@ class NBDError(Exception):
         return f"{self.message} ({name})"
 
 
+class DropConnection(Exception):
+    """Raised from a data callback to drop the client at once (nbdkit's
+    ``nbdkit_disconnect(true)``): the request gets no reply, the connection's other
+    requests are cancelled, and the connection closes. The message is logged."""
+
+
 class ConfigError(Exception):
     """A bad command line or parameter value. The CLI prints it and exits with status 2."""
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..chain.client import ClientInfo, set_current_client
-from ..chain.errors import NBDError
+from ..chain.errors import DropConnection, NBDError
 from ..chain.next import Layer, Next
 from ..net.transport import Transport
 from ..protocol.errors import RemoteProtocolError
@@ -152,6 +152,8 @@ class Connection:
                 log.warning("conn %d: protocol error: %s; closing", self.id, e)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as group:
             self.debug("connection lost: %s", "; ".join(map(str, group.exceptions)))
+        except* DropConnection as group:
+            log.warning("conn %d: %s; disconnecting", self.id, group.exceptions[0])
         except* Exception as group:
             for error in group.exceptions:
                 log.error("conn %d: internal error; closing", self.id, exc_info=error)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..chain.errors import NBDError
+from ..chain.errors import DropConnection, NBDError
 from ..chain.next import Next
 from ..chain.types import CacheMode, Sparse
 from ..protocol.constants import BASE_ALLOCATION_ID, Cmd, Err
@@ -343,6 +343,8 @@ class Transmission:
             return self._failed(req, e.errno, e.message)
         except OSError as e:
             return self._failed(req, e.errno or errno.EIO, str(e))
+        except DropConnection:
+            raise
         except Exception:
             log.exception("conn %d: request %s failed unexpectedly", self.conn.id, req)
             return self._error(req, Err.EIO, "internal server error")
