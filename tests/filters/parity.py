@@ -10,7 +10,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tests.plugins.test_nbd import caps
-from tests.support import SYSTEM_PYTHON, Running, nbdkit_process, run, trionbd_process
+from tests.support import (
+    SYSTEM_PYTHON,
+    Running,
+    nbdkit_process,
+    run,
+    trionbd_process,
+    wait_until,
+)
 
 
 @contextlib.contextmanager
@@ -48,9 +55,9 @@ def same_caps(plugin: Sequence[str], *filters: str) -> dict[str, object]:
 
 def libnbd(uri: str, script: str) -> str:
     """Run ``script`` with ``h`` connected to ``uri`` (Debian's Python, ``import nbd``
-    done); its stdout."""
+    done, the URI in ``uri``); its stdout."""
     prologue = "import nbd, sys\nh = nbd.NBD()\nh.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)\n"
-    prologue += f"h.connect_uri({uri!r})\n"
+    prologue += f"uri = {uri!r}\nh.connect_uri(uri)\n"
     return run([SYSTEM_PYTHON, "-c", prologue + textwrap.dedent(script)])
 
 
@@ -77,18 +84,28 @@ def requests_below(
     filters: Sequence[str], plugin: Sequence[str], params: Sequence[str], script: str, tmp: Path
 ) -> list[str]:
     """Serve ``PLUGIN`` through ``FILTERS`` and nbdkit's log filter under them, on both
-    servers; run ``script`` (``libnbd``) against each. Both logs must show the same
-    requests reaching the layer below (as ``Write id=1 offset=0x0 count=0x1000 fua=1``
-    and ``...Write id=1 return=0`` lines, without time stamps); returns them."""
-    found = []
+    servers; run ``script`` (``libnbd``) against each. Both must print the same, and both
+    logs must show the same requests reaching the layer below (as ``connection=1 Write
+    id=1 offset=0x0 count=0x1000 fua=1`` and ``connection=1 ...Write id=1 return=0``
+    lines, without time stamps); returns them."""
+    found, printed = [], []
     for start, name in ((trionbd_process, "ours.log"), (nbdkit_process, "theirs.log")):
         log = tmp / name
         log.unlink(missing_ok=True)
         with start(*filters, "--filter=log", *plugin, *params, f"logfile={log}") as server:
-            libnbd(server.uri, script)
+            printed.append(libnbd(server.uri, script))
+            # Stop the server only once it has seen every client leave: trionbd flushes
+            # the clients still connected when it shuts down, which nbdkit does not.
+            wait_until(functools.partial(_all_left, log), "the server saw every client leave")
         lines = log.read_text().splitlines()
         found.append(
-            [line.split(" ", 3)[3] for line in lines if " id=" in line and "connection=" in line]
+            [line.split(" ", 2)[2] for line in lines if " id=" in line and "connection=" in line]
         )
+    assert printed[0] == printed[1], printed
     assert found[0] == found[1], found
     return found[0]
+
+
+def _all_left(log: Path) -> bool:
+    text = log.read_text()
+    return text.count(" Connect ") == text.count(" Disconnect ")

@@ -116,7 +116,7 @@ def test_side_by_side_with_nbdkit(mode: str, tmp_path: Path) -> None:
     lines = requests_below(
         ["--filter=fua"], ["memory", "1M"], [f"fuamode={mode}"], SCRIPT, tmp_path
     )
-    assert sum(line.startswith("Write ") for line in lines) == 2
+    assert sum(line.startswith("connection=1 Write ") for line in lines) == 2
 
 
 def test_default_mode_matches_nbdkit_and_copies_correctly(tmp_path: Path) -> None:
