@@ -75,23 +75,30 @@ class BlocksizePolicyFilter(Filter):
     params = (
         Param(
             "blocksize-error-policy",
-            "allow (default): pass requests that break the constraints down; error: fail "
-            "them with EINVAL",
+            "allow: pass requests that break the constraints down; error: fail them with EINVAL",
             parse_choice("allow", "error"),
+            default="allow",
         ),
         Param(
-            "blocksize-minimum", "advertised minimum block size (a power of two)", parse_u32_size
+            "blocksize-minimum",
+            "advertised minimum block size: a power of two up to 64K",
+            parse_u32_size,
+            metavar="SIZE",
         ),
         Param(
             "blocksize-preferred",
-            "advertised preferred block size (a power of two)",
+            "advertised preferred block size: a power of two from 512 to 32M",
             parse_u32_size,
+            metavar="SIZE",
         ),
-        Param("blocksize-maximum", "advertised maximum request size", parse_u32_size),
+        Param(
+            "blocksize-maximum", "advertised maximum request size", parse_u32_size, metavar="SIZE"
+        ),
         Param(
             "blocksize-write-disconnect",
             "drop a client at once when it writes more than this in one request",
             parse_u32_size,
+            metavar="SIZE",
         ),
     )
 

@@ -354,32 +354,44 @@ class CacheFilter(Filter):
     params = (
         Param(
             "cache",
-            "writeback (default): writes stay in the cache until a flush; writethrough: "
-            "writes also go to the layer below at once; unsafe: flushes are ignored",
+            "writeback: writes stay in the cache until a flush; writethrough: writes also go "
+            "to the layer below at once; unsafe: flushes are ignored",
             parse_choice("writeback", "writethrough", "unsafe"),
+            default="writeback",
         ),
         Param(
             "cache-min-block-size",
-            "cache block size: a power of two from 4096 (default 64K, or the file system's "
-            "block size if larger)",
+            "cache block size: a power of two from 4096 to 2G (the file system's block size "
+            "if that is larger)",
             parse_block_size,
+            metavar="SIZE",
+            default="64K",
         ),
-        Param("cache-max-size", "evict blocks to keep the cache about this size", parse_max_size),
+        Param(
+            "cache-max-size",
+            "evict blocks to keep the cache about this size (at least 1M)",
+            parse_max_size,
+            metavar="SIZE",
+        ),
         Param(
             "cache-high-threshold",
-            "percentage of cache-max-size where eviction starts (default 95)",
+            "percentage of cache-max-size where eviction starts",
             parse_percent,
+            default="95",
         ),
         Param(
             "cache-low-threshold",
-            "percentage of cache-max-size where eviction stops (default 80)",
+            "percentage of cache-max-size where eviction stops",
             parse_percent,
+            default="80",
         ),
         Param(
             "cache-on-read",
-            "true: also cache what reads fetch from the layer below; /PATH: do so while "
-            "the file /PATH exists (default false)",
+            "true: also cache what reads fetch from the layer below; /PATH: do so while the "
+            "file /PATH exists",
             parse_cow_on_read,
+            metavar="BOOL|/PATH",
+            default="false",
         ),
     )
 

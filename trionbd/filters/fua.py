@@ -50,10 +50,11 @@ class FuaFilter(Filter):
     params = (
         Param(
             "fuamode",
-            "none (default): FUA not advertised; emulate: FUA as a flush after the request; "
-            "native: FUA passed down; force: FUA on every write, flush does nothing; pass: "
-            "unchanged; discard: FUA and flush dropped (unsafe)",
+            "none: FUA not advertised; emulate: FUA as a flush after the request; native: FUA "
+            "passed down; force: FUA on every write, flush does nothing; pass: unchanged; "
+            "discard: FUA and flush dropped (unsafe)",
             parse_choice(*FUAMODES),
+            default="none",
         ),
     )
 

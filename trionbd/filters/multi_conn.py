@@ -111,21 +111,24 @@ class MultiConnFilter(Filter):
     params = (
         Param(
             "multi-conn-mode",
-            "auto (default): plugin if the layer below offers multi-conn, else emulate; "
-            "emulate: advertise it and replicate flushes to every connection; plugin: as the "
-            "layer below; disable: never advertise it; unsafe: always advertise it",
+            "auto: plugin if the layer below offers multi-conn, else emulate; emulate: "
+            "advertise it and replicate flushes to every connection; plugin: as the layer "
+            "below; disable: never advertise it; unsafe: always advertise it",
             parse_choice(*MODES),
+            default="auto",
         ),
         Param(
             "multi-conn-track-dirty",
-            "connection (default, or conn): skip flushes of connections with nothing to "
-            "flush; fast: skip flushes while no connection wrote; off: never skip",
+            "connection (or conn): skip flushes of connections with nothing to flush; fast: "
+            "skip flushes while no connection wrote; off: never skip",
             parse_choice(*TRACKING),
+            default="connection",
         ),
         Param(
             "multi-conn-exportname",
-            "replicate flushes only among connections of one export name (default false)",
+            "replicate flushes only among connections of one export name",
             parse_bool,
+            default="false",
         ),
         Param("multi-conn-export-name", "another name for multi-conn-exportname", parse_bool),
     )

@@ -56,15 +56,17 @@ class NoZeroFilter(Filter):
     params = (
         Param(
             "zeromode",
-            "none (default): zeroing not advertised; emulate: done here as writes of "
-            "zeroes; notrim: passed down with NO_HOLE; plugin: passed down unchanged",
+            "none: zeroing not advertised; emulate: done here as writes of zeroes; notrim: "
+            "passed down with NO_HOLE; plugin: passed down unchanged",
             parse_choice(*ZEROMODES),
+            default="none",
         ),
         Param(
             "fastzeromode",
             "default: as the zero mode implies; none: fast zero not advertised; slow: fast "
             "zero requests fail with ENOTSUP; ignore: they are done as plain zeroing",
             parse_choice(*FASTZEROMODES),
+            default="default",
         ),
     )
 

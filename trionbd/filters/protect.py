@@ -101,9 +101,10 @@ class ProtectFilter(Filter):
     params = (
         Param(
             "protect",
-            "protect bytes START to END (both included; ~START-END: all but those)",
+            "protect bytes START to END, both included; ~START-END: all but those",
             parse_range,
             repeat=True,
+            metavar="[~]START-END",
         ),
     )
 

@@ -145,17 +145,33 @@ class RateFilter(Filter):
     name = "rate"
     nonblocking = False  # requests sleep: the server must give each its own task
     params = (
-        Param("rate", "limit all connections together to this many bits per second", parse_rate),
-        Param("connection-rate", "limit each connection to this many bits per second", parse_rate),
-        Param("rate-file", "change the total rate while serving by writing it into this file"),
+        Param(
+            "rate",
+            "limit all connections together to this many bits per second",
+            parse_rate,
+            metavar="BITSPERSEC",
+        ),
+        Param(
+            "connection-rate",
+            "limit each connection to this many bits per second",
+            parse_rate,
+            metavar="BITSPERSEC",
+        ),
+        Param(
+            "rate-file",
+            "change the total rate while serving by writing it into this file",
+            metavar="PATH",
+        ),
         Param(
             "connection-rate-file",
             "change the per-connection rate while serving by writing it into this file",
+            metavar="PATH",
         ),
         Param(
             "burstiness",
-            "seconds' worth of data that may pass at once after a pause (default 2)",
+            "seconds' worth of data that may pass at once after a pause",
             parse_seconds,
+            default="2",
         ),
     )
 

@@ -34,8 +34,9 @@ class ReadonlyFilter(Filter):
     params = (
         Param(
             "readonly-file",
-            "refuse writes with EPERM only while this file exists (default: the export "
+            "refuse writes with EPERM only while this file exists (without it: the export "
             "is read-only)",
+            metavar="PATH",
         ),
     )
 

@@ -57,12 +57,16 @@ class TruncateFilter(Filter):
     params = (
         Param("truncate", "the new size (smaller or larger than the layer below)", parse_size),
         Param(
-            "round-up", "round the size up to a multiple of N (a power of two)", parse_power_of_two
+            "round-up",
+            "round the size up to a multiple of N, a power of two",
+            parse_power_of_two,
+            metavar="N",
         ),
         Param(
             "round-down",
-            "round the size down to a multiple of N (a power of two)",
+            "round the size down to a multiple of N, a power of two",
             parse_power_of_two,
+            metavar="N",
         ),
     )
 
