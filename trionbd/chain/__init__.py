@@ -1,6 +1,6 @@
 """What a plugin or filter author sees: base classes, the layer below, values, errors."""
 
-from .client import ClientInfo, current_client
+from .clientinfo import ClientInfo, current_client
 from .errors import ConfigError, DropConnection, NBDError, StartupError
 from .filter import Filter
 from .next import Caps, Chain, Layer, Next, clip_extents

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..chain.client import ClientInfo, set_current_client
+from ..chain.clientinfo import ClientInfo, set_current_client
 from ..chain.errors import DropConnection, NBDError
 from ..chain.next import Layer, Next
 from ..net.transport import Transport
