@@ -32,11 +32,11 @@ from tests.support import (
 )
 from trionbd import cli
 from trionbd.chain import ConfigError, Filter, Param, Plugin
-from trionbd.chain.registry import builtin_names
 from trionbd.cli import build_chain, help_text, parse_args
 from trionbd.net import Address
 from trionbd.plugins.memory import MemoryPlugin
 from trionbd.protocol.constants import HandshakeFlag
+from trionbd.registry import builtin_names
 
 TAG = "tests.test_cli:Tag"
 

@@ -50,8 +50,8 @@ import trio
 from . import __version__
 from .chain import Chain, ConfigError, Filter, Plugin, StartupError
 from .chain.params import describe_params, help_columns, parse_bool, parse_choice, parse_int
-from .chain.registry import builtin_names, entry_point_names, load, manual, summary
 from .protocol.constants import DEFAULT_PORT, HandshakeFlag
+from .registry import builtin_names, entry_point_names, load, manual, summary
 from .server import Server, ServerConfig, daemon, private_socket_path, serve
 from .server.config import HANDSHAKE_TIMEOUT, MAX_IN_FLIGHT, SHUTDOWN_TIMEOUT
 from .server.listeners import as_listener, bind_tcp, bind_unix

@@ -1,5 +1,8 @@
 """Finding plugins and filters by name: built-in modules, entry points, module:attribute.
 
+It lives above ``chain/``, beside the command line that uses it: it imports the
+``trionbd.plugins`` and ``trionbd.filters`` packages, which the chain never does.
+
 Built-ins are the modules of ``trionbd.plugins`` and ``trionbd.filters``; each has a
 ``PLUGIN`` or ``FILTER`` attribute. A built-in's name is its module's with ``_`` written
 ``-`` (module ``multi_conn`` is the filter ``multi-conn``, as in nbdkit). Installed
@@ -16,9 +19,9 @@ import pkgutil
 import sys
 from typing import Any, TypeVar
 
-from .errors import ConfigError
-from .filter import Filter
-from .plugin import Plugin
+from .chain.errors import ConfigError
+from .chain.filter import Filter
+from .chain.plugin import Plugin
 
 T = TypeVar("T", Plugin, Filter)
 
