@@ -39,7 +39,10 @@ from trionbd.chain import (
     StartupError,
     clip_extents,
 )
+from trionbd.filters import _formats
 from trionbd.filters.tar import TarFilter
+from trionbd.formats import BlockingRead
+from trionbd.formats.tar import TarIndex, scan_tar
 from trionbd.nursery import open_lifetime
 from trionbd.plugins.file import FilePlugin
 from trionbd.protocol.constants import CmdFlag, State
@@ -265,6 +268,46 @@ async def test_a_single_malformed_archive_fails_start_up_naming_the_filter(tmp_p
         "tar: archives export '': truncated archive: member 'first' (header at offset 0) "
         "has 700 bytes of data at offset 512, past the end of the archive (1000 bytes)"
     )
+
+
+# --- headers are read by tarfile in a worker thread ------------------------------------
+
+
+async def test_cancellation_reaches_a_waiting_pread(tmp_path: Path) -> None:
+    data, _, _ = regular_archive(tmp_path)
+    started = trio.Event()
+
+    async def stuck(offset: int, length: int) -> bytes:
+        started.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    def scan(read: BlockingRead) -> TarIndex:
+        return scan_tar(read, len(data))
+
+    with trio.move_on_after(5) as outer:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_formats.in_thread, scan, stuck, trio.CapacityLimiter(1))
+            await started.wait()
+            nursery.cancel_scope.cancel()
+    assert not outer.cancelled_caught
+
+
+async def test_the_worker_thread_comes_from_the_limiter(tmp_path: Path) -> None:
+    data, files, _ = regular_archive(tmp_path)
+    limiter = trio.CapacityLimiter(1)
+    seen = []
+
+    async def pread(offset: int, length: int) -> bytes:
+        seen.append(limiter.borrowed_tokens)
+        return data[offset : offset + length]
+
+    def scan(read: BlockingRead) -> TarIndex:
+        return scan_tar(read, len(data))
+
+    index = await _formats.in_thread(scan, pread, limiter)
+    assert list(index) == list(files) and seen and set(seen) == {1}
+    assert limiter.borrowed_tokens == 0
 
 
 # --- what each request becomes below ---------------------------------------------------

@@ -39,7 +39,7 @@ from trionbd.formats.tar import (
     TarNotFound,
     TarNotRegular,
     normalize_name,
-    read_tar_index,
+    scan_tar,
 )
 
 pytestmark = pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
@@ -57,8 +57,14 @@ class Archive(MemoryImage):
     def bytes_read(self) -> int:
         return sum(length for _, length in self.reads)
 
+    def read(self, offset: int, length: int) -> bytes:
+        """``pread`` as the blocking read that `scan_tar` takes (recorded the same way)."""
+        assert 0 <= offset and 0 < length and offset + length <= len(self.data), (offset, length)
+        self.reads.append((offset, length))
+        return bytes(self.data[offset : offset + length])
+
     async def index(self, name: str = "test.tar") -> TarIndex:
-        return await read_tar_index(self.pread, len(self.data), name=name)
+        return scan_tar(self.read, len(self.data), name=name)
 
     async def contents(self, member: TarMember) -> bytes:
         return await member_contents(self.pread, member)
@@ -670,18 +676,18 @@ def fix_checksum(data: bytearray, offset: int) -> None:
     data[offset + 148 : offset + 156] = b"%06o\0 " % sum(block)
 
 
-# -- the Trio side ------------------------------------------------------------------------
+# -- what the caller's read raises ---------------------------------------------------------
 
 
-async def test_pread_errors_propagate_unchanged(tmp_path: Path) -> None:
+def test_read_errors_propagate_unchanged(tmp_path: Path) -> None:
     archive = three_members(tmp_path)
     boom = OSError(5, "I/O error from the layer below")
 
-    async def failing(offset: int, length: int) -> bytes:
+    def failing(offset: int, length: int) -> bytes:
         raise boom
 
     with pytest.raises(OSError) as err:
-        await read_tar_index(failing, len(archive.data))
+        scan_tar(failing, len(archive.data))
     assert err.value is boom
     assert not isinstance(err.value, FormatError)
 
@@ -689,50 +695,36 @@ async def test_pread_errors_propagate_unchanged(tmp_path: Path) -> None:
         pass
 
     root = src(tmp_path)
-    write(root / "big", bytes(300_000))  # skipping it needs a second pread
+    write(root / "big", bytes(300_000))  # skipping it needs a second read
     write(root / "small", b"small\n")
     archive = make_tar(tmp_path, "big", "small")
     later = Custom("later")
 
-    async def failing_later(offset: int, length: int) -> bytes:
+    def failing_later(offset: int, length: int) -> bytes:
         if offset > 0:
             raise later
-        return await archive.pread(offset, length)
+        return archive.read(offset, length)
 
     with pytest.raises(Custom) as err2:
-        await read_tar_index(failing_later, len(archive.data))
+        scan_tar(failing_later, len(archive.data))
     assert err2.value is later
 
 
-async def test_cancellation_reaches_a_waiting_pread(tmp_path: Path) -> None:
+def test_on_header_counts_members_and_may_stop_the_scan(tmp_path: Path) -> None:
     archive = three_members(tmp_path)
-    started = trio.Event()
+    seen: list[int] = []
+    index = scan_tar(archive.read, len(archive.data), on_header=seen.append)
+    assert seen == [0, 1, 2, 3] and len(index) == 3
 
-    async def stuck(offset: int, length: int) -> bytes:
-        started.set()
-        await trio.sleep_forever()
-        raise AssertionError("unreachable")
+    class Stop(Exception):
+        pass
 
-    with trio.move_on_after(5) as outer:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_tar_index, stuck, len(archive.data))
-            await started.wait()
-            nursery.cancel_scope.cancel()
-    assert not outer.cancelled_caught
+    def stop_after_one(members: int) -> None:
+        if members == 1:
+            raise Stop
 
-
-async def test_capacity_limiter_is_used(tmp_path: Path) -> None:
-    archive = three_members(tmp_path)
-    limiter = trio.CapacityLimiter(1)
-    seen = []
-
-    async def pread(offset: int, length: int) -> bytes:
-        seen.append(limiter.borrowed_tokens)
-        return await archive.pread(offset, length)
-
-    index = await read_tar_index(pread, len(archive.data), limiter=limiter)
-    assert len(index) == 3 and seen and set(seen) == {1}
-    assert limiter.borrowed_tokens == 0
+    with pytest.raises(Stop):
+        scan_tar(archive.read, len(archive.data), on_header=stop_after_one)
 
 
 # -- property tests: damaged archives give FormatError or a sound map ---------------------

@@ -1,5 +1,6 @@
 """What the filters built on the readers of :mod:`trionbd.formats` share (tar, ext2,
-partition): the layer below as a reader's ``pread``, and data stored piece by piece.
+partition): the layer below as a reader's ``pread``, a blocking reader run in a worker
+thread, and data stored piece by piece.
 
 A tar member and a file of an ext2 image are both made of *pieces*: runs of their bytes
 stored contiguously in the layer below, and holes that store nothing and read as
@@ -12,9 +13,12 @@ hole cannot hold.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import trio
 
 from ..chain import NBDError, Next, Sparse
-from ..formats import Pread
+from ..formats import BlockingRead, Pread
 from ..protocol.constants import CmdFlag
 
 Piece = tuple[int, int, int | None]
@@ -34,6 +38,24 @@ def reader(ctx: Next) -> Pread:
         return await ctx.pread(length, offset)
 
     return pread
+
+
+T = TypeVar("T")
+
+
+async def in_thread(
+    scan: Callable[[BlockingRead], T], pread: Pread, limiter: trio.CapacityLimiter
+) -> T:
+    """``scan(read)`` in a worker thread of ``limiter``: a reader built on a blocking
+    library (``tarfile``) whose ``read(offset, length)`` awaits ``pread`` in Trio
+    (``trio.from_thread.run``). What ``pread`` raises reaches ``scan`` as it is; a
+    cancelled caller waits for the thread, whose next read raises ``trio.Cancelled``
+    (``scan`` may also call ``trio.from_thread.check_cancelled()`` between reads)."""
+
+    def read(offset: int, length: int) -> bytes:
+        return trio.from_thread.run(pread, offset, length)
+
+    return await trio.to_thread.run_sync(scan, read, limiter=limiter)
 
 
 async def read(next: Next, pieces: Sequence[Piece], offset: int, flags: int) -> bytes:

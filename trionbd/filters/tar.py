@@ -66,8 +66,8 @@ from ..chain import (
     ProductNames,
     StartupError,
 )
-from ..formats import FormatError
-from ..formats.tar import TarIndex, TarLookupError, TarMember, normalize_name, read_tar_index
+from ..formats import BlockingRead, FormatError
+from ..formats.tar import TarIndex, TarLookupError, TarMember, normalize_name, scan_tar
 from ..nursery import Lifetime
 from ..protocol.constants import UNALLOCATED, CmdFlag
 from . import _formats
@@ -223,7 +223,12 @@ class TarFilter(Filter):
 
     async def _read(self, ctx: Next, label: str) -> TarIndex:
         size = await ctx.get_size()
-        return await read_tar_index(_formats.reader(ctx), size, name=label, limiter=self.limiter)
+        assert self.limiter is not None
+
+        def scan(read: BlockingRead) -> TarIndex:
+            return scan_tar(read, size, name=label, on_header=_check_cancelled)
+
+        return await _formats.in_thread(scan, _formats.reader(ctx), self.limiter)
 
     async def _get(self, export: str) -> Archive:
         try:
@@ -358,6 +363,10 @@ class TarFilter(Filter):
             if flags & CmdFlag.REQ_ONE or len(out) >= MAX_EXTENTS:
                 break
         return out
+
+
+def _check_cancelled(members: int) -> None:
+    trio.from_thread.check_cancelled()
 
 
 def _pieces(h: Served, verb: str, count: int, offset: int, code: int) -> Sequence[Piece]:

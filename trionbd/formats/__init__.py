@@ -3,7 +3,7 @@ gzip, xz, zstd, ISO 9660).
 
 Every reader takes an async ``pread(offset, length) -> bytes`` callable, so it works
 on anything: a layer of the chain, an in-memory image in a test, a local file.
-Readers never import Trio's socket machinery and never touch the network. What they
+Readers never import Trio and never touch the network. What they
 share is here: the :class:`FormatError` they raise, :func:`read_exactly` (a checked
 ``pread``), :func:`map_range` (a byte range of a file or member stored in runs) and
 :class:`Offload` (how decompressing readers let a caller move their CPU work to a
@@ -16,6 +16,10 @@ from typing import Protocol, TypeVar
 
 Pread = Callable[[int, int], Awaitable[bytes]]
 """``await pread(offset, length)`` returns exactly ``length`` bytes at ``offset``."""
+
+BlockingRead = Callable[[int, int], bytes]
+"""``read(offset, length)``: ``pread`` for a reader built on a blocking library
+(``tarfile``): it runs in a worker thread whose reads await a ``pread`` in Trio."""
 
 
 _T = TypeVar("_T")
@@ -89,4 +93,12 @@ def map_range(
     return out
 
 
-__all__ = ["FormatError", "Offload", "Pread", "map_range", "read_exactly", "run_inline"]
+__all__ = [
+    "BlockingRead",
+    "FormatError",
+    "Offload",
+    "Pread",
+    "map_range",
+    "read_exactly",
+    "run_inline",
+]

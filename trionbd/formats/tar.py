@@ -1,6 +1,6 @@
 """Tar member maps: where each member's bytes live inside an archive.
 
-`read_tar_index` walks the headers of an uncompressed tar archive and returns a
+`scan_tar` walks the headers of an uncompressed tar archive and returns a
 `TarIndex`: for every regular member (and every hard or symbolic link that resolves to
 one) a `TarMember` that says where its data starts in the archive, how large it is and,
 for sparse members, which logical ranges are data and which are holes. Member data is
@@ -10,12 +10,13 @@ holes, which is all a ``--filter=tar`` needs to serve a member as an export.
 Header parsing is the standard library's `tarfile`, so every dialect it knows is
 supported: v7, ustar, GNU (long names, long link targets, old-style sparse members),
 POSIX pax (extended and global headers) and GNU sparse formats 0.0, 0.1 and 1.0 inside
-pax. `tarfile` is blocking code, so it runs in a worker thread
-(`trio.to_thread.run_sync`) over a read-only file object whose reads call back into
-Trio (`trio.from_thread.run`) to await the caller's ``pread``. Because each such round
-trip costs tens of microseconds, reads go through a read-ahead window that grows while
-the scan is sequential (up to `MAX_WINDOW` bytes) and shrinks back after a seek, so
-skipping a large member costs one small read and its data is never fetched.
+pax. `tarfile` is blocking code, so `scan_tar` is too: it reads through a blocking
+``read(offset, length)`` (a `BlockingRead`). To read through the async ``pread`` of a
+layer of the chain, a filter runs it in a worker thread whose reads call back into Trio
+(see ``trionbd/filters/_formats.py``). Because each such round trip costs tens of
+microseconds, reads go through a read-ahead window that grows while the scan is
+sequential (up to `MAX_WINDOW` bytes) and shrinks back after a seek, so skipping a large
+member costs one small read and its data is never fetched.
 
 What counts as a valid archive, and what does not:
 
@@ -33,8 +34,8 @@ What counts as a valid archive, and what does not:
   archive; a truncated archive is an error, never a short member.
 
 Every failure is a `FormatError` whose message starts with the archive's name and gives
-the byte offset of the offending header. Exceptions raised by ``pread`` itself
-(including `trio.Cancelled`) propagate unchanged.
+the byte offset of the offending header. Exceptions raised by ``read`` itself (and by
+the ``on_header`` callback) propagate unchanged.
 
 Names are normalized with `normalize_name`: leading ``/`` and ``./`` and empty or ``.``
 components are dropped, so ``./etc//passwd`` is served as ``etc/passwd``. A member whose
@@ -55,11 +56,13 @@ the other members are unaffected.
 
 Example::
 
-    index = await read_tar_index(pread, archive_size, name="disk-images.tar")
-    member = index.lookup("images/root.img")
-    for seg in member.segments(0, 65536):
-        data = b"\\0" * seg.length if seg.archive_offset is None else await pread(
-            seg.archive_offset, seg.length)
+    with open("disk-images.tar", "rb") as f:
+        index = scan_tar(lambda offset, length: os.pread(f.fileno(), length, offset),
+                         os.fstat(f.fileno()).st_size, name="disk-images.tar")
+        member = index.lookup("images/root.img")
+        for seg in member.segments(0, 65536):
+            data = b"\\0" * seg.length if seg.archive_offset is None else os.pread(
+                f.fileno(), seg.length, seg.archive_offset)
 """
 
 from __future__ import annotations
@@ -67,14 +70,12 @@ from __future__ import annotations
 import enum
 import io
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NamedTuple, NoReturn, cast
 
-import trio
-
-from trionbd.formats import FormatError, Pread, map_range
+from trionbd.formats import BlockingRead, FormatError, map_range
 
 BLOCK_SIZE = 512
 """Size of a tar header and the unit member data is padded to."""
@@ -469,15 +470,15 @@ class TarIndex:
 class _ArchiveFile:
     """Read-only, seekable file object for `tarfile`, running in a worker thread.
 
-    Reads are served from a read-ahead window fetched with ``trio.from_thread.run``.
+    Reads are served from a read-ahead window fetched with ``read``.
     The window doubles (from `MIN_WINDOW` to `MAX_WINDOW`) while reads continue where
     the last window ended and falls back to `MIN_WINDOW` after a jump.
     """
 
     mode = "rb"
 
-    def __init__(self, pread: Pread, size: int, archive: str) -> None:
-        self._pread = pread
+    def __init__(self, read: BlockingRead, size: int, archive: str) -> None:
+        self._read = read
         self._size = size
         self._archive = archive
         self._pos = 0
@@ -485,7 +486,8 @@ class _ArchiveFile:
         self._buf_start = 0
         self._window = MIN_WINDOW
         self.error: Exception | None = None
-        """The exception ``pread`` raised, if it did; it must reach the caller as is."""
+        """The exception ``read`` (or ``on_header``) raised, if it did; it must reach the
+        caller as is."""
         self.last_read = 0
         """Offset of the most recent read request."""
 
@@ -548,7 +550,7 @@ class _ArchiveFile:
             self._window = MIN_WINDOW
         length = min(max(n, self._window), self._size - pos)
         try:
-            data = trio.from_thread.run(self._pread, pos, length)
+            data = self._read(pos, length)
         except Exception as exc:
             self.error = exc
             raise
@@ -668,20 +670,45 @@ def _header_error(archive: str, problem: str, offset: int) -> FormatError:
     return FormatError(f"{archive}: {problem} at offset {offset}")
 
 
-def _scan(reader: _ArchiveFile, size: int, archive: str) -> TarIndex:
-    """Worker-thread body: run tarfile over the archive and build the index."""
+def scan_tar(
+    read: BlockingRead,
+    size: int,
+    *,
+    name: str = "archive",
+    on_header: Callable[[int], None] | None = None,
+) -> TarIndex:
+    """Read the headers of the tar archive of ``size`` bytes behind ``read``; member data
+    is never read. ``name`` names the archive in error messages. ``on_header(n)`` is
+    called before each header with the number of members read so far: to show progress,
+    or to stop the scan by raising.
+
+    Raises `FormatError` (message: archive name, problem, byte offset) for anything
+    that is not a valid archive; exceptions from ``read`` and ``on_header`` propagate
+    unchanged.
+    """
+    if size < 0:
+        raise ValueError(f"negative archive size {size}")
+    archive = name
+    reader = _ArchiveFile(read, size, archive)
     if size == 0:
         raise FormatError(f"{archive}: empty file (0 bytes), not a tar archive")
     nodes: dict[str, _Node] = {}
     header_at = 0
+    members = 0
     try:
         tar = tarfile.TarFile(fileobj=reader, mode="r", encoding="utf-8")
         while True:
-            trio.from_thread.check_cancelled()
+            if on_header is not None:
+                try:
+                    on_header(members)
+                except Exception as exc:
+                    reader.error = exc
+                    raise
             header_at = tar.offset
             info = tar.next()
             if info is None:
                 break
+            members += 1
             key = normalize_name(info.name)
             _check_member(info, key, tar.offset, size, archive)
             if not key:
@@ -732,29 +759,6 @@ def _scan(reader: _ArchiveFile, size: int, archive: str) -> TarIndex:
     return TarIndex(archive, size, nodes)
 
 
-async def read_tar_index(
-    pread: Pread,
-    size: int,
-    *,
-    name: str = "archive",
-    limiter: trio.CapacityLimiter | None = None,
-) -> TarIndex:
-    """Read the headers of the tar archive of ``size`` bytes behind ``pread``.
-
-    Runs `tarfile` in a worker thread (taken from ``limiter``, or Trio's default
-    limiter) that awaits ``pread`` through `trio.from_thread.run`; member data is
-    never read. ``name`` names the archive in error messages.
-
-    Raises `FormatError` (message: archive name, problem, byte offset) for anything
-    that is not a valid archive; exceptions from ``pread`` and cancellation propagate
-    unchanged.
-    """
-    if size < 0:
-        raise ValueError(f"negative archive size {size}")
-    reader = _ArchiveFile(pread, size, name)
-    return await trio.to_thread.run_sync(_scan, reader, size, name, limiter=limiter)
-
-
 __all__ = [
     "BLOCK_SIZE",
     "MAX_HEADER_BYTES",
@@ -771,5 +775,5 @@ __all__ = [
     "TarNotFound",
     "TarNotRegular",
     "normalize_name",
-    "read_tar_index",
+    "scan_tar",
 ]
