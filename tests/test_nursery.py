@@ -147,7 +147,7 @@ async def test_after_fork_bottom_up_and_contexts_close_in_reverse_order() -> Non
             ("open", "c"),
         ]
         # upper's context is a context of the lower filter's layer, over plugin "c".
-        assert upper.contexts[0].layer.target is lower
+        assert upper.contexts[0].inner.layer.target is lower
         assert lifetime.contexts == [*lower.contexts, *upper.contexts]
         # A client closing a lifetime context does nothing; unload closes it.
         await lower.contexts[0].close()

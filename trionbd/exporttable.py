@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 
 import trio
 
+from .chain.chain import Chain
 from .chain.errors import NBDError, StartupError
-from .chain.next import Chain, Next
+from .chain.forward import ForwardingPlugin
+from .chain.next import Next
 from .chain.plugin import Plugin
-from .chain.types import BlockSize, CacheMode, Concurrency, Export, Extent, FuaMode, ZeroMode
+from .chain.types import Concurrency, Export
 from .nursery import Lifetime, open_lifetime
 from .protocol.constants import MAX_STRING
 
@@ -69,7 +71,7 @@ class _Handle:
     ctx: Next
 
 
-class ExportTable(Plugin):
+class ExportTable(ForwardingPlugin[_Handle]):
     """Exports by name, each served by its own backend; see the module docstring.
 
     ``nonblocking`` is False: each request runs in a task of its own, whatever the
@@ -264,67 +266,6 @@ class ExportTable(Plugin):
 
     async def export_description(self, h: _Handle) -> str | None:
         return h.entry.description or await h.ctx.export_description()
-
-    # --- capabilities: the backend's (its context already emulates what it lacks) --------
-
-    async def get_size(self, h: _Handle) -> int:
-        return await h.ctx.get_size()
-
-    async def block_size(self, h: _Handle) -> BlockSize | None:
-        return await h.ctx.block_size()
-
-    async def is_rotational(self, h: _Handle) -> bool:
-        return await h.ctx.is_rotational()
-
-    async def can_write(self, h: _Handle) -> bool:
-        return await h.ctx.can_write()
-
-    async def can_flush(self, h: _Handle) -> bool:
-        return await h.ctx.can_flush()
-
-    async def can_trim(self, h: _Handle) -> bool:
-        return await h.ctx.can_trim()
-
-    async def can_zero(self, h: _Handle) -> ZeroMode:
-        return await h.ctx.can_zero()
-
-    async def can_fast_zero(self, h: _Handle) -> bool:
-        return await h.ctx.can_fast_zero()
-
-    async def can_fua(self, h: _Handle) -> FuaMode:
-        return await h.ctx.can_fua()
-
-    async def can_multi_conn(self, h: _Handle) -> bool:
-        return await h.ctx.can_multi_conn()
-
-    async def can_extents(self, h: _Handle) -> bool:
-        return await h.ctx.can_extents()
-
-    async def can_cache(self, h: _Handle) -> CacheMode:
-        return await h.ctx.can_cache()
-
-    # --- data ----------------------------------------------------------------------------
-
-    async def pread(self, h: _Handle, count: int, offset: int, flags: int) -> bytes:
-        return await h.ctx.pread(count, offset, flags)
-
-    async def pwrite(self, h: _Handle, buf: bytes, offset: int, flags: int) -> None:
-        await h.ctx.pwrite(buf, offset, flags)
-
-    async def flush(self, h: _Handle, flags: int) -> None:
-        await h.ctx.flush(flags)
-
-    async def trim(self, h: _Handle, count: int, offset: int, flags: int) -> None:
-        await h.ctx.trim(count, offset, flags)
-
-    async def zero(self, h: _Handle, count: int, offset: int, flags: int) -> None:
-        await h.ctx.zero(count, offset, flags)
-
-    async def extents(self, h: _Handle, count: int, offset: int, flags: int) -> list[Extent]:
-        return await h.ctx.extents(count, offset, flags)
-
-    async def cache(self, h: _Handle, count: int, offset: int, flags: int) -> None:
-        await h.ctx.cache(count, offset, flags)
 
 
 def _only(error: BaseException) -> BaseException:

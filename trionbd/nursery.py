@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import trio
 
+from .chain.chain import Chain
 from .chain.errors import NBDError, StartupError
-from .chain.next import Chain, Layer, Next
+from .chain.layer import Layer, LayerContext
+from .chain.next import CachedCaps, Next
 
 if TYPE_CHECKING:
     from .chain.filter import Filter
@@ -40,37 +42,48 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 CLOSE_TIMEOUT = 5.0
 """Seconds each lifetime context (and each layer's ``cleanup``) gets to close."""
 
-ConnectionCloser = Callable[[Layer, Callable[[Next], bool], float | None], Awaitable[int]]
+ConnectionCloser = Callable[[Layer, Callable[[LayerContext], bool], float | None], Awaitable[int]]
 """What a server lends its lifetime to close connections: (layer, match, grace) -> count."""
 
 
-class LifetimeContext(Next):
-    """A context owned by the lifetime: usable from any task until unload.
+class LifetimeContext(CachedCaps):
+    """A context owned by the lifetime, usable from any task until unload: a
+    :class:`~trionbd.chain.next.Next` wrapping the layer context ``inner``.
 
-    Its ``close`` does nothing (the lifetime closes it); every data call checks that
-    the lifetime is not closing and is counted so closing can wait for it.
+    Its ``close`` does nothing (the lifetime closes it); every other call checks that
+    the lifetime is not closing and is counted, so that closing can wait for it.
+    Capabilities are answered from the inner context's, without a call.
     """
 
-    def __init__(self, inner: Next, owner: str):
-        # Deliberately not calling Next.__init__: this object forwards to ``inner``.
-        self._inner = inner
+    def __init__(self, inner: LayerContext, owner: str):
+        self.inner = inner
         self.owner = owner
-        self.layer = inner.layer
-        self.handle = inner.handle
-        self.below = inner.below
-        self.readonly = inner.readonly
+        """The layer above, which opened it (for messages)."""
+        self.name = inner.name
         self.export_name = inner.export_name
         self.caps = inner.caps
         self.closed = False
         self._closing = False
         self._in_flight = 0
         self._idle = trio.Event()
+        guarded = self._guarded
+        self.export_description = guarded(inner.export_description)
+        self.pread = guarded(inner.pread)
+        self.pwrite = guarded(inner.pwrite)
+        self.flush = guarded(inner.flush)
+        self.trim = guarded(inner.trim)
+        self.zero = guarded(inner.zero)
+        self.extents = guarded(inner.extents)
+        self.cache = guarded(inner.cache)
 
     def __repr__(self) -> str:
-        return f"<LifetimeContext {self.layer.name} export={self.export_name!r} for {self.owner}>"
+        return f"<LifetimeContext {self.name} export={self.export_name!r} for {self.owner}>"
 
     async def close(self) -> None:
         """Clients never close a lifetime context; unload does."""
@@ -82,46 +95,33 @@ class LifetimeContext(Next):
             await self._idle.wait()
         if not self.closed:
             self.closed = True
-            await self._inner.close()
+            await self.inner.close()
 
-    async def _forward(self, name: str, *args: Any) -> Any:
-        if self._closing:
-            raise NBDError(
-                errno.ESHUTDOWN,
-                f"{self.owner}: the server is shutting down; the shared context of "
-                f"{self.layer.name} export {self.export_name!r} is closing",
-            )
-        self._in_flight += 1
-        try:
-            return await getattr(self._inner, name)(*args)
-        finally:
-            self._in_flight -= 1
-            if self._closing and not self._in_flight:
-                self._idle.set()
+    def _guarded(
+        self, call: Callable[P, Coroutine[Any, Any, T]]
+    ) -> Callable[P, Coroutine[Any, Any, T]]:
+        """``call`` of the inner context, refused once closing has begun and counted."""
 
-    async def export_description(self) -> str | None:
-        return await self._forward("export_description")  # type: ignore[no-any-return]
+        async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+            if self._closing:
+                raise NBDError(
+                    errno.ESHUTDOWN,
+                    f"{self.owner}: the server is shutting down; the shared context of "
+                    f"{self.name} export {self.export_name!r} is closing",
+                )
+            self._in_flight += 1
+            try:
+                return await call(*args, **kwargs)
+            finally:
+                self._in_flight -= 1
+                if self._closing and not self._in_flight:
+                    self._idle.set()
 
-    async def pread(self, count: int, offset: int, flags: int = 0) -> bytes:
-        return await self._forward("pread", count, offset, flags)  # type: ignore[no-any-return]
+        return guarded
 
-    async def pwrite(self, buf: bytes, offset: int, flags: int = 0) -> None:
-        await self._forward("pwrite", buf, offset, flags)
 
-    async def flush(self, flags: int = 0) -> None:
-        await self._forward("flush", flags)
-
-    async def trim(self, count: int, offset: int, flags: int = 0) -> None:
-        await self._forward("trim", count, offset, flags)
-
-    async def zero(self, count: int, offset: int, flags: int = 0) -> None:
-        await self._forward("zero", count, offset, flags)
-
-    async def extents(self, count: int, offset: int, flags: int = 0) -> Any:
-        return await self._forward("extents", count, offset, flags)
-
-    async def cache(self, count: int, offset: int, flags: int = 0) -> None:
-        await self._forward("cache", count, offset, flags)
+if TYPE_CHECKING:
+    _checked: type[Next] = LifetimeContext  # mypy: a LifetimeContext is a Next
 
 
 class Lifetime:
@@ -146,7 +146,7 @@ class Lifetime:
     async def close_connections(
         self,
         owner: Plugin | Filter,
-        match: Callable[[Next], bool],
+        match: Callable[[LayerContext], bool],
         grace: float | None = None,
     ) -> int:
         """End the connections whose context of ``owner``'s layer satisfies ``match``;
@@ -194,12 +194,7 @@ class Lifetime:
     async def _start(self) -> None:
         for layer in self.chain.layers:
             try:
-                after_fork = layer.callback("after_fork")
-                if layer.is_filter:
-                    assert layer.below is not None
-                    await after_fork(self, layer.below)
-                else:
-                    await after_fork(self)
+                await layer.after_fork(self)
             except StartupError:
                 raise
             except Exception as e:
@@ -226,7 +221,7 @@ class Lifetime:
             for layer in reversed(self.chain.layers):
                 with trio.move_on_after(self.close_timeout):
                     try:
-                        await layer.callback("cleanup", abandon_on_cancel=True)()
+                        await layer.cleanup()
                     except Exception as e:
                         log.error("%s: cleanup failed: %s", layer.name, e)
             for ctx in reversed(self.contexts):

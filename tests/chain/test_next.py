@@ -1,4 +1,4 @@
-"""The generic machinery of each layer (``trionbd.chain.next``): capability defaults and
+"""The generic machinery of each layer (``trionbd.chain.layer``): capability defaults and
 read-only forcing, FUA/zero/cache emulation, extent clipping, declared concurrency, and
 plain ``def`` callbacks in worker threads."""
 
@@ -29,7 +29,7 @@ from trionbd.chain import (
     ZeroMode,
     clip_extents,
 )
-from trionbd.chain.next import EMULATION_CHUNK, Layer
+from trionbd.chain.layer import EMULATION_CHUNK, Layer
 from trionbd.protocol.constants import CmdFlag, TransmissionFlag
 from trionbd.server.handshake import transmission_flags
 

@@ -11,7 +11,7 @@ import trio.testing
 
 import trionbd
 from tests.support import HANG_GUARD, short_tmpdir
-from trionbd.chain.next import THREADS_PER_LAYER
+from trionbd.chain.layer import THREADS_PER_LAYER
 
 
 class Blocking(trionbd.Plugin):

@@ -169,7 +169,7 @@ async def test_the_map_is_built_at_start_up_through_one_lifetime_context(tmp_pat
         assert tar.single_archive is not None
         assert [e.name for e in tar.single_archive.exports] == list(files)
         (shared,) = server.lifetime.contexts
-        assert shared.owner == "tar" and shared.readonly and shared.export_name == ""
+        assert shared.owner == "tar" and shared.inner.readonly and shared.export_name == ""
         for name, data in files.items():
             uri = server.uris[0].replace("nbd+unix:///", f"nbd+unix:///{name}")
             out = tmp_path / "copy"

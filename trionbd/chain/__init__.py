@@ -1,9 +1,12 @@
 """What a plugin or filter author sees: base classes, the layer below, values, errors."""
 
+from .chain import Chain
 from .clientinfo import ClientInfo, current_client
 from .errors import ConfigError, DropConnection, NBDError, StartupError
 from .filter import Filter
-from .next import Caps, Chain, Layer, Next, clip_extents
+from .forward import ForwardingPlugin
+from .layer import Layer, LayerContext, clip_extents
+from .next import CachedCaps, Caps, Next
 from .params import Param, parse_bool, parse_choice, parse_int, parse_size
 from .plugin import Plugin
 from .product import BuildOnce, ProductNames
@@ -24,6 +27,7 @@ __all__ = [
     "BlockSize",
     "BuildOnce",
     "CacheMode",
+    "CachedCaps",
     "Caps",
     "Chain",
     "ClientInfo",
@@ -34,8 +38,10 @@ __all__ = [
     "ExportList",
     "Extent",
     "Filter",
+    "ForwardingPlugin",
     "FuaMode",
     "Layer",
+    "LayerContext",
     "NBDError",
     "Next",
     "Param",

@@ -4,7 +4,7 @@ Every callback passes through to the layer below by default, so a filter defines
 what it changes. Connection-level callbacks receive ``next``, the open context of the
 layer below (a :class:`~trionbd.chain.next.Next`), and the filter's own handle ``h``.
 Global callbacks (export lists, ``open``) receive ``below``, the layer below as a
-:class:`~trionbd.chain.next.Layer`, which can list exports and open contexts.
+:class:`~trionbd.chain.layer.Layer`, which can list exports and open contexts.
 
 Export lists can take three shapes:
 
@@ -33,7 +33,8 @@ from .types import (
 
 if TYPE_CHECKING:
     from ..nursery import Lifetime
-    from .next import Layer, Next
+    from .layer import Layer
+    from .next import Next
 
 
 class Filter:

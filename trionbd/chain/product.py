@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 import trio
 
 from .errors import NBDError
-from .next import Layer
+from .layer import Layer
 from .types import Export, each_export
 
 K = TypeVar("K", bound=Hashable)

@@ -159,7 +159,7 @@ class BlocksizePolicyFilter(Filter):
             raise NBDError(
                 errno.EINVAL,
                 f"blocksize-policy: block sizes minimum {sizes.minimum}, preferred "
-                f"{sizes.preferred}, maximum {sizes.maximum} (with {next.layer.name}'s) "
+                f"{sizes.preferred}, maximum {sizes.maximum} (with {next.name}'s) "
                 "do not increase",
             )
         return next, sizes

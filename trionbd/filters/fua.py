@@ -76,7 +76,7 @@ class FuaFilter(Filter):
 
     async def _check(self, next: Next) -> None:
         """Refuse the open if the layer below cannot do what this mode needs."""
-        below = next.layer.name
+        below = next.name
         if self.mode == "emulate" and not await next.can_flush():
             raise NBDError(errno.EINVAL, f"fua: fuamode=emulate needs flush, which {below} lacks")
         if self.mode in ("native", "force") and await next.can_fua() is FuaMode.NONE:

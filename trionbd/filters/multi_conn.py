@@ -162,7 +162,7 @@ class MultiConnFilter(Filter):
                 await next.close()
             raise NBDError(
                 errno.EINVAL,
-                f"multi-conn: emulating multi-conn needs flush, which {next.layer.name} lacks",
+                f"multi-conn: emulating multi-conn needs flush, which {next.name} lacks",
             )
         key = export_name if self.by_name else None
         group = self.groups.get(key)

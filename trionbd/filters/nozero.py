@@ -85,7 +85,7 @@ class NoZeroFilter(Filter):
             raise NBDError(
                 errno.EINVAL,
                 f"nozero: zeromode={self.zeromode} needs a layer below that can zero, and "
-                f"{next.layer.name} cannot",
+                f"{next.name} cannot",
             )
         return next, None
 

@@ -99,7 +99,7 @@ class OffsetFilter(WindowFilter):
 
     async def window(self, next: Next) -> Window:
         size = await next.get_size()
-        where = f"{next.layer.name} export {next.export_name!r} has {size} bytes"
+        where = f"{next.name} export {next.export_name!r} has {size} bytes"
         if self.offset > size:
             raise NBDError(
                 errno.EIO, f"offset: offset={self.offset} is beyond the end of the data ({where})"

@@ -48,7 +48,7 @@ class PartitionFilter(WindowFilter):
 
     async def window(self, next: Next) -> Window:
         size = await next.get_size()
-        what = f"partition: {next.layer.name} export {next.export_name!r}"
+        what = f"partition: {next.name} export {next.export_name!r}"
         try:
             part = (await read_partition_table(_formats.reader(next), size)).get(self.partition)
         except FormatError as e:

@@ -128,7 +128,7 @@ class TruncateFilter(Filter):
         if beyond.count(0) != len(beyond):
             raise NBDError(
                 errno.ENOSPC,
-                f"truncate: write of non-zero bytes beyond the end of {next.layer.name} "
+                f"truncate: write of non-zero bytes beyond the end of {next.name} "
                 f"({h.real} bytes)",
             )
         if inside:

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..chain import Layer, LayerContext
 from ..chain.clientinfo import ClientInfo, set_current_client
 from ..chain.errors import DropConnection, NBDError
-from ..chain.next import Layer, Next
 from ..net.transport import Transport
 from ..protocol.errors import RemoteProtocolError
 from ..protocol.server import ServerConnection
@@ -79,7 +79,7 @@ class Connection:
         self.transport = Transport(stream)
         self.proto = ServerConnection(self.config.handshake_flags)
         self.info = ClientInfo(conn_id, _peer_name(stream))
-        self.ctx: Next | None = None
+        self.ctx: LayerContext | None = None
         """The context of the export chosen for transmission: set as soon as GO or
         EXPORT_NAME has opened it (``Server.close_connections`` sees the export in use
         while the answer is sent), back to ``None`` if GO then fails."""
@@ -168,7 +168,7 @@ class Connection:
             await self.transport.aclose()
             self.closed.set()
 
-    async def _flush_at_shutdown(self, ctx: Next) -> None:
+    async def _flush_at_shutdown(self, ctx: LayerContext) -> None:
         """The server is going away: flush a writable context, so that writes acknowledged
         to the client leave every layer's buffers (write-back caches, the plugin's own).
         A client that leaves on its own flushes if it cares; nbdkit does not flush then."""
@@ -186,14 +186,10 @@ class Connection:
         if self.receive_scope is not None:
             self.receive_scope.cancel()
 
-    def uses(self, layer: Layer, match: Callable[[Next], bool]) -> bool:
+    def uses(self, layer: Layer, match: Callable[[LayerContext], bool]) -> bool:
         """Whether this connection's context of ``layer`` satisfies ``match``."""
-        ctx = self.ctx
-        while ctx is not None:
-            if ctx.layer is layer:
-                return match(ctx)
-            ctx = ctx.below
-        return False
+        ctx = self.ctx.find(layer) if self.ctx is not None else None
+        return ctx is not None and match(ctx)
 
     def retire(self, grace: float) -> None:
         """The export went away: stop serving it. Requests in flight finish; requests

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..chain import Caps, LayerContext
 from ..chain.errors import NBDError
-from ..chain.next import Caps, Next
 from ..chain.types import CacheMode, FuaMode, ZeroMode, each_export
 from ..protocol.constants import (
     BASE_ALLOCATION,
@@ -97,7 +97,7 @@ class Handshake:
         """The last reason logged: a client asking INFO, then GO, about an export that
         cannot be opened gets the same answer twice, logged once."""
 
-    async def run(self) -> Next | None:
+    async def run(self) -> LayerContext | None:
         """Haggle options until the client enters transmission (returns its context), or
         ``None`` when the connection is to close.
 
@@ -219,7 +219,7 @@ class Handshake:
         conn.debug("TLS handshake done (%s)", version)
         return True
 
-    async def _open(self, requested: str) -> tuple[str, Next]:
+    async def _open(self, requested: str) -> tuple[str, LayerContext]:
         """Resolve ``""`` to the default export's name and open the export."""
         top = self.chain.top
         readonly = self.config.readonly
@@ -227,7 +227,7 @@ class Handshake:
         name = requested or await top.default_export(readonly, is_tls)
         return name, await top.open(readonly, name, is_tls)
 
-    async def _info(self, event: InfoOption) -> Next | None:
+    async def _info(self, event: InfoOption) -> LayerContext | None:
         conn = self.conn
         proto = self.proto
         try:
@@ -271,7 +271,7 @@ class Handshake:
             await ctx.close()
         return None
 
-    async def _export_name(self, event: ExportNameOption) -> Next | None:
+    async def _export_name(self, event: ExportNameOption) -> LayerContext | None:
         conn = self.conn
         try:
             name, ctx = await self._open(event.name)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..chain.next import Chain, Layer, Next
+from ..chain import Chain, Layer, LayerContext
 from ..chain.plugin import Plugin
 from ..chain.types import Concurrency
 from ..net.address import Address
@@ -156,7 +156,7 @@ class Server:
         return out
 
     async def close_connections(
-        self, layer: Layer, match: Callable[[Next], bool], grace: float | None = None
+        self, layer: Layer, match: Callable[[LayerContext], bool], grace: float | None = None
     ) -> int:
         """Retire the connections whose context of ``layer`` satisfies ``match`` and wait
         until they have closed; return how many. See ``Lifetime.close_connections``."""

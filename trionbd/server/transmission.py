@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..chain import LayerContext
 from ..chain.errors import DropConnection, NBDError
-from ..chain.next import Next
 from ..chain.types import CacheMode, Sparse
 from ..protocol.constants import BASE_ALLOCATION_ID, Cmd, Err
 from ..protocol.errnos import nbd_error
@@ -72,7 +72,7 @@ _FALL_BACK = frozenset({Err.ENOTSUP, Err.EOVERFLOW})
 class Transmission:
     """Serves the requests of one connection on the export's context ``ctx``."""
 
-    def __init__(self, conn: Connection, ctx: Next):
+    def __init__(self, conn: Connection, ctx: LayerContext):
         self.conn = conn
         self.ctx = ctx
         self.proto = conn.proto
@@ -258,7 +258,7 @@ class Transmission:
             self._freed = trio.Event()
             await self._freed.wait()
 
-    async def _serve_task(self, ctx: Next, request: Request, held: int) -> None:
+    async def _serve_task(self, ctx: LayerContext, request: Request, held: int) -> None:
         """Serve ``request`` and see its reply sent; ``held`` is its payload (counted
         against ``max_buffered`` by the reader) until then."""
         queued = False
@@ -297,7 +297,7 @@ class Transmission:
             )  # fmt: skip
         return self._error(req, error, message)
 
-    async def _serve(self, ctx: Next, req: Request) -> list[Buffer]:
+    async def _serve(self, ctx: LayerContext, req: Request) -> list[Buffer]:
         """Do one request; return its reply frames (errors become error replies)."""
         cmd = req.command
         self.counters.requests += 1
