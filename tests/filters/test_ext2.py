@@ -11,6 +11,7 @@ and every 13th file is read (one connection per file costs about 2 ms).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 from tests.chain.raw_client import RawClient
 from tests.formats.test_ext2 import (
@@ -51,6 +54,7 @@ from tests.support import (
 )
 from trionbd.chain import Chain
 from trionbd.filters.ext2 import Ext2Filter
+from trionbd.nursery import open_lifetime
 from trionbd.plugins.file import FilePlugin
 from trionbd.protocol import Cmd, ErrorChunk, HoleChunk
 from trionbd.protocol.constants import CmdFlag, Err, Rep, TransmissionFlag
@@ -480,6 +484,29 @@ async def test_write_errors_and_hole_chunks_in_process(
         await c.disconnect()
 
 
+async def test_reading_a_slow_image_logs_its_progress(
+    images: Callable[[str], Path],
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="trionbd")
+
+    class Slow(FilePlugin):
+        async def pread(self, h: Any, count: int, offset: int, flags: int) -> bytes:
+            await trio.sleep(0.75)  # on the mock clock: no wall time passes
+            return await super().pread(h, count, offset, flags)
+
+    image = images("ext4-4k")
+    async with open_lifetime(Chain(Slow(file=str(image)), [Ext2Filter()])):
+        pass
+    lines = [r.getMessage() for r in caplog.records if r.name == "trionbd.chain.container"]
+    *progress, done = lines
+    still = re.compile(r"ext2: still reading the index of image .*: (\d+) members so far")
+    counts = [int(m[1]) for line in progress if (m := still.fullmatch(line))]
+    assert len(counts) == len(progress) and counts[0] == 0 and counts[-1] > 0  # as found
+    assert re.fullmatch(r"ext2: read the index of image .*: \d+ exports in \d+\.\d s", done)
+
+
 def test_inline_data_files_are_read_only(images: Callable[[str], Path]) -> None:
     image = images("ext4-4k-inline")
     assert is_inline(image, "/hello.txt") and not is_inline(image, "/sizes/s100000")
@@ -595,7 +622,7 @@ def test_ext2file_serves_one_file_under_any_name(
     with trionbd_process("file", str(image), EXT2, "ext2file=/chain1") as server:
         assert read_export(server.uri, tmp_path) == (src / "hello.txt").read_bytes()
     stderr = trionbd_fails("file", str(image), EXT2, "ext2file=/nothere")
-    assert f"ext2: image {image}: '/nothere': no entry 'nothere'" in stderr
+    assert f"ext2: ext2file=/nothere: image {image}: '/nothere': no entry 'nothere'" in stderr
     stderr = trionbd_fails("file", str(image), EXT2, "ext2file=/d1")
     assert "'/d1' is a directory" in stderr and "only regular files are exports" in stderr
 

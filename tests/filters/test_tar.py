@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import random
+import re
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from tests.interop.tar_helpers import (
     KiB,
@@ -65,8 +68,10 @@ class Archives(Plugin):
         self.last_read: bytes = b""
         self.failing = False
         """Reads fail with EIO (a disk error) while this is true."""
+        self.listings = 0
 
     async def list_exports(self, readonly: bool, is_tls: bool) -> list[Export]:
+        self.listings += 1
         return [Export(name) for name in self.data]
 
     async def open(self, readonly: bool, export_name: str, is_tls: bool) -> str:
@@ -166,8 +171,8 @@ async def test_the_map_is_built_at_start_up_through_one_lifetime_context(tmp_pat
     plugin = FilePlugin(file=str(tmp_path / "a.tar"))
     async with serving(Chain(plugin, [tar])) as server:
         # No client has connected: the map is there, read through one shared context.
-        assert tar.single_archive is not None
-        assert [e.name for e in tar.single_archive.exports] == list(files)
+        (archive,) = tar.indexes.cached().values()
+        assert [e.name for e in archive.exports] == list(files)
         (shared,) = server.lifetime.contexts
         assert shared.owner == "tar" and shared.inner.readonly and shared.export_name == ""
         for name, data in files.items():
@@ -199,7 +204,7 @@ async def test_product_maps_are_built_on_first_use_once_and_kept(tmp_path: Path)
         async with trio.open_nursery() as nursery:
             for _ in range(5):
                 nursery.start_soon(client)
-        assert header_reads() == ["b.tar"] and list(tar.archives.cached()) == ["b.tar"]
+        assert header_reads() == ["b.tar"] and list(tar.indexes.cached()) == ["b.tar"]
         assert plugin.calls[:2] == [("open", "b.tar", True), plugin.calls[1]]
         exports = await chain.top.list_exports(False, False)
         assert [e.name for e in exports] == [f"{x}/{n}" for x in ("a.tar", "b.tar") for n in files]
@@ -267,6 +272,55 @@ async def test_a_single_malformed_archive_fails_start_up_naming_the_filter(tmp_p
     assert str(error) == (
         "tar: archives export '': truncated archive: member 'first' (header at offset 0) "
         "has 700 bytes of data at offset 512, past the end of the archive (1000 bytes)"
+    )
+
+
+async def test_opening_lists_the_layer_below_again_only_for_an_unknown_archive(
+    tmp_path: Path,
+) -> None:
+    a, files, _ = regular_archive(tmp_path)
+    plugin = Archives({"a.tar": a, "b.tar": a})
+    chain = Chain(plugin, [TarFilter()])
+    async with open_lifetime(chain):
+        assert plugin.listings == 1  # at start-up, to see the shape
+        for name in ("a.tar/first", "b.tar/disk.img", "a.tar/disk.img"):
+            ctx = await opened(chain, name)
+            await ctx.close()
+        assert await chain.top.default_export(False, False) == "a.tar/first"
+        assert plugin.listings == 1
+        # An archive that appeared since is found: the miss lists the layer below again.
+        plugin.data["c.tar"] = bytearray(a)
+        ctx = await opened(chain, "c.tar/first")
+        assert await ctx.pread(700, 0) == files["first"]
+        await ctx.close()
+        assert plugin.listings == 2
+        with pytest.raises(NBDError) as caught:
+            await opened(chain, "d.tar/first")
+        assert caught.value.errno == errno.ENOENT and plugin.listings == 3
+        # A listing lists the layer below afresh.
+        exports = await chain.top.list_exports(False, False)
+        assert [e.name for e in exports][-2:] == ["c.tar/first", "c.tar/disk.img"]
+        assert plugin.listings == 4
+
+
+async def test_reading_a_slow_archive_logs_its_progress(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trionbd")
+    data, _, _ = regular_archive(tmp_path)
+
+    class Slow(Archives):
+        async def pread(self, h: str, count: int, offset: int, flags: int) -> bytes:
+            await trio.sleep(2)  # on the mock clock: 2 s pass, no wall time
+            return await super().pread(h, count, offset, flags)
+
+    async with open_lifetime(Chain(Slow({"": data}), [TarFilter()])):
+        pass
+    lines = [r.getMessage() for r in caplog.records if r.name == "trionbd.chain.container"]
+    # No read has finished one second in: no member yet.
+    assert lines[0] == "tar: still reading the index of archives export '': 0 members so far"
+    assert re.fullmatch(
+        r"tar: read the index of archives export '': 2 exports in \d+\.\d s", lines[-1]
     )
 
 

@@ -2,6 +2,7 @@
 
 from .chain import Chain
 from .clientinfo import ClientInfo, current_client
+from .container import ContainerFilter, Progress
 from .errors import ConfigError, DropConnection, NBDError, StartupError
 from .filter import Filter
 from .forward import ForwardingPlugin
@@ -33,6 +34,7 @@ __all__ = [
     "ClientInfo",
     "Concurrency",
     "ConfigError",
+    "ContainerFilter",
     "DropConnection",
     "Export",
     "ExportList",
@@ -47,6 +49,7 @@ __all__ = [
     "Param",
     "Plugin",
     "ProductNames",
+    "Progress",
     "Sparse",
     "StartupError",
     "ZeroMode",

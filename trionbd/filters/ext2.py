@@ -29,7 +29,9 @@ the image and the problem). Under ``file dir=`` each image is opened when first 
 and kept for the server's life (restart the server after replacing one); a damaged one
 is left out of the list with a warning, a client asking for it gets the reason, and it
 is read again when next needed (so an image repaired in place, by e2fsck say, is then
-served).
+served). An image added to the directory while the server runs is listed, and served
+when asked for. Reading a large file system's list of files logs its progress after a
+second.
 A damaged inode, directory or extent tree affects only the files
 that use it: they are left out of the list with a warning (so every listed file opens),
 a client asking for one gets the reason, and every other file is served.
@@ -71,24 +73,20 @@ import errno
 import logging
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..chain import (
-    BuildOnce,
     ConfigError,
+    ContainerFilter,
     Export,
     Extent,
-    Filter,
-    Layer,
     NBDError,
     Next,
     Param,
-    ProductNames,
-    StartupError,
+    Progress,
     ZeroMode,
     parse_bool,
 )
-from ..formats import FormatError
+from ..formats import FormatError, Pread
 from ..formats.ext2 import (
     Ext2FS,
     Ext2NotFound,
@@ -102,9 +100,6 @@ from ..protocol.constants import UNALLOCATED
 from . import _formats
 from ._formats import Piece
 
-if TYPE_CHECKING:
-    from ..nursery import Lifetime
-
 log = logging.getLogger(__name__)
 
 EXPORTNAME = "exportname"
@@ -116,12 +111,10 @@ class Image:
     """One file system image of the layer below, opened once and kept."""
 
     fs: Ext2FS
-    export: str
-    """Its name in the layer below ("" for the single image)."""
     label: str
     """How messages name the image."""
-    files: list[Export]
-    """Every regular file as an export (empty with ``ext2file=PATH``)."""
+    exports: list[Export]
+    """Every regular file as an export named by its path (empty with ``ext2file=PATH``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +128,10 @@ class File:
     read_only: bool
     """The file must not be written: its data is inline in its inode, or the reader must
     not write to the file system (its reason is logged when the image is opened)."""
+
+    @property
+    def description(self) -> str:
+        return describe(self.inode)
 
 
 def describe(inode: Inode) -> str:
@@ -163,7 +160,7 @@ def _no_allocation(h: File, hole: Piece, what: str) -> NBDError:
     )
 
 
-class Ext2Filter(Filter):
+class Ext2Filter(ContainerFilter[Image, File]):
     """Serve regular files inside an ext2/3/4 image of the layer below."""
 
     name = "ext2"
@@ -182,79 +179,49 @@ class Ext2Filter(Filter):
         ),
     )
     nonblocking = True
+    container = "image"
+    entry_param = "ext2file"
+    keep_context = True  # inodes and file maps are read when a file is opened
+    reread_damaged = True  # an image repaired in place (e2fsck) is then served
 
     def __init__(self, ext2file: str | None = None, ext2_allow_recovery: bool = False):
         if ext2file is not None and ext2file.strip("/") == "":
             raise ConfigError(f"ext2: ext2file={ext2file!r} names no file (give /PATH)")
-        self.path = None if ext2file in (None, EXPORTNAME) else ext2file
-        """The one file to serve, or None: the export names are the paths."""
+        super().__init__(None if ext2file in (None, EXPORTNAME) else ext2file)
         self.allow_recovery = ext2_allow_recovery
-        self.images: BuildOnce[str, Image] = BuildOnce(self._open_image, remember_errors=False)
-        """Images that opened, by export name below (a failure is tried again next time)."""
-        self._contexts: BuildOnce[str, Next] = BuildOnce(self._open_context, remember_errors=False)
-        """One lifetime context per image, for its metadata (also when it fails to parse)."""
-        self._lifetime: Lifetime | None = None
-        self._below: Layer | None = None
-        self._single = True
-        """The layer below has only its unnamed default export (one image)."""
 
-    # --- start-up ------------------------------------------------------------------------
+    def label(self, export: str) -> str:
+        return f"image {super().label(export)}"
 
-    async def after_fork(self, lifetime: Lifetime, below: Layer) -> None:
-        self._lifetime, self._below = lifetime, below
-        names = await ProductNames.of(below, lifetime.readonly, False)
-        self._single = names.single
-        if self._single:  # the only image: any problem stops the server now
-            try:
-                image = await self.images.get("")
-                if self.path is not None:
-                    await self._file(image, self.path)
-            except NBDError as e:
-                raise StartupError(e.message) from None
-
-    async def _open_context(self, export: str) -> Next:
-        """The lifetime context through which an image's metadata is read."""
-        assert self._lifetime is not None and self._below is not None
-        try:
-            return await self._lifetime.open_context(self._below, export, readonly=True)
-        except NBDError as e:
-            label = f"image {self._below.export_label(export)}"
-            raise NBDError(e.errno, f"ext2: {label}: {e.message}") from None
-
-    async def _open_image(self, export: str) -> Image:
-        """Read the superblock, group descriptors and file list of one image (the build
-        function of ``self.images``)."""
-        assert self._below is not None
-        label = f"image {self._below.export_label(export)}"
-        ctx = await self._contexts.get(export)
-        size = await ctx.get_size()
+    async def read_index(self, pread: Pread, size: int, label: str, progress: Progress) -> Image:
+        """Read the superblock, group descriptors and (without ``ext2file``) every file."""
 
         def skip(path: str, e: FormatError) -> None:
             log.warning("ext2: %s: not listing %r: %s", label, path, e)
 
         try:
-            fs = await Ext2FS.open(_formats.reader(ctx), size, allow_needs_recovery=True)
+            fs = await Ext2FS.open(pread, size, allow_needs_recovery=True)
             self._check_recovery(fs, label)
             await fs.check_group_descriptors()
             files = []
-            if self.path is None:
+            if self.entry is None:
                 async for path, inode in fs.iter_files(skip):
                     try:  # only files that open are listed (nbdinfo --list opens them all)
                         await fs.extents(inode.ino)
                     except FormatError as e:
                         skip(path, e)
                         continue
-                    name = path if self._single else f"{export}/{path[1:]}"
-                    files.append(Export(name, describe(inode)))
+                    files.append(Export(path, describe(inode)))
+                    progress.members += 1
         except FormatError as e:
             raise NBDError(errno.EIO, f"ext2: {label}: {e}") from None
         if fs.read_only_reason:
             log.warning("ext2: %s is served read-only: %s", label, fs.read_only_reason)
-        return Image(fs, export, label, files)
+        return Image(fs, label, files)
 
     def _check_recovery(self, fs: Ext2FS, label: str) -> None:
         """Refuse an image whose journal needs recovery unless explicitly allowed."""
-        assert self._lifetime is not None
+        assert self.lifetime is not None
         if not fs.needs_recovery:
             return
         problem = (
@@ -267,89 +234,21 @@ class Ext2Filter(Filter):
                 f"{problem}; to serve it as it is on disk anyway, use -r and "
                 "ext2-allow-recovery=true",
             )
-        if not self._lifetime.readonly:
+        if not self.lifetime.readonly:
             raise NBDError(
                 errno.EPERM, f"{problem}; ext2-allow-recovery=true needs a read-only server (-r)"
             )
 
-    async def _file(self, image: Image, path: str) -> File:
-        """The regular file at ``path`` in ``image``."""
-        fs = image.fs
+    async def member(self, index: Image, name: str) -> File:
+        """The regular file at path ``name`` in the image."""
+        fs = index.fs
         try:
-            inode = await fs.resolve_regular(path)
+            inode = await fs.resolve_regular(name)
             fmap = await fs.extents(inode.ino)
         except FormatError as e:
-            raise _open_error(image.label, path, e) from None
+            raise _open_error(index.label, name, e) from None
         read_only = fs.read_only_reason is not None or fmap.inline is not None
-        return File(f"ext2: {image.label}: {path!r}", inode, fmap, read_only)
-
-    # --- exports -------------------------------------------------------------------------
-
-    async def _images(self, below: Layer, readonly: bool, is_tls: bool) -> list[Image]:
-        """Every image of the layer below that opens; the others are logged."""
-        if self._single:
-            return [await self.images.get("")]
-        out = []
-        for export in (await ProductNames.of(below, readonly, is_tls)).below:
-            try:
-                out.append(await self.images.get(export))
-            except NBDError as e:
-                log.warning("%s (not listed)", e.message)
-        return out
-
-    async def list_exports(self, below: Layer, readonly: bool, is_tls: bool) -> list[Export]:
-        images = await self._images(below, readonly, is_tls)
-        if self.path is None:
-            return [export for image in images for export in image.files]
-        out = []
-        for image in images:
-            try:
-                file = await self._file(image, self.path)
-            except NBDError as e:
-                log.warning("%s (not listed)", e.message)
-                continue
-            name = self.path if self._single else image.export
-            out.append(Export(name, describe(file.inode)))
-        return out
-
-    async def default_export(self, below: Layer, readonly: bool, is_tls: bool) -> str:
-        if self.path is not None:
-            return self.path if self._single else await below.default_export(readonly, is_tls)
-        if self._single:
-            image = await self.images.get("")
-            return image.files[0].name if image.files else ""
-        # The first file of the first image that has one: later images stay unread.
-        for export in (await ProductNames.of(below, readonly, is_tls)).below:
-            try:
-                image = await self.images.get(export)
-            except NBDError:
-                continue  # list_exports logs why
-            if image.files:
-                return image.files[0].name
-        return ""
-
-    async def open(
-        self, below: Layer, readonly: bool, export_name: str, is_tls: bool
-    ) -> tuple[Next, File]:
-        export, path = "", export_name
-        if not self._single:
-            names = await ProductNames.of(below, readonly, is_tls)
-            if self.path is None:
-                export, path = names.split(export_name)
-            elif export_name in names:
-                export = export_name
-            else:
-                raise NBDError(
-                    errno.ENOENT,
-                    f"ext2: no image named {export_name!r} (with ext2file=PATH the export "
-                    f"names are those of the layer below: {names.shown()})",
-                )
-        image = await self.images.get(export)
-        file = await self._file(image, path if self.path is None else self.path)
-        # A file that must not be written opens the layer below read-only: the export is
-        # then read-only too (can_write is the layer below's).
-        next = await below.open(readonly or file.read_only, export, is_tls)
-        return next, file
+        return File(f"ext2: {index.label}: {name!r}", inode, fmap, read_only)
 
     # --- capabilities --------------------------------------------------------------------
 

@@ -36,7 +36,9 @@ archive's map is built the first time a client lists or opens it and is kept for
 server's life (restart the server after replacing an archive). A malformed archive
 is then not listed (a warning goes to the log) and opening one of its names is
 refused with the message, while the other archives are served. An archive that could
-not be opened or read (missing, an I/O error) is tried again by the next client.
+not be opened or read (missing, an I/O error) is tried again by the next client. An
+archive added to the directory while the server runs is listed, and served when asked
+for. Reading the headers of a large archive logs its progress after a second.
 
 Examples:
   trionbd file disk.tar --filter=tar
@@ -48,25 +50,13 @@ from __future__ import annotations
 
 import errno
 import logging
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
 
-from ..chain import (
-    BuildOnce,
-    Export,
-    Extent,
-    Filter,
-    Layer,
-    NBDError,
-    Next,
-    Param,
-    ProductNames,
-    StartupError,
-)
-from ..formats import BlockingRead, FormatError
+from ..chain import ContainerFilter, Export, Extent, Layer, NBDError, Next, Param, Progress
+from ..formats import BlockingRead, FormatError, Pread
 from ..formats.tar import TarIndex, TarLookupError, TarMember, normalize_name, scan_tar
 from ..nursery import Lifetime
 from ..protocol.constants import UNALLOCATED, CmdFlag
@@ -92,6 +82,8 @@ class Served:
     size: int
     sparse: bool
     description: str
+    read_only: bool = False
+    """A member is writable when the layer below is."""
 
     @classmethod
     def of(cls, name: str, member: TarMember) -> Served:
@@ -128,28 +120,20 @@ class Archive:
     def of(cls, index: TarIndex) -> Archive:
         return cls(index, tuple(Export(n, describe(n, m)) for n, m in index.members.items()))
 
-    def lookup(self, name: str) -> TarMember:
-        """The member served as ``name``; ``NBDError(ENOENT)`` saying why not."""
-        if not normalize_name(name):
+    def lookup(self, name: str) -> Served:
+        """The handle of the member served as ``name``; ``NBDError(ENOENT)`` saying why
+        not."""
+        name = normalize_name(name)
+        if not name:
             what = "no regular members" if not self.exports else "no member named ''"
             raise NBDError(errno.ENOENT, f"tar: {self.index.archive} has {what}")
         try:
-            return self.index.lookup(name)
+            return Served.of(name, self.index.lookup(name))
         except TarLookupError as e:
             raise NBDError(errno.ENOENT, f"tar: {e}") from None
 
 
-class _Unavailable(Exception):
-    """The archive could not be opened or read (not: it is malformed). Not an
-    ``NBDError``, so ``BuildOnce`` does not remember it: a missing file may appear later,
-    an I/O error may pass."""
-
-    def __init__(self, error: NBDError):
-        super().__init__(error.message)
-        self.error = error
-
-
-class TarFilter(Filter):
+class TarFilter(ContainerFilter[Archive, Served]):
     """Serve the members of the tar archive(s) below as exports."""
 
     name = "tar"
@@ -163,139 +147,35 @@ class TarFilter(Filter):
         ),
     )
     nonblocking = True  # every data callback is offset arithmetic and one call below
+    container = "archive"
+    entry_param = "tar-entry"
 
     def __init__(self, tar_entry: str | None = None):
-        self.entry = None if tar_entry is None else normalize_name(tar_entry)
-        self.single = True
-        """The layer below has only its unnamed default export: names are ``MEMBER``."""
-        self.single_archive: Archive | None = None
-        self.below: Layer | None = None
-        self.lifetime_context: Next | None = None
+        super().__init__(None if tar_entry is None else normalize_name(tar_entry))
         self.limiter: trio.CapacityLimiter | None = None
-        self.archives: BuildOnce[str, Archive] = BuildOnce(self._build)
-
-    # --- start-up ------------------------------------------------------------------------
 
     async def after_fork(self, lifetime: Lifetime, below: Layer) -> None:
-        self.below = below
         self.limiter = trio.CapacityLimiter(SCAN_THREADS)
-        self.single = (await ProductNames.of(below, True, False)).single
-        if not self.single:
-            return  # archives are read on first use
-        self.lifetime_context = await lifetime.open_context(below, "", readonly=True)
-        try:
-            archive = self.single_archive = await self._get("")
-        except NBDError as e:
-            raise StartupError(e.message) from None
-        if self.entry is not None:
-            try:
-                archive.lookup(self.entry)
-            except NBDError as e:
-                reason = e.message.removeprefix("tar: ")
-                raise StartupError(f"tar: tar-entry={self.entry}: {reason}") from None
+        await super().after_fork(lifetime, below)
 
-    async def _build(self, export: str) -> Archive:
-        """Read the headers of the archive that is export ``export`` of the layer below."""
-        assert self.below is not None
-        label = self.below.export_label(export)
-        started = time.perf_counter()
-        try:
-            if self.lifetime_context is not None:
-                index = await self._read(self.lifetime_context, label)
-            else:
-                ctx = await self.below.open(True, export)
-                try:
-                    index = await self._read(ctx, label)
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await ctx.close()
-        except FormatError as e:
-            raise NBDError(errno.EIO, f"tar: {e}") from None
-        except NBDError as e:
-            raise _Unavailable(NBDError(e.errno, f"tar: {label}: {e.message}")) from None
-        log.debug(
-            "tar: %s: %d exports (headers read in %.3f s)",
-            label,
-            len(index),
-            time.perf_counter() - started,
-        )
-        return Archive.of(index)
-
-    async def _read(self, ctx: Next, label: str) -> TarIndex:
-        size = await ctx.get_size()
+    async def read_index(self, pread: Pread, size: int, label: str, progress: Progress) -> Archive:
+        """Read the headers of the archive (tarfile, in a worker thread)."""
         assert self.limiter is not None
 
+        def counted(members: int) -> None:
+            progress.members = members
+            trio.from_thread.check_cancelled()
+
         def scan(read: BlockingRead) -> TarIndex:
-            return scan_tar(read, size, name=label, on_header=_check_cancelled)
+            return scan_tar(read, size, name=label, on_header=counted)
 
-        return await _formats.in_thread(scan, _formats.reader(ctx), self.limiter)
-
-    async def _get(self, export: str) -> Archive:
         try:
-            return await self.archives.get(export)
-        except _Unavailable as e:
-            raise e.error from None
+            return Archive.of(await _formats.in_thread(scan, pread, self.limiter))
+        except FormatError as e:
+            raise NBDError(errno.EIO, f"tar: {e}") from None
 
-    # --- exports -------------------------------------------------------------------------
-
-    async def list_exports(self, below: Layer, readonly: bool, is_tls: bool) -> Iterable[Export]:
-        if self.single:
-            archive = self.single_archive
-            assert archive is not None
-            if self.entry is None:
-                return archive.exports
-            return [Export(self.entry, describe(self.entry, archive.lookup(self.entry)))]
-        names = await ProductNames.of(below, readonly, is_tls)
-        out: list[Export] = []
-        for export in names.below:
-            try:
-                archive = await self._get(export)
-                if self.entry is not None:
-                    out.append(Export(export, describe(self.entry, archive.lookup(self.entry))))
-                    continue
-            except NBDError as e:
-                log.warning("tar: not listing the members of %r: %s", export, e.message)
-                continue
-            out += [Export(names.join(export, e.name), e.description) for e in archive.exports]
-        return out
-
-    async def default_export(self, below: Layer, readonly: bool, is_tls: bool) -> str:
-        if self.single:
-            assert self.single_archive is not None
-            if self.entry is not None:
-                return self.entry
-            exports = self.single_archive.exports
-            return exports[0].name if exports else ""
-        if self.entry is not None:
-            return await below.default_export(readonly, is_tls)
-        # The first member of the first archive that has one: later archives stay unread.
-        names = await ProductNames.of(below, readonly, is_tls)
-        for export in names.below:
-            try:
-                archive = await self._get(export)
-            except NBDError:
-                continue  # list_exports logs why
-            if archive.exports:
-                return names.join(export, archive.exports[0].name)
-        return ""
-
-    async def open(
-        self, below: Layer, readonly: bool, export_name: str, is_tls: bool
-    ) -> tuple[Next, Served]:
-        if self.single:
-            archive_export = ""
-            item = export_name
-        elif self.entry is not None:
-            archive_export = export_name
-            item = ""
-        else:
-            names = await ProductNames.of(below, readonly, is_tls)
-            archive_export, item = names.split(export_name)
-        archive = self.single_archive if self.single else await self._get(archive_export)
-        assert archive is not None
-        name = self.entry if self.entry is not None else normalize_name(item)
-        served = Served.of(name, archive.lookup(name))
-        return await below.open(readonly, archive_export, is_tls), served
+    async def member(self, index: Archive, name: str) -> Served:
+        return index.lookup(name)
 
     # --- per connection ------------------------------------------------------------------
 
@@ -363,10 +243,6 @@ class TarFilter(Filter):
             if flags & CmdFlag.REQ_ONE or len(out) >= MAX_EXTENTS:
                 break
         return out
-
-
-def _check_cancelled(members: int) -> None:
-    trio.from_thread.check_cancelled()
 
 
 def _pieces(h: Served, verb: str, count: int, offset: int, code: int) -> Sequence[Piece]:
