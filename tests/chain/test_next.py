@@ -5,8 +5,10 @@ plain ``def`` callbacks in worker threads."""
 from __future__ import annotations
 
 import errno
+import inspect
 import threading
 from collections.abc import Iterable
+from dataclasses import fields
 from typing import Any, ClassVar
 
 import pytest
@@ -29,7 +31,9 @@ from trionbd.chain import (
     ZeroMode,
     clip_extents,
 )
+from trionbd.chain.forward import ForwardingPlugin
 from trionbd.chain.layer import EMULATION_CHUNK, Layer
+from trionbd.chain.next import CAPABILITIES, Caps
 from trionbd.protocol.constants import CmdFlag, TransmissionFlag
 from trionbd.server.handshake import transmission_flags
 
@@ -607,3 +611,23 @@ async def test_layers_name_themselves_in_errors() -> None:
     with pytest.raises(NBDError) as info:
         await ctx.flush()
     assert info.value.message == "base: flush is not supported"
+
+
+# --- the callbacks are declared once ------------------------------------------------------
+
+
+def test_every_callback_of_next_is_on_each_base_class_and_forwarded() -> None:
+    """Next (chain/next.py) declares the per-connection callbacks; the author's base
+    classes define each, ForwardingPlugin forwards each, and each capability of Caps is
+    asked from one of them. (mypy checks LayerContext and LifetimeContext.)"""
+    callbacks = {
+        name
+        for name, value in vars(Next).items()
+        if inspect.iscoroutinefunction(value) and not name.startswith("_")
+    }
+    assert {"pread", "can_write", "close", "export_description"} <= callbacks
+    for base in (Plugin, Filter):
+        assert not {n for n in callbacks if not inspect.iscoroutinefunction(getattr(base, n, None))}
+    assert {n for n in callbacks if n not in vars(ForwardingPlugin)} == set()
+    asked = {ask.callback for _, ask in CAPABILITIES}
+    assert asked <= callbacks and len(asked) == len(fields(Caps))
