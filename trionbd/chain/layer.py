@@ -29,7 +29,7 @@ import trio
 from ..protocol.constants import FUA_BIT, CmdFlag
 from .errors import NBDError
 from .filter import Filter
-from .next import CAPABILITIES, READ_WRITE, CachedCaps, Caps, Next
+from .next import CAPABILITIES, READ_WRITE, Ask, CachedCaps, Caps, Next
 from .plugin import Plugin, overrides
 from .types import CacheMode, Concurrency, ExportList, Extent, FuaMode, ZeroMode
 
@@ -96,6 +96,19 @@ class Layer:
         )
         self.threads = trio.CapacityLimiter(THREADS_PER_LAYER)
         """Worker threads for this layer's plain ``def`` callbacks (see :func:`as_async`)."""
+        self._async: dict[tuple[object, bool], Callable[..., Awaitable[Any]]] = {}
+        self.questions: tuple[tuple[str, Ask, Callable[..., Awaitable[Any]] | None], ...] = tuple(
+            (
+                field,
+                ask,
+                None
+                if ask.callback in self.passed_caps
+                else self.run(getattr(target, ask.callback)),
+            )
+            for field, ask in CAPABILITIES
+        )
+        """What an open asks, in order: ``(Caps field, Ask, the target's callback)``; the
+        callback is None for a capability passed through from the layer below."""
 
     def __repr__(self) -> str:
         return f"<Layer {self.name}>"
@@ -103,9 +116,16 @@ class Layer:
     def run(
         self, callback: Callable[P, Awaitable[T]], abandon_on_cancel: bool = False
     ) -> Callable[P, Awaitable[T]]:
-        """``callback``, one of the target's, as an async callable (a plain ``def`` runs
-        in a worker thread of :attr:`threads`)."""
-        return as_async(callback, abandon_on_cancel=abandon_on_cancel, limiter=self.threads)
+        """``callback``, a method of the target, as an async callable (a plain ``def``
+        runs in a worker thread of :attr:`threads`); made once per layer and method:
+        every open binds about twenty of them."""
+        key = (getattr(callback, "__func__", callback), abandon_on_cancel)
+        fn = self._async.get(key)
+        if fn is None:
+            fn = self._async[key] = as_async(
+                callback, abandon_on_cancel=abandon_on_cancel, limiter=self.threads
+            )
+        return cast("Callable[P, Awaitable[T]]", fn)
 
     def _layer_below(self) -> Layer:
         """The layer below a filter's."""
@@ -254,19 +274,23 @@ class LayerContext(CachedCaps):
     async def prepare(self) -> None:
         """Ask every capability once (nbdkit's ``prepare``), in the order of
         :data:`~trionbd.chain.next.CAPABILITIES`."""
-        target = self.layer.target
-        passed = self.layer.passed_caps
+        below, handle = self.below, self.handle
+        below_caps = below.caps if isinstance(below, CachedCaps) else None
         answers: dict[str, Any] = {}
-        for field, ask in CAPABILITIES:
+        for field, ask, question in self.layer.questions:
             if ask.needs is not None and not (
                 not self.readonly if ask.needs is READ_WRITE else answers[ask.needs]
             ):
                 answers[field] = ask.off()
-            elif ask.callback in passed and self.below is not None:
-                # The filter's default answers what the layer below does: ask there.
-                answers[field] = await getattr(self.below, ask.callback)()
+            elif question is None:  # the filter's default gives the layer below's answer
+                if below_caps is not None:
+                    answers[field] = getattr(below_caps, field)
+                else:
+                    answers[field] = await getattr(below, ask.callback)()
+            elif self.layer.is_filter:
+                answers[field] = ask.convert(await question(below, handle))
             else:
-                answers[field] = ask.convert(await self._bind(getattr(target, ask.callback))())
+                answers[field] = ask.convert(await question(handle))
         size = answers["size"]
         if not isinstance(size, int) or size < 0:
             raise NBDError(errno.EIO, f"{self.layer.name}: get_size returned {size!r}")
