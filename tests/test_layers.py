@@ -41,8 +41,6 @@ RULES = [  # (modules under, may not import, why)
 PENDING = {
     ("filters", "trionbd.server"): "filters/log.py takes nbd_error from server/connection.py "
     "until the errno tables move to protocol/ (branch arch-server)",
-    ("filters", "trionbd.plugins"): "filters/cow.py takes fallocate from plugins/file.py until "
-    "it moves to the OS helpers (branch formats)",
     ("client.py", "trionbd.server"): "client.py takes Address and Transport from server/ until "
     "they move to a neutral module (branch arch-server)",
 }
