@@ -20,33 +20,18 @@ RULES = [  # (modules under, may not import, why)
     ("formats", "trionbd.chain", "formats/ are pure parsers"),
     ("chain", "trionbd.server", "the chain never reaches into the server"),
     ("chain", "trionbd.cli", "the chain never imports the command line"),
-    (
-        "chain",
-        "trionbd.plugins",
-        "the chain never imports plugins (trionbd/registry.py finds them)",
-    ),
-    (
-        "chain",
-        "trionbd.filters",
-        "the chain never imports filters (trionbd/registry.py finds them)",
-    ),
+    ("chain", "trionbd.plugins", "the chain never imports plugins (registry.py finds them)"),
+    ("chain", "trionbd.filters", "the chain never imports filters (registry.py finds them)"),
     ("plugins", "trionbd.server", "plugins never reach into the server"),
     ("plugins", "trionbd.cli", "plugins never import the command line"),
     ("filters", "trionbd.server", "filters never reach into the server"),
     ("filters", "trionbd.cli", "filters never import the command line"),
     ("filters", "trionbd.plugins", "filters do not borrow from plugins"),
-    ("client.py", "trionbd.server", "the client (used by the nbd plugin) is not the server"),
+    ("client", "trionbd.server", "the client (used by the nbd plugin) is not the server"),
+    ("net", "trionbd.server", "net/ is what the server and the client share"),
+    ("net", "trionbd.chain", "net/ is below the chain: bytes and addresses only"),
     ("osutil.py", "trionbd", "OS helpers are neutral ground: any layer may use them"),
 ]
-
-PENDING = {
-    ("filters", "trionbd.server"): "filters/log.py takes nbd_error from server/connection.py "
-    "until the errno tables move to protocol/ (branch arch-server)",
-    ("client.py", "trionbd.server"): "client.py takes Address and Transport from server/ until "
-    "they move to a neutral module (branch arch-server)",
-}
-"""Rules broken on this branch that other branches fix: expected to fail until they land,
-then (strict) to pass, so that this table is emptied."""
 
 
 def imports(path: Path) -> set[str]:
@@ -81,17 +66,7 @@ def violations(under: str, forbidden: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("under", "forbidden", "why"),
-    [
-        pytest.param(
-            *rule,
-            marks=[pytest.mark.xfail(strict=True, reason=PENDING[rule[:2]])]
-            if rule[:2] in PENDING
-            else [],
-            id=f"{rule[0]} !-> {rule[1]}",
-        )
-        for rule in RULES
-    ],
+    ("under", "forbidden", "why"), RULES, ids=[f"{u} !-> {f}" for u, f, _ in RULES]
 )
 def test_no_import_runs_the_wrong_way(under: str, forbidden: str, why: str) -> None:
     bad = violations(under, forbidden)
