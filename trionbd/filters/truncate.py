@@ -128,8 +128,7 @@ class TruncateFilter(Filter):
         if beyond.count(0) != len(beyond):
             raise NBDError(
                 errno.ENOSPC,
-                f"truncate: write of non-zero bytes beyond the end of {next.name} "
-                f"({h.real} bytes)",
+                f"truncate: write of non-zero bytes beyond the end of {next.name} ({h.real} bytes)",
             )
         if inside:
             await next.pwrite(buf if inside == len(buf) else buf[:inside], offset, flags)
