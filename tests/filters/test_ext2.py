@@ -17,6 +17,7 @@ import random
 import re
 import stat
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,15 @@ def images(tmp_path_factory: pytest.TempPathFactory, src: Path) -> Callable[[str
 # ------------------------------------------------------------------------------ clients
 
 
+UTC_RE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+"""How a description shows an mtime."""
+
+
+def utc_text(mtime: float) -> str:
+    """An mtime as descriptions show it (whole seconds, UTC)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(mtime)))
+
+
 def exports_by_name(uri: str) -> dict[str, dict[str, Any]]:
     """``nbdinfo --list --json``: every export by name."""
     return {e["export-name"]: e for e in listing(uri)}
@@ -256,7 +266,8 @@ def test_nbdinfo_lists_every_regular_file_with_size_and_mode(served: Any, src: P
         st = expected[name].lstat()
         assert e["export-size"] == st.st_size, name
         assert e["description"] == (
-            f"regular file, {st.st_size} bytes, mode {stat.S_IMODE(st.st_mode):04o}"
+            f"regular file, {st.st_size} byte{'' if st.st_size == 1 else 's'}, "
+            f"mode {stat.S_IMODE(st.st_mode):04o}, mtime {utc_text(st.st_mtime)}"
         )
         assert e["can_trim"] is False and e["can_flush"] is True
         inline = "inline" in config and is_inline(image, name)
@@ -369,7 +380,9 @@ for uri, content in READS:
         listed = eval(libnbd_python(script))
     assert [n for n, _ in listed] == names
     for i, (_name, desc) in enumerate(listed):
-        assert desc == f"regular file, {len(bigdir_content(i))} bytes, mode 0644"
+        assert re.fullmatch(
+            f"regular file, {len(bigdir_content(i))} bytes, mode 0644, mtime {UTC_RE}", desc
+        )
 
 
 # ------------------------------------------------------------------------------ writes
@@ -614,8 +627,9 @@ def test_ext2file_serves_one_file_under_any_name(
     with trionbd_process("file", str(image), EXT2, "ext2file=/d1/d2/deep.bin") as server:
         exports = exports_by_name(server.uri)
         assert list(exports) == ["/d1/d2/deep.bin"]
+        mtime = utc_text((src / "d1/d2/deep.bin").stat().st_mtime)
         assert exports["/d1/d2/deep.bin"]["description"] == (
-            "regular file, 300000 bytes, mode 0644"
+            f"regular file, 300000 bytes, mode 0644, mtime {mtime}"
         )
         assert read_export(server.uri, tmp_path) == deep  # the default export
         assert read_export(server.uri_for("whatever"), tmp_path) == deep

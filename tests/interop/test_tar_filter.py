@@ -467,7 +467,8 @@ def test_archives_of_a_directory_are_named_archive_slash_member(tmp_path: Path) 
         for e in exports:
             name = e["export-name"]
             assert e["export-size"] == len(expected[name])
-            assert e["description"].startswith(f"regular file, {len(expected[name])} bytes")
+            size = len(expected[name])
+            assert e["description"].startswith(f"regular file, {size} byte{'s' * (size != 1)},")
             assert read_export(server.uri_for(name), tmp_path) == expected[name]
         default = export_info(server.uri)
         assert default["export-name"] == "a.tar/x"

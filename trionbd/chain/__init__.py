@@ -21,6 +21,7 @@ from .types import (
     FuaMode,
     Sparse,
     ZeroMode,
+    describe_file,
     each_export,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "ZeroMode",
     "clip_extents",
     "current_client",
+    "describe_file",
     "each_export",
     "parse_bool",
     "parse_choice",

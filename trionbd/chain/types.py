@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 from ..protocol.constants import BLOCK_SIZE_MAX, BLOCK_SIZE_MIN, BLOCK_SIZE_PREFERRED
@@ -16,6 +17,29 @@ class Export:
 
     name: str
     description: str = ""
+
+
+def describe_file(
+    size: int,
+    *,
+    mode: int | None = None,
+    mtime: float | None = None,
+    detail: str = "",
+    kind: str = "regular file",
+) -> str:
+    """The description of an export that is a file, the same for every plugin and filter:
+    ``regular file, 1048576 bytes, mode 0644, mtime 2024-05-01T12:00:00Z`` (mode and
+    mtime when known; ``detail`` follows the size, e.g. `` (sparse, 4096 stored)``)."""
+    text = f"{kind}, {size} byte{'' if size == 1 else 's'}{detail}"
+    if mode is not None:
+        text += f", mode {mode & 0o7777:04o}"
+    if mtime is not None:
+        try:
+            when = datetime.fromtimestamp(int(mtime), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        except (OverflowError, ValueError, OSError):
+            when = repr(mtime)
+        text += f", mtime {when}"
+    return text
 
 
 ExportList = Iterable[Export] | AsyncIterable[Export]

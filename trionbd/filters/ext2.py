@@ -9,11 +9,11 @@ Names:
 
 * Without ``ext2file`` (or with ``ext2file=exportname``, nbdkit's spelling for the same
   thing) every regular file is an export named by its absolute path, ``/dir/disk.img``;
-  ``nbdinfo --list`` shows them all with their size and mode, and a client may ask for
-  ``dir/disk.img`` too. Any path that reaches a regular file works, through symbolic
-  links (followed, at most 40 per lookup) and ``..``; a directory, device, FIFO, socket,
-  dangling link or link loop is refused with an error that says what the name is. The
-  default export is the first file listed.
+  ``nbdinfo --list`` shows them all, sorted by path, with their size, mode and
+  modification time, and a client may ask for ``dir/disk.img`` too. Any path that
+  reaches a regular file works, through symbolic links (followed, at most 40 per lookup)
+  and ``..``; a directory, device, FIFO, socket, dangling link or link loop is refused
+  with an error that says what the name is. The default export is the first file listed.
 * With ``ext2file=/PATH`` the one file at PATH is served whatever export name a client
   asks for (as nbdkit's ext2 filter); it is listed, and is the default, as ``/PATH``.
 * When the layer below lists several images (``file dir=DIR``) the names are
@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import stat
 from dataclasses import dataclass
 
 from ..chain import (
@@ -84,6 +83,7 @@ from ..chain import (
     Param,
     Progress,
     ZeroMode,
+    describe_file,
     parse_bool,
 )
 from ..formats import FormatError, Pread
@@ -135,8 +135,8 @@ class File:
 
 
 def describe(inode: Inode) -> str:
-    """The export description of a file: its size and mode."""
-    return f"regular file, {inode.size} bytes, mode {stat.S_IMODE(inode.mode):04o}"
+    """The export description of a file: its size, mode and modification time."""
+    return describe_file(inode.size, mode=inode.mode, mtime=inode.mtime)
 
 
 def _open_error(label: str, path: str, e: FormatError) -> NBDError:
@@ -213,6 +213,7 @@ class Ext2Filter(ContainerFilter[Image, File]):
                         continue
                     files.append(Export(path, describe(inode)))
                     progress.members += 1
+                files.sort(key=lambda e: e.name)  # directory order means nothing to a reader
         except FormatError as e:
             raise NBDError(errno.EIO, f"ext2: {label}: {e}") from None
         if fs.read_only_reason:

@@ -55,7 +55,17 @@ from dataclasses import dataclass
 
 import trio
 
-from ..chain import ContainerFilter, Export, Extent, Layer, NBDError, Next, Param, Progress
+from ..chain import (
+    ContainerFilter,
+    Export,
+    Extent,
+    Layer,
+    NBDError,
+    Next,
+    Param,
+    Progress,
+    describe_file,
+)
 from ..formats import BlockingRead, FormatError, Pread
 from ..formats.tar import TarIndex, TarLookupError, TarMember, normalize_name, scan_tar
 from ..nursery import Lifetime
@@ -104,7 +114,8 @@ class Served:
 
 def describe(name: str, member: TarMember) -> str:
     """The export description of ``member`` served under ``name`` (a link's name)."""
-    text = member.description()
+    stored = f" (sparse, {member.stored_size} stored)" if member.sparse is not None else ""
+    text = describe_file(member.size, mode=member.mode, mtime=member.mtime, detail=stored)
     return text if name == member.name else f"{text}, link to {member.name!r}"
 
 

@@ -72,7 +72,6 @@ import io
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import NamedTuple, NoReturn, cast
 
 from trionbd.formats import BlockingRead, FormatError, map_range
@@ -265,21 +264,6 @@ class TarMember:
         if self.sparse is None:
             return [Segment(offset, length, self.offset_data + offset)]
         return map_range(self._starts, self._ends, self._sources, offset, offset + length, Segment)
-
-    def description(self) -> str:
-        """A one-line human description, e.g. for ``nbdinfo --list``.
-
-        ``regular file, 1048576 bytes, mode 0644, mtime 2024-05-01T12:00:00Z``; sparse
-        members add how many bytes are stored.
-        """
-        size = f"{self.size} bytes"
-        if self.sparse is not None:
-            size += f" (sparse, {self.stored_size} stored)"
-        try:
-            when = datetime.fromtimestamp(int(self.mtime), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        except (OverflowError, ValueError, OSError):
-            when = repr(self.mtime)
-        return f"regular file, {size}, mode {self.mode & 0o7777:04o}, mtime {when}"
 
 
 # Nodes of the name tree built while scanning (a regular member is its own node); links

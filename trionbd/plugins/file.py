@@ -31,7 +31,16 @@ from typing import Any
 
 import trio
 
-from ..chain import ConfigError, Export, Extent, NBDError, Param, Plugin, parse_choice
+from ..chain import (
+    ConfigError,
+    Export,
+    Extent,
+    NBDError,
+    Param,
+    Plugin,
+    describe_file,
+    parse_choice,
+)
 from ..chain.types import CacheMode, FuaMode, ZeroMode
 from ..osutil import (
     FALLOC_FL_KEEP_SIZE,
@@ -106,7 +115,7 @@ class FilePlugin(Plugin):
         if self.dir is None:
             return [Export("")]
         files = await trio.to_thread.run_sync(self._dir_files)
-        return [Export(e.name, f"regular file, {e.stat().st_size} bytes") for e in files]
+        return [Export(e.name, describe_file(e.stat().st_size)) for e in files]
 
     async def default_export(self, readonly: bool, is_tls: bool) -> str:
         if self.dir is None:
@@ -150,7 +159,7 @@ class FilePlugin(Plugin):
         return h.size
 
     async def export_description(self, h: Handle) -> str | None:
-        return None if self.dir is None else f"regular file, {h.size} bytes"
+        return None if self.dir is None else describe_file(h.size)
 
     async def can_write(self, h: Handle) -> bool:
         return h.writable
