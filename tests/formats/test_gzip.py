@@ -12,6 +12,7 @@ import zlib
 from itertools import pairwise
 
 import pytest
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -119,6 +120,43 @@ async def test_reads_inflate_at_most_one_interval(data: bytes) -> None:
         image.reads.clear()
         assert await reader.read(offset, 4096) == data[offset : offset + 4096]
         assert sum(n for _, n in image.reads) <= INTERVAL + 64 * KiB + READ_CHUNK
+
+
+async def test_concurrent_reads_inflate_each_interval_once(data: bytes) -> None:
+    """Many tasks reading in sequence at once (as nbdcopy's 64 requests in flight do):
+    with a lock, tasks wanting the same interval wait for one inflation of it, so the
+    compressed bytes are read exactly once; every task gets its bytes."""
+    blob = tool(["gzip", "-c"], data)
+    image = MemoryImage(blob)
+    index = await index_gzip(image.pread, len(blob), interval=INTERVAL)
+    depth = index.checkpoints  # nothing is evicted: a second inflation would be a waste
+    reader = GzipReader(image.pread, index, offload=trio.to_thread.run_sync, lock=trio.Lock,
+                        depth=depth)  # fmt: skip
+    image.reads.clear()
+    got: dict[int, bytes] = {}
+
+    async def read(offset: int) -> None:
+        got[offset] = await reader.read(offset, 24 * KiB)
+
+    async with trio.open_nursery() as nursery:
+        for offset in range(0, len(data), 24 * KiB):
+            nursery.start_soon(read, offset)
+    assert b"".join(got[k] for k in sorted(got)) == data
+    stream = index.members[0].stream
+    ends = [p.inp for p in stream.checkpoints[1:]] + [stream.end]
+    assert sorted(image.reads) == [
+        (p.inp, e - p.inp) for p, e in zip(stream.checkpoints, ends, strict=True)
+    ]
+
+
+async def test_a_changed_input_is_an_error_not_wrong_bytes(data: bytes) -> None:
+    blob = tool(["gzip", "-c"], data)
+    image = MemoryImage(blob)
+    index = await index_gzip(image.pread, len(blob), interval=INTERVAL)
+    middle = len(blob) // 2
+    image.data[middle : middle + 64] = bytes(64)
+    with pytest.raises(FormatError, match="input changed"):
+        await GzipReader(image.pread, index).read(0, len(data))
 
 
 async def test_index_saved_and_loaded(data: bytes) -> None:

@@ -3,8 +3,10 @@ hold them.
 
 :func:`index_deflate` inflates a stream once, from its first byte to its end, computing
 its size and CRC-32 and recording a :class:`Checkpoint` about every ``interval`` bytes
-of output. :class:`DeflateReader` then serves any byte range by resuming at the
-checkpoint before it, so a read inflates at most one interval (plus what it returns).
+of output. :class:`DeflateReader` then serves any byte range by inflating the
+*interval(s)* it falls in (the output between two checkpoints), each resumed at its
+checkpoint, and keeps the last few: a small read inflates one interval, a sequential
+reader inflates every byte once, and reads of different intervals can run at once.
 
 How a checkpoint resumes: deflate blocks do not end on byte boundaries, and a decoder
 in the middle of a block holds Huffman tables that no byte offset can restore. So, as
@@ -17,10 +19,15 @@ this module calls the system's zlib (``libz.so.1``, the library Python's own mod
 uses) through :mod:`ctypes`; that is also what makes a checkpoint plain data, which the
 gzip reader saves in its index file.
 
+A checkpoint also records the CRC-32 of its interval's output, checked whenever the
+interval is inflated: input that changed after it was indexed (or decayed on disk)
+gives a FormatError, never wrong bytes.
+
 Memory: a checkpoint keeps its window deflated (level 1): at most 32 KiB, a few KiB for
 compressible data. With the default interval of 1 MiB that is at most 3 % of the
-stream's size, and reaching any offset costs at most 1 MiB of inflating (a few
-milliseconds).
+stream's size, and reaching any offset costs one interval of inflating (1 MiB plus at
+most one deflate block: a few milliseconds). A reader keeps ``depth`` intervals
+inflated (8 by default: about 8 MiB).
 
 CPU: inflating is synchronous work. Every function here that inflates takes an optional
 ``offload``, an async callable that runs a synchronous function and returns its result
@@ -38,14 +45,15 @@ import ctypes.util
 import struct
 import weakref
 import zlib
-from bisect import bisect_right
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from itertools import pairwise
 from typing import NamedTuple
 
 from . import FormatError, Offload, Pread, read_exactly, run_inline
+from .blocks import BlockCache, LockFactory
 
 DEFAULT_INTERVAL = 1 << 20
 """Output bytes between checkpoints: a read inflates at most this much before its data."""
@@ -59,9 +67,8 @@ READ_CHUNK = 256 << 10
 OUT_CHUNK = 256 << 10
 """Largest output of one ``inflate`` call."""
 
-CURSORS = 4
-"""Decoders kept where the last reads ended, so sequential readers continue instead of
-resuming from a checkpoint (one per reader of a few interleaved sequential readers)."""
+DEFAULT_DEPTH = 8
+"""Intervals a reader keeps inflated (about 1 MiB each with the default interval)."""
 
 # --------------------------------------------------------------------------------------
 # zlib through ctypes: just what inflating with checkpoints needs
@@ -99,6 +106,13 @@ _libz.inflate.argtypes = [_P, ctypes.c_int]
 _libz.inflateEnd.argtypes = [_P]
 _libz.inflatePrime.argtypes = [_P, ctypes.c_int, ctypes.c_int]
 _libz.inflateSetDictionary.argtypes = [_P, ctypes.c_char_p, ctypes.c_uint]
+_libz.crc32_combine64.argtypes = [ctypes.c_ulong, ctypes.c_ulong, ctypes.c_int64]
+_libz.crc32_combine64.restype = ctypes.c_ulong
+
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The CRC-32 of A + B from A's CRC ``crc1``, and B's CRC ``crc2`` and length."""
+    return int(_libz.crc32_combine64(crc1, crc2, length2))
 
 
 class _ZlibError(Exception):
@@ -169,6 +183,9 @@ class Checkpoint(NamedTuple):
     bits: int
     value: int
     window: bytes
+    crc: int = 0
+    """The CRC-32 of the output from here to the next checkpoint (or the end): a read
+    checks it, so input that changed after indexing gives an error, not wrong bytes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,13 +200,15 @@ class DeflateStream:
     checkpoints: tuple[Checkpoint, ...]
 
     _HEAD = struct.Struct("<QQQII")
-    _POINT = struct.Struct("<QQBBI")
+    _POINT = struct.Struct("<QQBBII")
 
     def to_bytes(self) -> bytes:
         """A compact serialization, read back by :meth:`from_bytes`."""
         parts = [self._HEAD.pack(self.start, self.end, self.size, self.crc, len(self.checkpoints))]
         for cp in self.checkpoints:
-            parts.append(self._POINT.pack(cp.out, cp.inp, cp.bits, cp.value, len(cp.window)))
+            parts.append(
+                self._POINT.pack(cp.out, cp.inp, cp.bits, cp.value, cp.crc, len(cp.window))
+            )
             parts.append(cp.window)
         return b"".join(parts)
 
@@ -202,13 +221,13 @@ class DeflateStream:
             pos += cls._HEAD.size
             points = []
             for _ in range(count):
-                out, inp, bits, value, wlen = cls._POINT.unpack_from(buf, pos)
+                out, inp, bits, value, crc_k, wlen = cls._POINT.unpack_from(buf, pos)
                 pos += cls._POINT.size
                 window = bytes(buf[pos : pos + wlen])
                 if len(window) != wlen:
                     raise struct.error("window runs past the end")
                 pos += wlen
-                points.append(Checkpoint(out, inp, bits, value, window))
+                points.append(Checkpoint(out, inp, bits, value, window, crc_k))
         except struct.error as e:
             raise FormatError(f"truncated deflate index record ({e})") from None
         ok = (
@@ -233,6 +252,7 @@ class _Scan:
         self.inp = start
         self.out = 0
         self.crc = 0
+        self.interval_crc = 0  # of the output since the last checkpoint
         self.done = False
         self.tail = bytearray()  # the last WINDOW_SIZE bytes of output
         self.last_byte = 0
@@ -254,7 +274,7 @@ class _Scan:
             pos += used
             self.inp += used
             if out:
-                self.crc = zlib.crc32(out, self.crc)
+                self.interval_crc = zlib.crc32(out, self.interval_crc)
                 self.out += len(out)
                 self.tail += out
                 del self.tail[:-WINDOW_SIZE]
@@ -271,8 +291,16 @@ class _Scan:
                 bits = dt & 7
                 value = self.last_byte >> (8 - bits) if bits else 0
                 window = zlib.compress(bytes(self.tail), 1)
+                self.end_interval()
                 self.points.append(Checkpoint(self.out, self.inp, bits, value, window))
         return pos
+
+    def end_interval(self) -> None:
+        """Record the CRC-32 of the interval of the last checkpoint, which ends here."""
+        last = self.points[-1]
+        self.points[-1] = last._replace(crc=self.interval_crc)
+        self.crc = crc32_combine(self.crc, self.interval_crc, self.out - last.out)
+        self.interval_crc = 0
 
 
 async def index_deflate(
@@ -305,6 +333,7 @@ async def index_deflate(
         pos += used
         if progress is not None:
             progress(pos)
+    scan.end_interval()
     return DeflateStream(start, scan.inp, scan.out, scan.crc, tuple(scan.points))
 
 
@@ -312,91 +341,88 @@ async def index_deflate(
 # Reading
 
 
-class _Cursor:
-    """A decoder positioned at output offset ``out``, input offset ``inp``, with
-    ``pending`` input bytes (from ``inp`` on) already read."""
+def intervals(stream: DeflateStream) -> tuple[list[int], list[int]]:
+    """The output offsets and sizes of the stream's intervals: interval ``k`` runs from
+    checkpoint ``k`` to the next one (the last to the end of the stream)."""
+    starts = [cp.out for cp in stream.checkpoints]
+    sizes = [b - a for a, b in pairwise([*starts, stream.size])]
+    return starts, sizes
 
-    __slots__ = ("inflater", "inp", "out", "pending")
 
-    def __init__(self, inflater: _Inflater, inp: int, out: int) -> None:
-        self.inflater = inflater
-        self.inp = inp
-        self.out = out
-        self.pending = b""
+async def inflate_interval(
+    pread: Pread, stream: DeflateStream, k: int, offload: Offload | None = None
+) -> bytes:
+    """The output of interval ``k`` of ``stream`` (see :func:`intervals`): its compressed
+    bytes read at once, then inflated from checkpoint ``k``."""
+    points = stream.checkpoints
+    cp = points[k]
+    last = k + 1 == len(points)
+    out_end = stream.size if last else points[k + 1].out
+    in_end = stream.end if last else points[k + 1].inp
+    what = f"deflate stream at offset {stream.start}"
+    raw = await read_exactly(pread, cp.inp, in_end - cp.inp, what) if in_end > cp.inp else b""
+    run = offload or run_inline
+    return await run(partial(_inflate, cp, raw, out_end - cp.out, what))
+
+
+def _inflate(cp: Checkpoint, raw: bytes, size: int, what: str) -> bytes:
+    """``size`` bytes inflated from ``raw``, the input from checkpoint ``cp`` on."""
+    inflater = _Inflater()
+    inflater.resume(cp.bits, cp.value, zlib.decompress(cp.window) if cp.window else b"")
+    parts: list[bytes] = []
+    made = pos = 0
+    while made < size:
+        try:
+            used, out, rc = inflater.inflate(raw, pos, min(OUT_CHUNK, size - made), False)
+        except _ZlibError as e:
+            raise FormatError(
+                f"{what}: corrupt data at offset {cp.inp + pos + e.used}: {e} (input changed?)"
+            ) from None
+        pos += used
+        made += len(out)
+        parts.append(out)
+        if made < size and (rc == _Z_STREAM_END or not (used or out)):
+            raise FormatError(
+                f"{what}: its data up to offset {cp.inp + len(raw)} gives {cp.out + made} "
+                f"bytes of output, not the {cp.out + size} the index says (input changed?)"
+            )
+    data = b"".join(parts)
+    if zlib.crc32(data) != cp.crc:
+        raise FormatError(
+            f"{what}: CRC-32 mismatch in the output from offset {cp.out} to "
+            f"{cp.out + size}, inflated from input offset {cp.inp} (input changed?)"
+        )
+    return data
 
 
 class DeflateReader:
     """Reads any byte range of an indexed deflate stream through ``pread``.
 
-    Safe to use from several tasks at once: each read takes a decoder of its own (a
-    kept cursor, or a new one resumed at a checkpoint).
+    A read inflates the interval(s) it falls in whole (from one checkpoint to the next)
+    and keeps the ``depth`` most recently used, so sequential reads inflate each byte
+    once. Safe to use from several tasks at once; with ``lock`` (``trio.Lock``) tasks
+    reading the same interval at the same moment wait for one inflation of it (see
+    :class:`~trionbd.formats.blocks.BlockCache`).
     """
 
-    def __init__(self, pread: Pread, stream: DeflateStream, *, offload: Offload | None = None):
+    def __init__(
+        self,
+        pread: Pread,
+        stream: DeflateStream,
+        *,
+        offload: Offload | None = None,
+        depth: int = DEFAULT_DEPTH,
+        lock: LockFactory = nullcontext,
+    ):
         self.stream = stream
         self._pread = pread
-        self._run = offload or run_inline
-        self._outs = [cp.out for cp in stream.checkpoints]
-        self._cursors: list[_Cursor] = []
+        self._offload = offload
+        starts, sizes = intervals(stream)
+        self._cache = BlockCache(starts, sizes, self._load, depth, lock=lock)
 
-    def _take_cursor(self, offset: int) -> _Cursor:
-        cps = self.stream.checkpoints
-        cp = cps[bisect_right(self._outs, offset) - 1]
-        best = None
-        for c in self._cursors:
-            if cp.out <= c.out <= offset and (best is None or c.out > best.out):
-                best = c
-        if best is not None:
-            self._cursors.remove(best)
-            return best
-        inflater = _Inflater()
-        inflater.resume(cp.bits, cp.value, zlib.decompress(cp.window) if cp.window else b"")
-        return _Cursor(inflater, cp.inp, cp.out)
+    async def _load(self, k: int) -> bytes:
+        return await inflate_interval(self._pread, self.stream, k, self._offload)
 
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes of output at ``offset``, clipped to the stream's size."""
-        if offset < 0 or length < 0:
-            raise ValueError(f"negative range: offset {offset}, length {length}")
-        stream = self.stream
-        end = min(offset + length, stream.size)
-        if offset >= end:
-            return b""
-        cursor = self._take_cursor(offset)
-        parts: list[bytes] = []
-        while cursor.out < end:
-            skip = max(0, offset - cursor.out)
-            step = await self._run(partial(self._step, cursor, min(OUT_CHUNK, end - cursor.out)))
-            if step is None:  # needs input
-                if cursor.inp >= stream.end:
-                    raise FormatError(
-                        f"deflate stream at offset {stream.start}: its data ends at offset "
-                        f"{stream.end} before output offset {cursor.out} (input changed?)"
-                    )
-                n = min(READ_CHUNK, stream.end - cursor.inp)
-                cursor.pending = await read_exactly(self._pread, cursor.inp, n, "deflate data")
-            elif len(step) > skip:
-                parts.append(step[skip:])
-        if len(self._cursors) >= CURSORS:
-            self._cursors.pop(0)
-        self._cursors.append(cursor)
-        return b"".join(parts)
-
-    def _step(self, cursor: _Cursor, want: int) -> bytes | None:
-        """Inflate up to ``want`` bytes at the cursor (none when it only consumed a block
-        header); None when it needs more input."""
-        try:
-            used, out, rc = cursor.inflater.inflate(cursor.pending, 0, want, False)
-        except _ZlibError as e:
-            raise FormatError(
-                f"deflate stream at offset {self.stream.start}: corrupt data at offset "
-                f"{cursor.inp + e.used}: {e} (input changed?)"
-            ) from None
-        cursor.pending = cursor.pending[used:]
-        cursor.inp += used
-        cursor.out += len(out)
-        if not out and rc == _Z_STREAM_END:
-            raise FormatError(
-                f"deflate stream at offset {self.stream.start}: ended at output offset "
-                f"{cursor.out}, before its indexed size {self.stream.size} (input changed?)"
-            )
-        return out if out or used else None
+        return await self._cache.read(offset, length)

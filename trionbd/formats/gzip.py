@@ -6,7 +6,7 @@ and the size modulo 2^32 of that member's data. The trailer cannot give the tota
 so :func:`index_gzip` makes one full pass: it parses every header, inflates every
 member with :func:`~trionbd.formats.deflate.index_deflate` (which records checkpoints
 for random access), and checks every trailer. :class:`GzipReader` then serves any byte
-range of the concatenated data, inflating at most one checkpoint interval per read.
+range of the concatenated data, inflating the checkpoint interval(s) each read falls in.
 
 The index can be kept (:meth:`GzipIndex.to_bytes`, :meth:`GzipIndex.from_bytes`) in a
 versioned format of our own, so a second start skips the pass: it records the input's
@@ -25,12 +25,20 @@ from __future__ import annotations
 
 import struct
 import zlib
-from bisect import bisect_right
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from . import FormatError, Offload, Pread, read_exactly
-from .deflate import DEFAULT_INTERVAL, DeflateReader, DeflateStream, index_deflate
+from .blocks import BlockCache, LockFactory
+from .deflate import (
+    DEFAULT_DEPTH,
+    DEFAULT_INTERVAL,
+    DeflateStream,
+    index_deflate,
+    inflate_interval,
+    intervals,
+)
 
 MAGIC = b"\x1f\x8b"
 MAX_HEADER = 1 << 20
@@ -41,7 +49,7 @@ _FIXED = struct.Struct("<2sBBIBB")  # ID1 ID2, CM, FLG, MTIME, XFL, OS
 _TRAILER = struct.Struct("<II")  # CRC32, ISIZE
 
 INDEX_MAGIC = b"TRIONBD GZIP INDEX\n\0"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 class StaleIndex(FormatError):
@@ -253,29 +261,41 @@ async def index_gzip(
 
 
 class GzipReader:
-    """Reads any byte range of the decompressed data of an indexed gzip file."""
+    """Reads any byte range of the decompressed data of an indexed gzip file: the
+    intervals between checkpoints of all members are the blocks of one
+    :class:`~trionbd.formats.blocks.BlockCache` (see
+    :class:`~trionbd.formats.deflate.DeflateReader`, which does the same for one stream)."""
 
-    def __init__(self, pread: Pread, index: GzipIndex, *, offload: Offload | None = None):
+    def __init__(
+        self,
+        pread: Pread,
+        index: GzipIndex,
+        *,
+        offload: Offload | None = None,
+        depth: int = DEFAULT_DEPTH,
+        lock: LockFactory = nullcontext,
+    ):
         self.index = index
-        self._outs = [m.out for m in index.members]
-        self._readers = [DeflateReader(pread, m.stream, offload=offload) for m in index.members]
+        self._pread = pread
+        self._offload = offload
+        self._intervals: list[tuple[DeflateStream, int]] = []
+        starts: list[int] = []
+        sizes: list[int] = []
+        for member in index.members:
+            outs, lengths = intervals(member.stream)
+            starts += [member.out + out for out in outs]
+            sizes += lengths
+            self._intervals += [(member.stream, k) for k in range(len(outs))]
+        self._cache = BlockCache(starts, sizes, self._load, depth, lock=lock)
 
     @property
     def size(self) -> int:
         return self.index.size
 
+    async def _load(self, i: int) -> bytes:
+        stream, k = self._intervals[i]
+        return await inflate_interval(self._pread, stream, k, self._offload)
+
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` of the decompressed data, clipped to its size."""
-        if offset < 0 or length < 0:
-            raise ValueError(f"negative range: offset {offset}, length {length}")
-        end = min(offset + length, self.index.size)
-        parts = []
-        i = bisect_right(self._outs, offset) - 1
-        while offset < end:
-            member = self.index.members[i]
-            stop = min(end, member.out + member.stream.size)
-            if stop > offset:
-                parts.append(await self._readers[i].read(offset - member.out, stop - offset))
-                offset = stop
-            i += 1
-        return b"".join(parts)
+        return await self._cache.read(offset, length)

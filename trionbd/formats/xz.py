@@ -26,11 +26,12 @@ from __future__ import annotations
 import lzma
 import struct
 import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
 from . import FormatError, Offload, Pread, read_exactly, run_inline
-from .blocks import BlockCache
+from .blocks import BlockCache, LockFactory
 
 HEADER_MAGIC = b"\xfd7zXZ\x00"
 FOOTER_MAGIC = b"YZ"
@@ -218,8 +219,10 @@ class XzReader:
         max_block: int = DEFAULT_MAX_BLOCK,
         max_depth: int = DEFAULT_MAX_DEPTH,
         offload: Offload | None = None,
+        lock: LockFactory = nullcontext,
     ) -> None:
-        """Raises FormatError if a block is larger than ``max_block``."""
+        """Raises FormatError if a block is larger than ``max_block``. ``lock``: see
+        :class:`~trionbd.formats.blocks.BlockCache`."""
         for block in index.blocks:
             if block.size > max_block:
                 raise FormatError(
@@ -231,7 +234,7 @@ class XzReader:
         self._run = offload or run_inline
         blocks = index.blocks
         self._cache = BlockCache(
-            [b.out for b in blocks], [b.size for b in blocks], self._load, max_depth
+            [b.out for b in blocks], [b.size for b in blocks], self._load, max_depth, lock=lock
         )
 
     async def _load(self, i: int) -> bytes:

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
 import pyzstd
 
 from . import FormatError, Offload, Pread, read_exactly, run_inline
-from .blocks import BlockCache
+from .blocks import BlockCache, LockFactory
 
 FRAME_MAGIC = b"\x28\xb5\x2f\xfd"
 SKIPPABLE_MAGIC = 0x184D2A5E
@@ -134,8 +135,10 @@ class ZstdReader:
         max_frame: int = DEFAULT_MAX_FRAME,
         max_depth: int = DEFAULT_MAX_DEPTH,
         offload: Offload | None = None,
+        lock: LockFactory = nullcontext,
     ) -> None:
-        """Raises FormatError if a frame is larger than ``max_frame``."""
+        """Raises FormatError if a frame is larger than ``max_frame``. ``lock``: see
+        :class:`~trionbd.formats.blocks.BlockCache`."""
         for frame in index.frames:
             if frame.size > max_frame:
                 raise FormatError(f"zstd: frame at offset {frame.offset} holds {frame.size} "
@@ -145,7 +148,7 @@ class ZstdReader:
         self._run = offload or run_inline
         frames = index.frames
         self._cache = BlockCache(
-            [f.out for f in frames], [f.size for f in frames], self._load, max_depth
+            [f.out for f in frames], [f.size for f in frames], self._load, max_depth, lock=lock
         )
 
     async def _load(self, i: int) -> bytes:
@@ -162,7 +165,7 @@ class ZstdReader:
 async def decompress_all(
     pread: Pread,
     size: int,
-    write: Callable[[bytes], None],
+    write: Callable[[bytes], object],
     *,
     progress: Callable[[int], None] | None = None,
     offload: Offload | None = None,
