@@ -239,6 +239,29 @@ async def test_dir_serves_each_regular_file(tmp_path: Path) -> None:
         assert await c.read(0, 8192) == b
 
 
+async def test_export_identity_changes_with_the_file(tmp_path: Path) -> None:
+    """What the gzip filter's index= relies on: the same while the file is untouched,
+    different after a rewrite, a replacement or a change of size; None if unknown."""
+    path = tmp_path / "a.img"
+    random_file(path, 4096, seed=1)
+    one = plugin(file=str(path))
+    many = plugin(dir=str(tmp_path))
+    first = await one.export_identity("")
+    assert first is not None
+    assert await one.export_identity("") == first == await many.export_identity("a.img")
+    os.utime(path, ns=(1, 1_700_000_000_123_456_789))
+    touched = await one.export_identity("")
+    assert touched not in (None, first)
+    random_file(tmp_path / "new.img", 4096, seed=1)
+    os.utime(tmp_path / "new.img", ns=(1, 1_700_000_000_123_456_789))
+    os.replace(tmp_path / "new.img", path)  # same size and time, another inode
+    assert await one.export_identity("") not in (None, touched)
+    path.write_bytes(path.read_bytes() + b"x")
+    os.utime(path, ns=(1, 1_700_000_000_123_456_789))
+    assert await one.export_identity("") not in (None, touched, first)
+    assert await many.export_identity("missing.img") is None
+
+
 async def test_dir_with_real_clients(tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()

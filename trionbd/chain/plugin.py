@@ -91,6 +91,14 @@ class Plugin:
         """The canonical name of the export a client gets when it asks for ``""``."""
         return ""
 
+    async def export_identity(self, export_name: str) -> bytes | None:
+        """What identifies the present contents of export ``export_name`` without reading
+        them (the ``file`` plugin: the file's inode, size and modification time), or None
+        if this plugin cannot tell (the default). Not part of the protocol: a filter
+        directly above that keeps what it derived from an export across restarts (the
+        gzip filter's ``index=``) reuses it only while the identity is the same."""
+        return None
+
     # --- per connection ------------------------------------------------------------------
 
     async def open(self, readonly: bool, export_name: str, is_tls: bool) -> Any:
