@@ -143,12 +143,12 @@ class GzipIndex:
 async def _header(pread: Pread, offset: int, input_size: int) -> tuple[int, int, str]:
     """Parse the member header at ``offset``; return (data offset, mtime, name)."""
     where = f"gzip member header at offset {offset}"
-    if input_size - offset < _FIXED.size:
-        raise FormatError(f"{where}: truncated ({input_size - offset} bytes left)")
     head = await read_exactly(pread, offset, min(4096, input_size - offset), where)
-    magic, method, flags, mtime, _xfl, _os = _FIXED.unpack_from(head)
-    if magic != MAGIC:
-        raise FormatError(f"{where}: bad magic {magic.hex()} (expected 1f8b): not gzip")
+    if not MAGIC.startswith(head[:2]):
+        raise FormatError(f"{where}: bad magic {head[:2].hex()} (expected 1f8b): not gzip")
+    if len(head) < _FIXED.size:
+        raise FormatError(f"{where}: truncated ({len(head)} bytes left)")
+    _magic, method, flags, mtime, _xfl, _os = _FIXED.unpack_from(head)
     if method != 8:
         raise FormatError(f"{where}: compression method {method} (only 8, deflate, exists)")
     if flags & 0xE0:
