@@ -1,0 +1,144 @@
+"""zstd: serve the decompressed bytes of a Zstandard file, read-only.
+
+The layer below holds a zstd file. Two kinds are served:
+
+* Seekable files (zstd's seekable format: independent frames and a seek table at
+  the end, as ``t2sz``, zstd's ``contrib/seekable_format`` and pyzstd's
+  ``SeekableZstdFile`` write them) give random access: the seek table says where each
+  frame starts, so the server starts at once, and a read decompresses the frame(s) it
+  falls in, keeping the 8 most recently used per connection (concurrent requests for
+  the same frame wait for one decompression of it). A damaged frame fails the reads
+  that need it with EIO and a message naming its offset.
+* Plain files (what the ``zstd`` command writes: no seek table) cannot be read at
+  an offset without decompressing everything before it. Such a file is decompressed
+  once, at start-up, into an unlinked temporary file in ``$TMPDIR`` (default
+  ``/var/tmp``, as nbdkit's gzip filter; it needs room for the whole decompressed
+  data), and served from there; the log says so, and shows progress for large files.
+  Frames with a content checksum (the ``zstd`` command writes one) are verified then.
+
+A file that is not zstd, or whose seek table does not match its frames, or (plain) is
+truncated or damaged, stops the server at start-up with exit status 1 and a message
+naming the byte offset. When the layer below lists several exports (``file dir=DIR``)
+each is decompressed on its own and the export list is the one below, unchanged; an
+export is read when a client first opens it and kept for the server's life, and one
+that is not valid zstd is refused with the message while the others are served.
+
+Read-only: writes fail with EROFS. Multi-conn is advertised; block status reports
+everything as data.
+
+Examples:
+  trionbd file disk.img.zst --filter=zstd
+  trionbd file backup.tar.zst --filter=tar --filter=zstd
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import IO
+
+import trio
+
+from ..chain import NBDError
+from ..formats import Offload, Pread
+from ..formats.zstd import ZstdIndex, ZstdReader, decompress_all, read_zstd_index
+from ._compressed import Decompressed, DecompressFilter, Progress, Reader, size_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Seekable:
+    """A seekable zstd file's seek table; each connection reads it through a ZstdReader."""
+
+    index: ZstdIndex
+    offload: Offload
+
+    @property
+    def size(self) -> int:
+        return self.index.size
+
+    @property
+    def description(self) -> str:
+        frames = len(self.index.frames)
+        return f"{self.size} bytes, seekable zstd ({frames} frame{'s' if frames != 1 else ''})"
+
+    def reader(self, pread: Pread) -> Reader:
+        return ZstdReader(pread, self.index, offload=self.offload, lock=trio.Lock)
+
+
+@dataclass(frozen=True, slots=True)
+class Unpacked:
+    """A plain zstd file, decompressed into an unlinked temporary file."""
+
+    file: IO[bytes]
+    size: int
+    input_size: int
+
+    @property
+    def description(self) -> str:
+        return f"{self.size} bytes, zstd-compressed ({size_text(self.input_size)})"
+
+    def reader(self, pread: Pread) -> Reader:
+        return self
+
+    async def read(self, offset: int, length: int) -> bytes:
+        # Inline, as the file plugin reads: the data is normally in the page cache.
+        return os.pread(self.file.fileno(), max(0, min(length, self.size - offset)), offset)
+
+
+def temporary_directory() -> str:
+    return os.environ.get("TMPDIR") or "/var/tmp"
+
+
+class ZstdFilter(DecompressFilter):
+    """Serve the decompressed bytes of the zstd file(s) below."""
+
+    name = "zstd"
+
+    async def load(
+        self, export: str, pread: Pread, size: int, label: str, progress: Progress
+    ) -> Decompressed:
+        index = await read_zstd_index(pread, size)
+        if index is not None:
+            return Seekable(index, self.offload)
+        where = temporary_directory()
+        log.info(
+            "zstd: %s has no seek table: decompressing it once into an unlinked temporary "
+            "file in %s",
+            label,
+            where,
+        )
+        try:
+            file = tempfile.TemporaryFile(dir=where)
+        except OSError as e:
+            raise NBDError(
+                e.errno or errno.EIO, f"zstd: {label}: cannot make a temporary file in {where}: {e}"
+            ) from None
+        try:
+            total = await decompress_all(
+                pread, size, file.write, progress=progress, offload=self.offload
+            )
+            file.flush()
+        except OSError as e:
+            file.close()
+            raise NBDError(
+                e.errno or errno.EIO,
+                f"zstd: {label}: cannot write the decompressed data to "
+                f"a temporary file in {where}: {e}",
+            ) from None
+        except BaseException:
+            file.close()
+            raise
+        return Unpacked(file, total, size)
+
+    async def cleanup(self) -> None:
+        for data in self.inputs.cached().values():
+            if isinstance(data, Unpacked):
+                data.file.close()
+
+
+FILTER = ZstdFilter
