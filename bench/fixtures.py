@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import io
 import os
+import random
+import shlex
 import subprocess
 import tarfile
+import time
 from functools import cached_property
 from pathlib import Path
+
+import pyzstd
 
 MiB = 1 << 20
 CHUNK = 4 * MiB
@@ -72,6 +77,36 @@ def preread(path: Path) -> None:
             pass
 
 
+def write_compressible(path: Path, size: int, seed: int) -> None:
+    """Fill ``path`` with ``size`` bytes shaped like a disk image for compressors: each MiB
+    is random bytes (an already compressed file: 30 %), zeroes (unused space: 20 %), or
+    text-like bytes (16 letters and a space, random: 50 %, which gzip shrinks to about
+    55 %). The same seed gives the same bytes."""
+    rng = random.Random(seed)
+    letters = bytes.maketrans(bytes(range(256)), (b"etaoinshrdlucmf " * 16))
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(MiB, left)
+            kind = rng.random()
+            if kind < 0.3:
+                f.write(rng.randbytes(n))
+            elif kind < 0.5:
+                f.write(bytes(n))
+            else:
+                f.write(rng.randbytes(n).translate(letters))
+            left -= n
+
+
+def compress(cmd: list[str], source: Path, out: Path) -> Path:
+    """Run ``cmd`` (a compressor writing to stdout) on ``source`` into ``out``."""
+    with open(source, "rb") as src, open(out, "wb") as dst:
+        result = subprocess.run(cmd, stdin=src, stdout=dst, stderr=subprocess.PIPE, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed: {result.stderr.decode().strip()}")
+    return out
+
+
 def mke2fs(image: Path, source: Path, size: int, inodes: int | None = None) -> None:
     """Make an ext4 image of ``size`` bytes holding the tree ``source`` (mke2fs -d)."""
     cmd = ["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(source), "-E", "root_owner=0:0"]
@@ -87,9 +122,17 @@ class Fixtures:
     """Paths of the data files, each created when first asked for."""
 
     def __init__(
-        self, root: Path, file_size: int, member_size: int, tar_members: int, ext4_files: int
+        self,
+        root: Path,
+        file_size: int,
+        member_size: int,
+        tar_members: int,
+        ext4_files: int,
+        trionbd: str = "trionbd",
     ) -> None:
         self.root = root
+        self.trionbd = trionbd
+        """The trionbd command (to build the gzip index file once)."""
         self.file_size = file_size
         self.member_size = member_size
         self.tar_members = tar_members
@@ -178,3 +221,109 @@ class Fixtures:
         mke2fs(path, tree, size, inodes=self.ext4_files + 1024)
         cache_in_small_pages(path)
         return path, ["/" + name for name in names]
+
+    # --- compressed images and archives (the gzip, xz, zstd, tar over gzip, zip rows) ---
+
+    @cached_property
+    def compressible(self) -> Path:
+        """``file_size`` compressible bytes (see :func:`write_compressible`): what the
+        compressed images hold."""
+        path = self.root / "compressible.img"
+        write_compressible(path, self.file_size, seed=1)
+        return path
+
+    def _cached(self, path: Path) -> Path:
+        cache_in_small_pages(path)
+        return path
+
+    @cached_property
+    def image_gz(self) -> Path:
+        """:attr:`compressible` compressed by pigz -6 (one gzip member, as gzip writes)."""
+        return self._cached(
+            compress(["pigz", "-6", "-c"], self.compressible, self.root / "image.gz")
+        )
+
+    @cached_property
+    def image_xz(self) -> Path:
+        """:attr:`compressible` compressed by xz -T0 -3 (blocks of 12 MiB: three dictionaries)."""
+        return self._cached(
+            compress(["xz", "-T0", "-3", "-c"], self.compressible, self.root / "image.xz")
+        )
+
+    @cached_property
+    def image_zst(self) -> Path:
+        """:attr:`compressible` in the seekable zstd format (level 3, 1 MiB frames; pyzstd)."""
+        path = self.root / "image.zst"
+        with (
+            open(self.compressible, "rb") as src,
+            pyzstd.SeekableZstdFile(
+                path, "w", level_or_option=3, max_frame_content_size=MiB
+            ) as dst,
+        ):
+            while chunk := src.read(CHUNK):
+                dst.write(chunk)
+        return self._cached(path)
+
+    @cached_property
+    def image_zst_plain(self) -> Path:
+        """:attr:`compressible` compressed by zstd -3 (no seek table)."""
+        cmd = ["zstd", "-3", "-T0", "-q", "-c"]
+        return self._cached(compress(cmd, self.compressible, self.root / "plain.zst"))
+
+    @cached_property
+    def image_gz_index(self) -> Path:
+        """trionbd's gzip index of :attr:`image_gz` (index=), made by starting trionbd once."""
+        path = self.root / "image.gz.index"
+        with subprocess.Popen(
+            [self.trionbd, "-f", "-U", str(self.root / "index.sock"), "file", str(self.image_gz),
+             "--filter=gzip", f"index={path}"],
+            stderr=subprocess.PIPE,
+        ) as proc:  # fmt: skip
+            try:
+                while not path.exists() and proc.poll() is None:
+                    time.sleep(0.05)
+            finally:
+                proc.terminate()
+                _, err = proc.communicate(timeout=60)
+        if not path.exists():
+            raise RuntimeError(f"trionbd did not write the gzip index: {err.decode().strip()}")
+        return path
+
+    @cached_property
+    def compressible_member(self) -> Path:
+        """``member_size`` compressible bytes: the member of the .tar.gz and the zip."""
+        path = self.root / "cmember.img"
+        write_compressible(path, self.member_size, seed=2)
+        return path
+
+    def _tree_with_compressible_member(self) -> Path:
+        tree = self.root / "cmember-tree"
+        if not tree.exists():
+            for name, size in SMALL_FILES.items():
+                (tree / name).parent.mkdir(parents=True, exist_ok=True)
+                (tree / name).write_bytes(b"x" * size)
+            os.link(self.compressible_member, tree / MEMBER_NAME)
+        return tree
+
+    @cached_property
+    def archive_tgz(self) -> Path:
+        """A .tar.gz (pigz -6): small files, then the compressible member at MEMBER_NAME."""
+        tar = self.root / "carchive.tar"
+        tree = self._tree_with_compressible_member()
+        with tarfile.open(tar, "w") as t:
+            for name in [*SMALL_FILES, MEMBER_NAME]:
+                t.add(tree / name, arcname=name)
+        path = compress(["pigz", "-6", "-c"], tar, self.root / "carchive.tar.gz")
+        tar.unlink()
+        return self._cached(path)
+
+    @cached_property
+    def archive_zip(self) -> Path:
+        """A zip (Info-ZIP zip -6, deflated): small files, then the member at MEMBER_NAME."""
+        path = self.root / "carchive.zip"
+        tree = self._tree_with_compressible_member()
+        cmd = ["zip", "-q", "-6", str(path), *SMALL_FILES, MEMBER_NAME]
+        result = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"{shlex.join(cmd)} failed: {result.stderr.strip()}")
+        return self._cached(path)

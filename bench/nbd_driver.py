@@ -6,6 +6,10 @@ The same libnbd client drives every server, so the client's cost is the same for
         Connect, finish the handshake, read 4 KiB at offset 0, disconnect; repeat until
         SECONDS pass. Prints JSON: {"connections": N, "seconds": S}.
 
+    python3 nbd_driver.py first-read URI BYTES
+        Connect and read BYTES at offset 0 (the first bytes a client gets). Prints JSON:
+        {"seconds": S} from before connecting until the read returned.
+
     python3 nbd_driver.py hold URI COUNT
         Open COUNT connections (each finishes the handshake) and print one JSON line
         {"connections": COUNT, "connect_s": S}; keep them open until stdin gets a line or
@@ -37,6 +41,16 @@ def connect_loop(uri: str, seconds: float) -> None:
     print(json.dumps({"connections": count, "seconds": time.monotonic() - start}))
 
 
+def first_read(uri: str, length: int) -> None:
+    start = time.monotonic()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    h.pread(length, 0)
+    seconds = time.monotonic() - start
+    h.shutdown()
+    print(json.dumps({"seconds": seconds}))
+
+
 def hold(uri: str, count: int) -> None:
     start = time.monotonic()
     handles = []
@@ -55,10 +69,12 @@ def main(argv: list[str]) -> None:
     mode, uri, amount = argv
     if mode == "connect-loop":
         connect_loop(uri, float(amount))
+    elif mode == "first-read":
+        first_read(uri, int(amount))
     elif mode == "hold":
         hold(uri, int(amount))
     else:
-        sys.exit(f"nbd_driver: unknown mode {mode!r} (connect-loop or hold)")
+        sys.exit(f"nbd_driver: unknown mode {mode!r} (connect-loop, first-read or hold)")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ DATA_PARENT = "/tmp"
 for 1 GiB), which nbdkit's file plugin does for each new connection and every server
 does for block status; a disk file system answers from its extent tree. The data is
 read into the page cache before each workload either way."""
-CLIENTS = ("fio", "nbdcopy", "nbdinfo", "mke2fs", "nbdkit", "qemu-nbd")
+CLIENTS = ("fio", "nbdcopy", "nbdinfo", "mke2fs", "nbdkit", "qemu-nbd", "pigz", "xz", "zstd", "zip")
 
 
 def log(message: str) -> None:
@@ -132,7 +132,10 @@ class Runner:
         self.servers = servers
         self.trionbd = trionbd
         self.samples: list[dict[str, Any]] = []
-        self.filters = {name: trionbd_has_filter(trionbd, name) for name in ("tar", "ext2")}
+        self.filters = {
+            name: trionbd_has_filter(trionbd, name)
+            for name in ("tar", "ext2", "gzip", "xz", "zstd", "zip")
+        }
 
     def skip_reason(self, row: Row) -> str | None:
         if row.requires is not None and not self.filters[row.requires]:
@@ -191,8 +194,8 @@ class Runner:
             "error": None,
         }
         self.samples.append(record)
-        # Serving thousands of listed names, start-up reads them all first.
-        timeout = s.list_timeout if target.exports else s.start_timeout
+        # Serving thousands of listed names, or a gzip file, start-up reads them all first.
+        timeout = s.list_timeout if target.exports or target.slow_start else s.start_timeout
 
         def cmd_for(sock: str) -> list[str]:
             cmd = command(server, target, sock, self.trionbd)
@@ -282,6 +285,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             settings.member_size,
             settings.tar_members,
             settings.ext4_files,
+            args.trionbd,
         )
         every = workloads(fx, settings)
         names = [wl.name for wl in every]

@@ -52,22 +52,48 @@ class BenchError(Exception):
     """A server or client failed; the message says which and why (shown in the results)."""
 
 
+Kind = Literal["file", "dir", "tar", "ext2", "gzip", "xz", "zstd", "targz", "zip"]
+
+FILTERS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "tar": (("tar",), "tar-entry"),
+    "ext2": (("ext2",), "ext2file"),
+    "targz": (("tar", "gzip"), "tar-entry"),
+    "zip": (("zip",), "zip-entry"),
+    "gzip": (("gzip",), None),
+    "xz": (("xz",), None),
+    "zstd": (("zstd",), None),
+}
+"""The filters serving each kind of target, nearest the client first, and the parameter
+naming the entry (tar member, file in the image) if it has one."""
+
+NBDKIT_FILTERS = frozenset({"tar", "ext2", "gzip", "xz"})
+"""Filters nbdkit 1.32 has (nbdkit-FILTER-filter.so); a chain needing another is n/a."""
+
+
 @dataclass(frozen=True)
 class Target:
     """What a server serves: a plain file, every file of a directory (``file dir=``), a
-    tar member, or a file in an ext2/3/4 image.
+    tar member, a file in an ext2/3/4 image, a decompressed file (gzip, xz, zstd), a
+    member of a .tar.gz or of a zip.
 
-    ``entry`` is the tar member or the absolute path in the image; None asks the filter
-    to offer every member or file as a named export.
+    ``entry`` is the tar or zip member or the absolute path in the image; None asks the
+    filter to offer every member or file as a named export.
     """
 
-    kind: Literal["file", "dir", "tar", "ext2"]
+    kind: Kind
     path: Path
     entry: str | None = None
     size: int = 0
     """Bytes of the export (of the one served file or member)."""
     exports: tuple[str, ...] = ()
     """Names that must be listed (``dir``, or ``tar``/``ext2`` when ``entry`` is None)."""
+    params: tuple[str, ...] = ()
+    """More ``key=value`` words for the filters (trionbd's gzip ``index=``)."""
+
+    @property
+    def slow_start(self) -> bool:
+        """Start-up reads the whole input (trionbd's gzip index, a plain zstd file)."""
+        return self.kind in ("gzip", "targz", "zstd")
 
 
 def command(server: str, target: Target, sock: str, trionbd: str) -> list[str] | None:
@@ -82,18 +108,21 @@ def command(server: str, target: Target, sock: str, trionbd: str) -> list[str] |
     elif target.kind == "dir":
         chain = ["file", f"dir={path}"]
     else:
-        key = "tar-entry" if target.kind == "tar" else "ext2file"
+        filters, key = FILTERS[target.kind]
         params = [] if target.entry is None else [f"{key}={target.entry}"]
-        if server == "nbdkit" and not params:
-            return None  # nbdkit's tar and ext2 filters serve one named file only
-        chain = ["file", path, f"--filter={target.kind}", *params]
+        if server == "nbdkit":
+            if key is not None and not params:
+                return None  # nbdkit's tar and ext2 filters serve one named file only
+            if not NBDKIT_FILTERS.issuperset(filters) or target.params:
+                return None
+        chain = ["file", path, *(f"--filter={f}" for f in filters), *params, *target.params]
     if server == "trionbd":
         return [trionbd, "-f", "-U", sock, *chain]
     if server == "nbdkit":
         # nbdkit wants its filters before the plugin name.
-        filters = [word for word in chain if word.startswith("--filter=")]
+        options = [word for word in chain if word.startswith("--filter=")]
         rest = [word for word in chain if not word.startswith("--filter=")]
-        return ["nbdkit", "-f", "-U", sock, *filters, *rest]
+        return ["nbdkit", "-f", "-U", sock, *options, *rest]
     raise ValueError(f"unknown server {server!r}")
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fixtures import MEMBER_NAME, Fixtures
-from servers import SERVERS, SYSTEM_PYTHON, BenchError, Running, Target, run_client
+from servers import SERVERS, SYSTEM_PYTHON, BenchError, Kind, Running, Target, command, run_client
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -176,7 +176,7 @@ def nbdcopy(connections: int) -> Measure:
     def measure(server: Running, target: Target, s: Settings) -> Measured:
         # Checks the size and opens the export once before the clock starts, so lazy
         # set-up in a server (say, scanning an archive) is not part of the copy.
-        info = json.loads(run_client(["nbdinfo", "--json", server.uri], CLIENT_SLACK))
+        info = json.loads(run_client(["nbdinfo", "--json", server.uri], s.list_timeout))
         size = info["exports"][0]["export-size"]
         if size != target.size:
             raise BenchError(f"{server.name} serves {size} bytes, expected {target.size}")
@@ -203,6 +203,38 @@ def connections(server: Running, target: Target, s: Settings) -> Measured:
         },
         cmd,
     )
+
+
+def first_byte(server: Running, target: Target, s: Settings) -> Measured:
+    """Seconds from starting the server until a client has read its first 4 KiB: until
+    the server greets a client, then a connection, the export's opening and one read
+    (``nbd_driver.py first-read``): whatever a server does at start-up or at the first
+    open (reading a whole gzip file) is in it."""
+    cmd = [SYSTEM_PYTHON, DRIVER, "first-read", server.uri, "4096"]
+    result = json.loads(run_client(cmd, s.list_timeout))
+    return Measured(
+        {
+            "first_byte_s": server.ready_s + result["seconds"],
+            "ready_s": server.ready_s,
+            "first_read_s": result["seconds"],
+        },
+        cmd,
+    )
+
+
+def opened_first(measure: Measure) -> Measure:
+    """``measure`` after ``nbdinfo`` has opened the export once (and its size is checked),
+    so that set-up on the first open (nbdkit's gzip filter decompresses the whole file
+    into a temporary file then) is not measured."""
+
+    def measured(server: Running, target: Target, s: Settings) -> Measured:
+        info = json.loads(run_client(["nbdinfo", "--json", server.uri], s.list_timeout))
+        size = info["exports"][0]["export-size"]
+        if size != target.size:
+            raise BenchError(f"{server.name} serves {size} bytes, expected {target.size}")
+        return measure(server, target, s)
+
+    return measured
 
 
 def _normal(name: str) -> str:
@@ -308,6 +340,33 @@ def workloads(fx: Fixtures, s: Settings) -> list[Workload]:
         t = Target("ext2", fx.image, "/" + MEMBER_NAME, size=s.member_size)
         return dict.fromkeys(FILTER_SERVERS, t)
 
+    def compressed(
+        kind: Kind, path: Callable[[], Path], *params: str
+    ) -> Callable[[], dict[str, Target]]:
+        def targets() -> dict[str, Target]:
+            t = Target(kind, path(), size=s.file_size, params=params)
+            return {n: t for n in FILTER_SERVERS if command(n, t, "/s", "t") is not None}
+
+        return targets
+
+    def gz_with_index() -> dict[str, Target]:
+        index = fx.image_gz_index
+        return compressed("gzip", lambda: fx.image_gz, f"index={index}")()
+
+    def uncompressed() -> dict[str, Target]:
+        return {n: Target("file", fx.compressible, size=s.file_size) for n in FILTER_SERVERS}
+
+    def targz_member() -> dict[str, Target]:
+        t = Target("targz", fx.archive_tgz, MEMBER_NAME, size=s.member_size)
+        return dict.fromkeys(FILTER_SERVERS, t)
+
+    def zip_member() -> dict[str, Target]:
+        return {"trionbd": Target("zip", fx.archive_zip, MEMBER_NAME, size=s.member_size)}
+
+    def compressible_member() -> dict[str, Target]:
+        t = Target("file", fx.compressible_member, size=s.member_size)
+        return dict.fromkeys(FILTER_SERVERS, t)
+
     def many_dir() -> dict[str, Target]:
         path, names = fx.many_dir
         return dict.fromkeys(FILTER_SERVERS, Target("dir", path, exports=tuple(names)))
@@ -335,6 +394,15 @@ def workloads(fx: Fixtures, s: Settings) -> list[Workload]:
             Row("plain copy", member_plain, requires=kind),
         )
 
+    only_trionbd = ("nbdkit", "qemu-nbd")
+    gz_row = Row("gzip (pigz -6)", compressed("gzip", lambda: fx.image_gz), ("qemu-nbd",), "gzip")
+    xz_row = Row("xz -T0 -3", compressed("xz", lambda: fx.image_xz), ("qemu-nbd",), "xz")
+    zst_rows = (
+        Row("seekable zstd, 1 MiB frames", compressed("zstd", lambda: fx.image_zst),
+            only_trionbd, "zstd"),
+        Row("plain zstd -3 (unpacked at start-up)",
+            compressed("zstd", lambda: fx.image_zst_plain), only_trionbd, "zstd"),
+    )  # fmt: skip
     tar_ratio = ("tar member", "plain copy")
     ext2_ratio = ("file in ext4 image", "plain copy")
     return [
@@ -413,6 +481,58 @@ def workloads(fx: Fixtures, s: Settings) -> list[Workload]:
             member_rows("ext2", ext2_member),
             copy1,
             ratio=ext2_ratio,
+        ),
+        Workload(
+            "compressed-first-byte",
+            f"compressed {size} image: start to the first 4 KiB read",
+            "Seconds from starting the server until a client has read the first 4 KiB of the "
+            "decompressed image: start-up, connection, opening the export (nbdkit's gzip "
+            "filter decompresses the whole file then; trionbd's reads a gzip file at "
+            "start-up to index it) and the read.",
+            (
+                Metric("first_byte_s", "start to first byte, s", "s", False),
+                Metric("ready_s", "start-up alone, s", "s", False),
+            ),
+            (
+                gz_row,
+                Row("gzip, second start with index=", gz_with_index, only_trionbd, "gzip"),
+                xz_row,
+                *zst_rows,
+            ),
+            first_byte,
+        ),
+        Workload(
+            "compressed-nbdcopy",
+            f"compressed {size} image: nbdcopy to null:, 1 connection",
+            "Throughput of a whole decompressed image once the export is open (set-up on "
+            "first open is not counted).",
+            (MIB_S,),
+            (gz_row, xz_row, *zst_rows, Row("uncompressed copy", uncompressed, ("qemu-nbd",))),
+            copy1,
+        ),
+        Workload(
+            "targz-randread-4k",
+            f"tar over gzip: 4k random read, iodepth 32 ({msize} member of a .tar.gz)",
+            "Random reads inside a compressed archive's member (trionbd: one checkpoint "
+            "interval inflated per miss; nbdkit: the whole .tar.gz decompressed to a "
+            "temporary file on first open, not counted).",
+            (IOPS,),
+            (
+                Row(".tar.gz member", targz_member, ("qemu-nbd",), "gzip"),
+                Row("plain copy", compressible_member, ("qemu-nbd",), "gzip"),
+            ),
+            opened_first(randread),
+        ),
+        Workload(
+            "zip-randread-4k",
+            f"zip filter: 4k random read, iodepth 32 ({msize} deflated member)",
+            "Random reads inside a deflated zip member (nbdkit has no zip filter).",
+            (IOPS,),
+            (
+                Row("deflated zip member", zip_member, only_trionbd, "zip"),
+                Row("plain copy", compressible_member, ("qemu-nbd",), "zip"),
+            ),
+            opened_first(randread),
         ),
         Workload(
             "connections",

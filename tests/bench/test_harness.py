@@ -66,6 +66,35 @@ def test_filter_commands_and_what_cannot_be_served() -> None:
     assert command("nbdkit", Target("tar", Path("/a.tar")), "/s", "t") is None
 
 
+def test_commands_of_the_compressed_rows() -> None:
+    gz = Target("gzip", Path("/i.gz"))
+    assert command("trionbd", gz, "/s", "t") == [
+        "t",
+        "-f",
+        "-U",
+        "/s",
+        "file",
+        "/i.gz",
+        "--filter=gzip",
+    ]
+    assert command("nbdkit", gz, "/s", "t") == [
+        "nbdkit", "-f", "-U", "/s", "--filter=gzip", "file", "/i.gz",
+    ]  # fmt: skip
+    indexed = Target("gzip", Path("/i.gz"), params=("index=/x",))
+    assert command("trionbd", indexed, "/s", "t")[-1] == "index=/x"
+    assert command("nbdkit", indexed, "/s", "t") is None  # nbdkit keeps no index
+    assert command("nbdkit", Target("zstd", Path("/i.zst")), "/s", "t") is None
+    targz = Target("targz", Path("/a.tar.gz"), "d/m.img")
+    assert command("nbdkit", targz, "/s", "t") == [
+        "nbdkit", "-f", "-U", "/s", "--filter=tar", "--filter=gzip", "file", "/a.tar.gz",
+        "tar-entry=d/m.img",
+    ]  # fmt: skip
+    assert command("trionbd", Target("zip", Path("/a.zip"), "m"), "/s", "t") == [
+        "t", "-f", "-U", "/s", "file", "/a.zip", "--filter=zip", "zip-entry=m",
+    ]  # fmt: skip
+    assert command("nbdkit", Target("zip", Path("/a.zip"), "m"), "/s", "t") is None
+
+
 def _sample(row: str, server: str, rep: int, value: float | None) -> dict[str, Any]:
     return {
         "seq": 0,
