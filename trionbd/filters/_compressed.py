@@ -31,7 +31,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
@@ -90,14 +91,54 @@ class Decompressed(Protocol):
 
 class Progress:
     """How far the reading of one input has got (:attr:`done` bytes of :attr:`total`);
-    a reader's ``progress`` callback."""
+    a reader's ``progress`` callback. Made by :func:`reading`."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.done = 0
+        self.result = ""
+        """What was read, for the line logged at the end (an export description)."""
 
     def __call__(self, offset: int) -> None:
         self.done = offset
+
+
+@asynccontextmanager
+async def reading(
+    lifetime: Lifetime | None, name: str, what: str, total: int
+) -> AsyncIterator[Progress]:
+    """The :class:`Progress` of reading ``what`` (``total`` bytes) for filter ``name``:
+    after :data:`PROGRESS_AFTER` seconds a task of the lifetime logs it at INFO every
+    :data:`PROGRESS_EVERY` seconds until the block ends; a block that ends normally logs
+    the time it took and ``progress.result`` (INFO when that was long, else DEBUG)."""
+    progress = Progress(total)
+    started = trio.current_time()
+    reporting = trio.CancelScope()  # entered by the reporting task
+    if lifetime is not None:
+        lifetime.nursery.start_soon(_report, name, what, progress, reporting)
+    try:
+        yield progress
+    finally:
+        reporting.cancel()
+    took = trio.current_time() - started
+    level = logging.INFO if took >= PROGRESS_AFTER else logging.DEBUG
+    log.log(level, "%s: %s: read in %.1f s: %s", name, what, took, progress.result)
+
+
+async def _report(name: str, what: str, progress: Progress, scope: trio.CancelScope) -> None:
+    """Log ``progress`` (a lifetime task, cancelled by ``scope`` when the reading ends)."""
+    with scope:
+        await trio.sleep(PROGRESS_AFTER)
+        while True:
+            log.info(
+                "%s: reading %s: %d%% (%s of %s)",
+                name,
+                what,
+                100 * progress.done // max(progress.total, 1),
+                size_text(progress.done),
+                size_text(progress.total),
+            )
+            await trio.sleep(PROGRESS_EVERY)
 
 
 def size_text(n: int) -> str:
@@ -202,48 +243,16 @@ class DecompressFilter(Filter):
 
         try:
             size = await ctx.get_size()
-            progress = Progress(size)
-            started = trio.current_time()
-            reporting = trio.CancelScope()  # entered by the reporting task
-            if self.lifetime is not None:
-                self.lifetime.nursery.start_soon(self._report, label, progress, reporting)
-            try:
+            async with reading(self.lifetime, self.name, label, size) as progress:
                 data = await self.load(export, pread, size, label, progress)
-            finally:
-                reporting.cancel()
+                progress.result = data.description
         except FormatError as e:
             message = str(e).removeprefix(f"{self.name}: ")
             raise NBDError(errno.EIO, f"{self.name}: {label}: {message}") from None
         finally:
             with trio.CancelScope(shield=True):
                 await ctx.close()
-        took = trio.current_time() - started
-        log.log(
-            logging.INFO if took >= PROGRESS_AFTER else logging.DEBUG,
-            "%s: %s: read in %.1f s: %s",
-            self.name,
-            label,
-            took,
-            data.description,
-        )
         return data
-
-    async def _report(self, label: str, progress: Progress, scope: trio.CancelScope) -> None:
-        """Log ``progress`` while an input is read (a lifetime task, cancelled by ``scope``
-        when the reading ends)."""
-        with scope:
-            await trio.sleep(PROGRESS_AFTER)
-            while True:
-                percent = 100 * progress.done // max(progress.total, 1)
-                log.info(
-                    "%s: reading %s: %d%% (%s of %s)",
-                    self.name,
-                    label,
-                    percent,
-                    size_text(progress.done),
-                    size_text(progress.total),
-                )
-                await trio.sleep(PROGRESS_EVERY)
 
     # --- per connection ------------------------------------------------------------------
 
