@@ -12,7 +12,8 @@ may differ from the central directory's, so only it says where the data starts).
 stored member's bytes are then plain offset arithmetic; a deflated member is opened with
 :func:`open_deflated`, which inflates it once, checks its size and CRC-32 against the
 central directory, and returns a :class:`~trionbd.formats.deflate.DeflateReader` for
-random access (see :mod:`trionbd.formats.deflate` for the checkpoints and their cost).
+random access (:func:`deflated_stream` gives the checkpoint index alone, for a caller
+that makes several readers) (see :mod:`trionbd.formats.deflate` for the checkpoints and their cost).
 
 Names: UTF-8 when the entry says so (flag bit 11), through an Info-ZIP Unicode path
 field whose CRC matches, or when it was made on a Unix-like system (whose zip writes
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from . import FormatError, Offload, Pread, read_exactly
-from .deflate import DEFAULT_INTERVAL, DeflateReader, index_deflate
+from .deflate import DEFAULT_INTERVAL, DeflateReader, DeflateStream, index_deflate
 
 STORED, DEFLATED = 0, 8
 METHOD_NAMES = {
@@ -326,7 +327,7 @@ async def verify_stored(pread: Pread, index: ZipIndex, member: ZipMember) -> int
     return start
 
 
-async def open_deflated(
+async def deflated_stream(
     pread: Pread,
     index: ZipIndex,
     member: ZipMember,
@@ -334,9 +335,9 @@ async def open_deflated(
     interval: int = DEFAULT_INTERVAL,
     progress: Callable[[int], None] | None = None,
     offload: Offload | None = None,
-) -> DeflateReader:
-    """Inflate deflated ``member`` once (checking its size and CRC-32) and return a
-    reader for random access to its bytes."""
+) -> DeflateStream:
+    """Inflate deflated ``member`` once, checking its size and CRC-32 against the central
+    directory, and return its checkpoint index (for :class:`DeflateReader`)."""
     if member.method != DEFLATED:
         raise ValueError(f"member {member.name!r} is {member.method_name}, not deflated")
     start = await member_data_offset(pread, index, member)
@@ -356,4 +357,21 @@ async def open_deflated(
             f"{what}: the deflate data ends at offset {stream.end}, not at "
             f"{start + member.compressed_size} as its compressed size says"
         )
+    return stream
+
+
+async def open_deflated(
+    pread: Pread,
+    index: ZipIndex,
+    member: ZipMember,
+    *,
+    interval: int = DEFAULT_INTERVAL,
+    progress: Callable[[int], None] | None = None,
+    offload: Offload | None = None,
+) -> DeflateReader:
+    """Inflate deflated ``member`` once (checking its size and CRC-32) and return a
+    reader for random access to its bytes."""
+    stream = await deflated_stream(
+        pread, index, member, interval=interval, progress=progress, offload=offload
+    )
     return DeflateReader(pread, stream, offload=offload)
