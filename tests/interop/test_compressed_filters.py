@@ -29,8 +29,8 @@ from tests.support import (
 from trionbd.protocol.constants import Opt, Rep
 
 pytestmark = pytest.mark.skipif(
-    not all(shutil.which(t) for t in ("gzip", "pigz", "xz", "zstd", "nbdcopy", "nbdsh")),
-    reason="gzip, pigz, xz, zstd, nbdcopy and nbdsh are needed",
+    not all(shutil.which(t) for t in ("gzip", "pigz", "xz", "zstd", "bzip2", "nbdcopy", "nbdsh")),
+    reason="gzip, pigz, xz, zstd, bzip2, nbdcopy and nbdsh are needed",
 )
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -359,3 +359,32 @@ def test_xz_max_block_and_single_block_files(
     with trionbd_process("file", str(one), "--filter=xz", "xz-max-depth=1") as server:
         assert read_export(server.uri, tmp_path) == data * 3
         assert "is a single block of 18.0 MiB: random reads will be slow" in server.stderr
+
+
+# --- a compressed container given to a container filter -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("compress", "says"),
+    [
+        (["gzip", "-c"], "this looks like gzip: add --filter=gzip"),
+        (["xz", "-c"], "this looks like xz: add --filter=xz"),
+        (["zstd", "-q", "-c"], "this looks like zstd: add --filter=zstd"),
+        (["bzip2", "-c"], "this looks like bzip2, which trionbd cannot decompress"),
+    ],
+    ids=["gzip", "xz", "zstd", "bzip2"],
+)
+def test_a_compressed_container_gets_a_hint(
+    compress: list[str], says: str, data: bytes, tmp_path: Path
+) -> None:
+    src = tmp_path / "disk.img"
+    src.write_bytes(data[:100_000])
+    tar = tmp_path / "a.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(src, arcname="disk.img")
+    for name, container in (("tar", tar), ("ext2", src)):
+        path = tmp_path / f"{name}.compressed"
+        path.write_bytes(tool(compress, container.read_bytes()))
+        result = trionbd_exit("file", str(path), f"--filter={name}")
+        assert result.returncode == 1, (name, result.stderr)
+        assert f"{name}: " in result.stderr and says in result.stderr, (name, result.stderr)

@@ -18,7 +18,7 @@ from typing import TypeVar
 import trio
 
 from ..chain import NBDError, Next, Sparse
-from ..formats import BlockingRead, Pread
+from ..formats import MAGIC_LENGTH, BlockingRead, Pread, compression_of
 from ..protocol.constants import CmdFlag
 
 Piece = tuple[int, int, int | None]
@@ -111,3 +111,20 @@ async def each_stored(
     for _, length, below in pieces:
         if below is not None:
             await call(length, below, flags)
+
+
+FILTER_FOR = {"gzip": "gzip", "xz": "xz", "zstd": "zstd"}
+"""The filter that decompresses what each compressor makes."""
+
+
+async def compression_hint(pread: Pread, size: int) -> str:
+    """For a container that could not be read: ``"; this looks like gzip: add
+    --filter=gzip"`` when its data starts with a compressor's magic, else ``""``."""
+    if size < MAGIC_LENGTH:
+        return ""
+    kind = compression_of(await pread(0, MAGIC_LENGTH))
+    if kind is None:
+        return ""
+    if kind in FILTER_FOR:
+        return f"; this looks like {kind}: add --filter={FILTER_FOR[kind]}"
+    return f"; this looks like {kind}, which trionbd cannot decompress: decompress it first"

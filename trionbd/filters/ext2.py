@@ -215,7 +215,8 @@ class Ext2Filter(ContainerFilter[Image, File]):
                     progress.members += 1
                 files.sort(key=lambda e: e.name)  # directory order means nothing to a reader
         except FormatError as e:
-            raise NBDError(errno.EIO, f"ext2: {label}: {e}") from None
+            hint = await _formats.compression_hint(pread, size)
+            raise NBDError(errno.EIO, f"ext2: {label}: {e}{hint}") from None
         if fs.read_only_reason:
             log.warning("ext2: %s is served read-only: %s", label, fs.read_only_reason)
         return Image(fs, label, files)

@@ -183,7 +183,8 @@ class TarFilter(ContainerFilter[Archive, Served]):
         try:
             return Archive.of(await _formats.in_thread(scan, pread, self.limiter))
         except FormatError as e:
-            raise NBDError(errno.EIO, f"tar: {e}") from None
+            hint = await _formats.compression_hint(pread, size)
+            raise NBDError(errno.EIO, f"tar: {e}{hint}") from None
 
     async def member(self, index: Archive, name: str) -> Served:
         return index.lookup(name)

@@ -5,9 +5,9 @@ Every reader takes an async ``pread(offset, length) -> bytes`` callable, so it w
 on anything: a layer of the chain, an in-memory image in a test, a local file.
 Readers never import Trio and never touch the network. What they
 share is here: the :class:`FormatError` they raise, :func:`read_exactly` (a checked
-``pread``), :func:`map_range` (a byte range of a file or member stored in runs) and
+``pread``), :func:`map_range` (a byte range of a file or member stored in runs),
 :class:`Offload` (how decompressing readers let a caller move their CPU work to a
-worker thread).
+worker thread) and :func:`compression_of` (which compressor made a file, by its magic).
 """
 
 from bisect import bisect_right
@@ -93,11 +93,32 @@ def map_range(
     return out
 
 
+COMPRESSION_MAGIC = (
+    (b"\x1f\x8b", "gzip"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"BZh", "bzip2"),
+)
+"""The first bytes of files made by each compressor."""
+MAGIC_LENGTH = max(len(magic) for magic, _ in COMPRESSION_MAGIC)
+
+
+def compression_of(head: bytes) -> str | None:
+    """The compressor whose magic ``head`` (a file's first :data:`MAGIC_LENGTH` bytes or
+    more) starts with: ``"gzip"``, ``"xz"``, ``"zstd"``, ``"bzip2"``; None for none."""
+    for magic, name in COMPRESSION_MAGIC:
+        if head.startswith(magic):
+            return name
+    return None
+
+
 __all__ = [
+    "MAGIC_LENGTH",
     "BlockingRead",
     "FormatError",
     "Offload",
     "Pread",
+    "compression_of",
     "map_range",
     "read_exactly",
     "run_inline",
