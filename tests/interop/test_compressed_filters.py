@@ -382,7 +382,7 @@ def test_a_compressed_container_gets_a_hint(
     tar = tmp_path / "a.tar"
     with tarfile.open(tar, "w") as t:
         t.add(src, arcname="disk.img")
-    for name, container in (("tar", tar), ("ext2", src), ("zip", src)):
+    for name, container in (("tar", tar), ("ext2", src), ("zip", src), ("iso", src)):
         path = tmp_path / f"{name}.compressed"
         path.write_bytes(tool(compress, container.read_bytes()))
         result = trionbd_exit("file", str(path), f"--filter={name}")
