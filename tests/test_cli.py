@@ -94,7 +94,7 @@ def test_help_shows_defaults_and_keeps_long_names_apart_from_their_text() -> Non
     text = "\n".join(options)
     for option, default in (
         ("-t, --threads=N", "64"),
-        ("--handshake-timeout=SECONDS", "10"),
+        ("--handshake-timeout, --timeout=SECONDS", "10"),
         ("--shutdown-timeout=SECONDS", "5"),
         ("--idle-timeout=SECONDS", "0"),
     ):
@@ -185,7 +185,7 @@ def test_console_script_and_python_m_are_the_same_command() -> None:
         (["memory", "1M", "-x"], "trionbd: unknown option -x\n"),
         (["-rx", "memory", "1M"], "trionbd: unknown option -x\n"),
         (["-p", "abc", "memory", "1M"], "trionbd: bad value for -p: 'abc' is not an integer\n"),
-        (["--port=70000", "memory", "1M"], "bad value for --port: '70000' is not a TCP port"),
+        (["--port=70000", "memory", "1M"], "bad value for -p/--port: '70000' is not a TCP port"),
         (["--fore=1", "memory", "1M"], "trionbd: option --fore takes no value\n"),
         (["memory", "1M", "-U"], "trionbd: option -U needs a value (SOCKET)\n"),
         (["memory", "1M", "--run"], "trionbd: option --run needs a value (CMD)\n"),

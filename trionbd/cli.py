@@ -49,12 +49,12 @@ import trio
 
 from . import __version__
 from .chain import Chain, ConfigError, Filter, Plugin, StartupError
-from .chain.params import describe_params, help_columns, parse_bool, parse_choice, parse_int
+from .chain.params import describe_params, help_columns, parse_bool, parse_int
 from .protocol.constants import DEFAULT_PORT, HandshakeFlag
 from .registry import builtin_names, entry_point_names, load, manual, summary
 from .server import Server, ServerConfig, daemon, private_socket_path, serve
 from .server.config import HANDSHAKE_TIMEOUT, MAX_IN_FLIGHT, SHUTDOWN_TIMEOUT
-from .server.listeners import as_listener, bind_tcp, bind_unix
+from .server.listeners import as_listener, bind_tcp, bind_unix, bind_vsock
 from .server.tls import ROOT_CERTIFICATES_DIR, TLSMode, TLSSettings, psk_supported
 
 log = logging.getLogger("trionbd")
@@ -78,6 +78,8 @@ class Option:
     parse: Callable[[str], Any]
     repeat: bool
     """Every use adds to a list (``--filter``); otherwise the last use wins (as getopt)."""
+    const: Any = True
+    """What a flag stores in its field (``-4`` and ``-6`` store their address family)."""
 
 
 def _option(
@@ -91,7 +93,7 @@ def _option(
     spellings, its value's parser, its ``--help`` line and its default. A list default
     makes the option repeatable."""
     repeat = isinstance(default, list)
-    meta = {"option": Option(names, help, metavar, parse, repeat)}
+    meta = {"options": (Option(names, help, metavar, parse, repeat),)}
     if repeat:
         return field(default_factory=list, metadata=meta)
     return field(default=default, metadata=meta)
@@ -99,13 +101,22 @@ def _option(
 
 def _flag(*names: str, help: str) -> Any:
     """A field of ``Options`` that the option ``names`` sets to true (it takes no value)."""
-    return field(default=False, metadata={"option": Option(names, help, None, str, False)})
+    return field(default=False, metadata={"options": (Option(names, help, None, str, False),)})
+
+
+def _either(*flags: tuple[tuple[str, ...], str, Any]) -> Any:
+    """A field of ``Options`` set by any of several flags, each ``(names, help, value)``
+    storing its own value; the last one given wins (``-4``/``-6``). Default: ``None``."""
+    options = tuple(Option(names, help, None, str, False, value) for names, help, value in flags)
+    return field(default=None, metadata={"options": options})
 
 
 def _port(text: str) -> int:
+    """A port as ``-p`` takes it: TCP's are 16-bit, AF_VSOCK's 32-bit (checked in
+    ``Options`` once ``--vsock`` is known)."""
     port = parse_int(text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{text!r} is not a TCP port (0 to 65535)")
+    if not 0 <= port <= 0xFFFFFFFF:
+        raise ValueError(f"{text!r} is not a port (0 to 65535; with --vsock to 4294967295)")
     return port
 
 
@@ -128,6 +139,16 @@ def _seconds(text: str) -> float:
 
 def _socket_path(text: str) -> str:
     return text if text == "-" else os.path.abspath(text)
+
+
+LOG_TARGETS = ("stderr", "syslog", "null")
+
+
+def _log_target(text: str) -> str:
+    """nbdkit's targets as they are; anything else is a file (made absolute)."""
+    if not text:
+        raise ValueError("'' is neither stderr, syslog, null nor a file")
+    return text if text in LOG_TARGETS else os.path.abspath(text)
 
 
 def _tls_mode(text: str) -> TLSMode:
@@ -167,6 +188,14 @@ class Options:
         "-i", "--ipaddr", "--ip-addr", metavar="ADDR",
         help="listen on this address only (default: every address)",
     )  # fmt: skip
+    family: socket.AddressFamily | None = _either(
+        (("-4", "--ipv4-only"), "TCP on IPv4 only (-i's name resolved to IPv4)", socket.AF_INET),
+        (("-6", "--ipv6-only"), "TCP on IPv6 only (-i's name resolved to IPv6)", socket.AF_INET6),
+    )
+    vsock: bool = _flag(
+        "--vsock", help=f"listen on AF_VSOCK; -p is its port (default {DEFAULT_PORT})"
+    )
+    keepalive: bool = _flag("--keepalive", help="TCP keepalive (SO_KEEPALIVE) on client sockets")
     exportname: str = _option(
         "-e", "--exportname", "--export-name", "--export", metavar="NAME", default="",
         help="the export named in printed URIs and in --run's $uri",
@@ -211,7 +240,8 @@ class Options:
         help="refuse clients beyond N at once (default: no limit)",
     )  # fmt: skip
     handshake_timeout: float = _option(
-        "--handshake-timeout", metavar="SECONDS", parse=_seconds, default=HANDSHAKE_TIMEOUT,
+        "--handshake-timeout", "--timeout", metavar="SECONDS", parse=_seconds,
+        default=HANDSHAKE_TIMEOUT,
         help="seconds a negotiating client has for each option; 0: no limit",
     )  # fmt: skip
     idle_timeout: float = _option(
@@ -235,8 +265,17 @@ class Options:
         "-o", "--oldstyle", "--old-style", help="the oldstyle protocol (not supported)"
     )
     log: str | None = _option(
-        "--log", metavar="stderr|syslog|null", parse=parse_choice("stderr", "syslog", "null"),
-        help="where errors and warnings go (default: stderr; syslog in the background)",
+        "--log", metavar="stderr|syslog|null|FILE", parse=_log_target,
+        help="where errors and warnings go (default: stderr; syslog in the background); "
+        "a FILE also gets -v's debug messages",
+    )  # fmt: skip
+    user: str | None = _option(
+        "-u", "--user", metavar="USER",
+        help="run as USER (a name or uid) once listening; needs root",
+    )  # fmt: skip
+    group: str | None = _option(
+        "-g", "--group", metavar="GROUP",
+        help="run as GROUP (a name or gid) once listening (default with -u: USER's); needs root",
     )  # fmt: skip
     verbose: bool = _flag("-v", "--verbose", help="debug messages too (to stderr)")
     help: bool = _flag("-h", "--help", help="this text; with a plugin or filters: their manuals")
@@ -254,6 +293,10 @@ class Options:
             raise ConfigError(
                 "-o/--oldstyle: the oldstyle protocol is not supported (newstyle only)"
             )
+        if self.port is not None and self.port > 65535 and not self.vsock:
+            raise ConfigError(
+                f"bad value for -p/--port: '{self.port}' is not a TCP port (0 to 65535)"
+            )
         self.config = ServerConfig(
             readonly=self.readonly,
             structured_replies=not self.no_sr,
@@ -263,6 +306,7 @@ class Options:
             shutdown_timeout=self.shutdown_timeout,
             max_in_flight=self.threads,
             max_connections=self.max_connections,
+            keepalive=self.keepalive,
         )
         if self.mask_handshake is not None:
             self.config.handshake_flags &= self.mask_handshake
@@ -280,10 +324,10 @@ class Options:
 
 
 OPTIONS: dict[str, tuple[str, Option]] = {
-    name: (f.name, f.metadata["option"])
+    name: (f.name, opt)
     for f in fields(Options)
-    if "option" in f.metadata
-    for name in f.metadata["option"].names
+    for opt in f.metadata.get("options", ())
+    for name in opt.names
 }
 """Every spelling of every option: the field it sets and its declaration."""
 
@@ -351,7 +395,7 @@ def _long_option(given: str) -> tuple[str, Option]:
 
 def _store(values: dict[str, Any], attr: str, opt: Option, given: str, value: str) -> None:
     if opt.metavar is None:
-        values[attr] = True
+        values[attr] = opt.const
         return
     try:
         parsed = opt.parse(value)
@@ -367,17 +411,15 @@ def options_help() -> str:
     """The option lines of ``--help``: names, value, help and default, from the fields."""
     rows = []
     for f in fields(Options):
-        opt: Option | None = f.metadata.get("option")
-        if opt is None:
-            continue
-        names = ", ".join(opt.names) + ("" if opt.metavar is None else f"={opt.metavar}")
-        default = f.default
-        shown = (
-            "" if default is None or isinstance(default, bool) or default is MISSING
-            else f"{default:g}" if isinstance(default, float)
-            else str(default)
-        )  # fmt: skip
-        rows.append((names, opt.help + (f" (default: {shown})" if shown else "")))
+        for opt in f.metadata.get("options", ()):
+            names = ", ".join(opt.names) + ("" if opt.metavar is None else f"={opt.metavar}")
+            default = f.default
+            shown = (
+                "" if default is None or isinstance(default, bool) or default is MISSING
+                else f"{default:g}" if isinstance(default, float)
+                else str(default)
+            )  # fmt: skip
+            rows.append((names, opt.help + (f" (default: {shown})" if shown else "")))
     return help_columns(rows)
 
 
@@ -563,10 +605,14 @@ def _foreground(opts: Options, activated: bool) -> bool:
             ("-U", opts.unix is not None),
             ("-p", opts.port is not None),
             ("-i", opts.ipaddr is not None),
+            ("--vsock", opts.vsock),
             ("--run", opts.run is not None),
         )
         if given
     ]
+    if opts.vsock and (opts.unix is not None or opts.ipaddr is not None):
+        flag = "-U" if opts.unix is not None else "-i"
+        raise ConfigError(f"--vsock listens on AF_VSOCK only: it cannot be combined with {flag}")
     if opts.single and listening:
         raise ConfigError(f"-s serves stdin/stdout: it cannot be combined with {listening[0]}")
     if activated and (listening or opts.single):
@@ -586,7 +632,7 @@ def bind_sockets(opts: Options, cleanup: list[str]) -> list[socket.socket]:
     without ``-U`` or ``-p`` listens on a private Unix socket."""
     socks: list[socket.socket] = []
     unix = opts.unix
-    if unix is None and opts.run is not None and opts.port is None:
+    if unix is None and opts.run is not None and opts.port is None and not opts.vsock:
         unix = "-"
     try:
         if unix is not None:
@@ -596,9 +642,11 @@ def bind_sockets(opts: Options, cleanup: list[str]) -> list[socket.socket]:
                 cleanup.append(os.path.dirname(path))
             socks.append(bind_unix(path))
             cleanup.insert(0, path)
-        if opts.port is not None or unix is None:
-            port = DEFAULT_PORT if opts.port is None else opts.port  # -p 0: any free port
-            socks += bind_tcp(port, opts.ipaddr)
+        port = DEFAULT_PORT if opts.port is None else opts.port  # -p 0: any free port
+        if opts.vsock:
+            socks.append(bind_vsock(port))
+        elif opts.port is not None or unix is None:
+            socks += bind_tcp(port, opts.ipaddr, opts.family or socket.AF_UNSPEC)
     except OSError as e:
         for sock in socks:
             sock.close()
@@ -702,8 +750,9 @@ async def _watch_signals(
 
 
 def setup_logging(verbose: bool, target: str) -> None:
-    """Errors and warnings go to ``target`` (stderr, syslog or null); with ``-v``, debug
-    messages also go to stderr (never to syslog, as nbdkit). Nothing goes to stdout."""
+    """Errors and warnings go to ``target`` (stderr, syslog, null or a file's path); with
+    ``-v``, debug messages also go to stderr (never to syslog, as nbdkit) and to the
+    file. Nothing goes to stdout. A file that cannot be opened raises ``StartupError``."""
     fmt = "trionbd: %(levelname)s: %(message)s" if verbose else "trionbd: %(message)s"
     handlers: list[logging.Handler] = []
     if target == "stderr" or verbose:
@@ -716,6 +765,15 @@ def setup_logging(verbose: bool, target: str) -> None:
         to_syslog.setLevel(logging.WARNING)
         to_syslog.setFormatter(logging.Formatter("%(message)s"))
         handlers.append(to_syslog)
+    elif target not in LOG_TARGETS:
+        try:
+            to_file = logging.FileHandler(target, encoding="utf-8")
+        except OSError as e:
+            raise StartupError(f"--log={target}: {e.strerror or e}") from e
+        to_file.setFormatter(
+            logging.Formatter("%(asctime)s trionbd[%(process)d]: %(levelname)s: %(message)s")
+        )
+        handlers.append(to_file)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format=fmt,
@@ -734,6 +792,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             return 0
         activated = daemon.activation_sockets()
         foreground = _foreground(opts, activated is not None)
+        who = daemon.identity(opts.user, opts.group)
         opts.tls.check()
         setup_logging(opts.verbose, opts.log or ("stderr" if foreground else "syslog"))
         chain = build_chain(opts)
@@ -753,6 +812,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             sockets = activated if activated is not None else []
             if activated is None and not opts.single:
                 sockets = bind_sockets(opts, cleanup)
+            if who is not None:
+                daemon.become(who)
             if opts.exit_with_parent:
                 daemon.exit_with_parent()
         except StartupError as e:

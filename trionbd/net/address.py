@@ -1,8 +1,9 @@
 """Where an NBD server listens, and the URIs that name it.
 
-:class:`Address` is a Unix socket path or a TCP host and port; :meth:`Address.uri` writes
-the ``nbd://`` or ``nbd+unix://`` URI a client uses, :func:`parse_uri` reads one back.
-The server (its listeners) and the client (what it connects to) share both.
+:class:`Address` is a Unix socket path, a TCP host and port, or an AF_VSOCK context
+id and port; :meth:`Address.uri` writes the ``nbd://``, ``nbd+unix://`` or
+``nbd+vsock://`` URI a client uses, :func:`parse_uri` reads the first two back. The
+server (its listeners) and the client (what it connects to) share both.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from dataclasses import dataclass
 
 from ..protocol.constants import DEFAULT_PORT
 
+VMADDR_CID_ANY = 0xFFFFFFFF
+VMADDR_CID_LOCAL = 1
+"""AF_VSOCK context ids: every one (what a listener binds), and this host's loopback."""
+
 
 @dataclass(frozen=True)
 class Address:
@@ -20,6 +25,9 @@ class Address:
     unix_path: str | None = None
     host: str | None = None
     port: int | None = None
+    """The TCP port, or with ``cid`` the AF_VSOCK port."""
+    cid: int | None = None
+    """An AF_VSOCK address's context id (``VMADDR_CID_ANY`` for a listener on every one)."""
 
     def uri(self, export: str = "", tls: bool = False) -> str:
         quoted = urllib.parse.quote(export, safe="/")
@@ -27,6 +35,10 @@ class Address:
         if self.unix_path is not None:
             sock = urllib.parse.quote(self.unix_path, safe="/")
             return f"{scheme}+unix:///{quoted}?socket={sock}"
+        if self.cid is not None:
+            # Listening on every context id: name the local one, as nbdkit's $uri does.
+            cid = VMADDR_CID_LOCAL if self.cid == VMADDR_CID_ANY else self.cid
+            return f"{scheme}+vsock://{cid}:{self.port}/{quoted}"
         # A wildcard address (all interfaces) is nothing to connect to: name this host.
         host = "localhost" if self.host in (None, "", "0.0.0.0", "::") else self.host
         if ":" in host:
@@ -37,6 +49,8 @@ class Address:
     def __str__(self) -> str:
         if self.unix_path is not None:
             return self.unix_path
+        if self.cid is not None:
+            return f"vsock:{self.cid}:{self.port}"
         return f"{self.host}:{self.port}"
 
 

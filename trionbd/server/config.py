@@ -43,6 +43,9 @@ class ServerConfig:
     max_buffered: int = MAX_BUFFERED
     max_connections: int | None = None
     """Clients served at once; more are refused (see ``Server``)."""
+    keepalive: bool = False
+    """Turn TCP keepalive (``SO_KEEPALIVE``) on for every accepted TCP connection, so
+    that the kernel notices a client host that went away silently (``--keepalive``)."""
     tls: TLSMode = TLSMode.OFF
     """``--tls``: whether STARTTLS is offered, and whether it is required."""
     tls_context: ssl.SSLContext | None = None

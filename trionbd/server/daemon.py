@@ -1,26 +1,31 @@
 """The process around a server: what the ``trionbd`` command does besides serving.
 
 Forking into the background once listening, the pidfile, systemd socket activation,
-``--exit-with-parent``, ``-s`` (a client on stdin/stdout), the environment of a
-``--run`` command, and logging to syslog. Nothing here installs a signal handler;
-only the command does that.
+``--exit-with-parent``, ``-u``/``-g`` (the user and group it runs as), ``-s`` (a
+client on stdin/stdout), the environment of a ``--run`` command, and logging to
+syslog. Nothing here installs a signal handler; only the command does that.
 """
 
 from __future__ import annotations
 
 import ctypes
+import grp
 import logging
 import os
+import pwd
 import signal
 import socket
 import stat
 import sys
 import syslog
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 import trio
 
-from ..chain.errors import StartupError
+from ..chain.errors import ConfigError, StartupError
 from ..net.address import Address
 from .tls import TLSMode
 
@@ -153,6 +158,78 @@ def exit_with_parent() -> None:
         raise StartupError(f"--exit-with-parent: prctl failed: {os.strerror(code)}")
     if os.getppid() != parent:
         raise StartupError("--exit-with-parent: the parent process has already exited")
+
+
+# --- -u, -g: who the server runs as ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Whom ``-u``/``-g`` make the server once it listens."""
+
+    uid: int | None
+    """``None``: the user stays (``-g`` alone)."""
+    gid: int
+    groups: tuple[int, ...]
+    """Supplementary groups: ``-g``'s group alone, or ``-u``'s user's groups."""
+
+
+def identity(user: str | None, group: str | None) -> Identity | None:
+    """What ``-u USER`` and ``-g GROUP`` (names or numeric ids) name, or ``None`` without
+    them. Without ``-g`` the group is the user's primary group and the supplementary
+    groups are the user's. Raises ``ConfigError`` for names that do not exist, a uid
+    without a password entry and no ``-g``, or a process that is not root."""
+    if user is None and group is None:
+        return None
+    if os.geteuid() != 0:
+        raise ConfigError(
+            f"-u/-g: changing user or group needs root (this process runs as uid {os.geteuid()})"
+        )
+    uid = gid = None
+    groups: tuple[int, ...] = ()
+    if user is not None:
+        account = _entry(user, pwd.getpwnam, pwd.getpwuid, "-u", "user")
+        if isinstance(account, int):
+            uid = account
+        else:
+            uid, gid = account.pw_uid, account.pw_gid
+            groups = tuple(os.getgrouplist(account.pw_name, account.pw_gid))
+    if group is not None:
+        found = _entry(group, grp.getgrnam, grp.getgrgid, "-g", "group")
+        gid = found if isinstance(found, int) else found.gr_gid
+        groups = (gid,)
+    if gid is None:
+        raise ConfigError(f"-u {user}: no such user in the password database: give a group (-g)")
+    return Identity(uid, gid, groups)
+
+
+def _entry(
+    text: str, by_name: Callable[[str], Any], by_id: Callable[[int], Any], flag: str, what: str
+) -> Any:
+    """The database entry named ``text``; for a number, its entry if there is one, else
+    the number."""
+    try:
+        return by_name(text)
+    except KeyError:
+        pass
+    if not text.isdigit():
+        raise ConfigError(f"{flag} {text}: no such {what} (give a name or a numeric id)")
+    try:
+        return by_id(int(text))
+    except KeyError:
+        return int(text)
+
+
+def become(who: Identity) -> None:
+    """Take on ``who``'s groups, group and user, for good (root cannot be had back)."""
+    try:
+        os.setgroups(list(who.groups))
+        os.setgid(who.gid)
+        if who.uid is not None:
+            os.setuid(who.uid)
+    except OSError as e:
+        raise StartupError(f"-u/-g: cannot change user or group: {e.strerror}") from e
+    log.debug("now running as uid %d, gid %d, groups %s", os.getuid(), os.getgid(), who.groups)
 
 
 # --- -s: a client on stdin/stdout ----------------------------------------------------------------

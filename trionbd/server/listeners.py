@@ -1,4 +1,4 @@
-"""Listening sockets: Unix, TCP (IPv4 and IPv6). Where they listen is an
+"""Listening sockets: Unix, TCP (IPv4 and IPv6), AF_VSOCK. Where they listen is an
 :class:`~trionbd.net.Address`. A socket that cannot listen raises :class:`ListenError`,
 which says where and why in one line (``127.0.0.1:10809: address already in use``)."""
 
@@ -46,6 +46,9 @@ def address_of(listener: trio.SocketListener) -> Address:
     sock = listener.socket
     if sock.family == _stdlib_socket.AF_UNIX:
         return Address(unix_path=str(sock.getsockname()))
+    if sock.family == _stdlib_socket.AF_VSOCK:
+        cid, port = sock.getsockname()
+        return Address(cid=cid, port=port)
     host, port = sock.getsockname()[:2]
     return Address(host=host, port=port)
 
@@ -74,12 +77,16 @@ def bind_unix(path: str) -> _stdlib_socket.socket:
     return sock
 
 
-def bind_tcp(port: int, host: str | None = None) -> list[_stdlib_socket.socket]:
+def bind_tcp(
+    port: int, host: str | None = None, family: int = _stdlib_socket.AF_UNSPEC
+) -> list[_stdlib_socket.socket]:
     """Plain sockets listening on TCP; without ``host``, on every address (IPv4 and
-    IPv6, each family its own socket). Port 0 picks a free port."""
+    IPv6, each family its own socket). Port 0 picks a free port. ``family``
+    (``AF_INET`` or ``AF_INET6``: ``-4``, ``-6``) keeps to one family, for the every
+    address listening and for the addresses ``host`` resolves to."""
     try:
         infos = _stdlib_socket.getaddrinfo(
-            host, port, type=_stdlib_socket.SOCK_STREAM, flags=_stdlib_socket.AI_PASSIVE
+            host, port, family, _stdlib_socket.SOCK_STREAM, flags=_stdlib_socket.AI_PASSIVE
         )
     except OSError as e:
         raise ListenError(_host_port(host or "*", port), e) from e
@@ -109,6 +116,24 @@ def bind_tcp(port: int, host: str | None = None) -> list[_stdlib_socket.socket]:
     if not socks:
         raise ListenError(_host_port(host or "*", port), "no usable address family")
     return socks
+
+
+def bind_vsock(port: int) -> _stdlib_socket.socket:
+    """A plain socket listening on AF_VSOCK ``port`` of every context id (the host's, a
+    guest's, the local loopback's), as nbdkit's ``--vsock``. Port 0 picks a free port
+    (as for TCP; AF_VSOCK itself calls that port ``VMADDR_PORT_ANY``)."""
+    where = f"vsock port {port}"
+    try:
+        sock = _stdlib_socket.socket(_stdlib_socket.AF_VSOCK, _stdlib_socket.SOCK_STREAM)
+    except OSError as e:
+        raise ListenError(where, e) from e
+    try:
+        sock.bind((_stdlib_socket.VMADDR_CID_ANY, port or _stdlib_socket.VMADDR_PORT_ANY))
+        sock.listen(BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise ListenError(where, e) from e
+    return sock
 
 
 def as_listener(sock: _stdlib_socket.socket) -> trio.SocketListener:

@@ -32,6 +32,7 @@ import errno
 import itertools
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -57,6 +58,8 @@ ACCEPT_RETRY seconds, with a log line, as ``trio.serve_listeners`` does. Any oth
 error ends the server (Trio's listener already retries those that concern only the
 client, such as ECONNABORTED)."""
 ACCEPT_RETRY = 0.1
+TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+"""Where ``--keepalive`` applies (Unix and vsock sockets have no TCP keepalive)."""
 
 ListenerSpec = str | trio.SocketListener
 """A listener, or where to listen: ``unix:PATH``, ``tcp:HOST:PORT``, ``tcp:PORT``."""
@@ -197,6 +200,8 @@ class Server:
                 )  # fmt: skip
                 await trio.sleep(ACCEPT_RETRY)
                 continue
+            if self.config.keepalive and stream.socket.family in TCP_FAMILIES:
+                stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             limit = self.config.max_connections
             if limit is not None and len(self.connections) - self._turning_away >= limit:
                 if self._turning_away >= limit:
