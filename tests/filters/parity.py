@@ -39,9 +39,8 @@ def same_caps(plugin: Sequence[str], *filters: str) -> dict[str, object]:
     "--filter=fua", "fuamode=force")``).
 
     Both servers must offer the same, except where they already differ without the
-    filters (nbdkit advertises no block size unless a plugin sets one, its memory
-    plugin offers CACHE, ...): those differences must stay as they were. Returns
-    trionbd's answers."""
+    filters (nbdkit advertises no block size unless a plugin sets one, ...): those
+    differences must stay as they were. Returns trionbd's answers."""
     plain_ours, plain_theirs = _plain_caps(tuple(plugin))
     options = [a for a in filters if a.startswith("--")]
     params = [a for a in filters if not a.startswith("--")]

@@ -11,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.server.nbdclient import connect
-from tests.support import libnbd_python, random_file, run, serving, trionbd_process
+from tests.support import (
+    export_info,
+    libnbd_python,
+    nbdkit_process,
+    nbdsh,
+    random_file,
+    run,
+    serving,
+    trionbd_process,
+)
 from trionbd.chain import Chain, ConfigError
 from trionbd.chain.params import MAX_SIZE
 from trionbd.plugins.memory import PAGE, MemoryPlugin
@@ -174,5 +183,21 @@ async def test_flags() -> None:
         TF = TransmissionFlag
         assert c.flags == (
             TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES
-            | TF.SEND_DF | TF.CAN_MULTI_CONN | TF.SEND_FAST_ZERO
+            | TF.SEND_DF | TF.CAN_MULTI_CONN | TF.SEND_CACHE | TF.SEND_FAST_ZERO
         )  # fmt: skip
+
+
+def test_cache_is_offered_and_succeeds_as_nbdkit_s_does() -> None:
+    """nbdkit's memory plugin offers CACHE; so does ours, and a cache request (over
+    the whole disk too) succeeds without changing a byte."""
+    script = (
+        "h.pwrite(b'x' * 4096, 8192)\n"
+        "print(h.can_cache())\n"
+        "h.cache(4096, 8192)\n"
+        "h.cache(h.get_size(), 0)\n"
+        "print(h.pread(4096, 8192) == b'x' * 4096)\n"
+    )
+    for start in (trionbd_process, nbdkit_process):
+        with start("memory", "1M") as server:
+            assert export_info(server.uri)["can_cache"] is True
+            assert nbdsh(server.uri, script).split() == ["True", "True"]

@@ -361,6 +361,7 @@ async def test_memory_export_flags_and_every_command() -> None:
             | TF.SEND_WRITE_ZEROES
             | TF.SEND_DF
             | TF.CAN_MULTI_CONN
+            | TF.SEND_CACHE
             | TF.SEND_FAST_ZERO
         )
         data = bytes(range(256)) * 256
@@ -372,7 +373,7 @@ async def test_memory_export_flags_and_every_command() -> None:
         assert await c.error(Cmd.TRIM, MiB + 1024, 1024) == 0
         expected = data[:100] + bytes(2048) + data[2148:]
         assert await c.read(MiB - 100, len(data)) == expected
-        assert await c.error(Cmd.CACHE, 0, MiB) == 0  # not advertised: tolerated as a no-op
+        assert await c.error(Cmd.CACHE, 0, MiB) == 0
         [status] = await c.request(Cmd.BLOCK_STATUS, 0, 4 * MiB)
         assert status.extents == (  # type: ignore[union-attr]
             (MiB - 32 * 1024, 3),

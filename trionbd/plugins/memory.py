@@ -2,7 +2,8 @@
 
 Serves a writable disk of ``size`` bytes held in memory. Only pages that were written
 take memory, so sizes up to 2^63-1 bytes are fine. Data is lost when the server exits.
-All clients see the same disk (multi-conn is safe).
+All clients see the same disk (multi-conn is safe). CACHE requests succeed at once:
+the data is in memory already.
 
 Example:
   trionbd memory 1G
@@ -113,6 +114,9 @@ class MemoryPlugin(Plugin):
 
     async def can_fast_zero(self, h: Any) -> bool:
         return True
+
+    async def cache(self, h: Any, count: int, offset: int, flags: int) -> None:
+        """The data is in memory already: nothing to do, at once (CACHE is offered)."""
 
     async def extents(self, h: Any, count: int, offset: int, flags: int) -> list[Extent]:
         """Runs of allocated pages are data; everything between them is one hole."""
