@@ -67,12 +67,15 @@ class Running:
 
 
 @contextlib.contextmanager
-def trionbd_process(*args: str, env: dict[str, str] | None = None) -> Iterator[Running]:
-    """Run ``trionbd -f --print-uri -U SOCK ARGS...`` until the block ends.
+def trionbd_process(
+    *args: str, env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()
+) -> Iterator[Running]:
+    """Run ``trionbd -f --print-uri -U SOCK ARGS...`` until the block ends (with
+    ``pass_fds`` inherited).
 
     Waits until the server prints its URI (it is then listening). At the end the
-    process gets SIGTERM and must exit with status 0 within 20 s; its stderr must not
-    contain a Python traceback.
+    process gets SIGTERM (unless it has exited) and must exit with status 0 within
+    20 s; its stderr must not contain a Python traceback.
     """
     with short_tmpdir() as tmp:
         sock = str(tmp / "sock")
@@ -80,7 +83,13 @@ def trionbd_process(*args: str, env: dict[str, str] | None = None) -> Iterator[R
         cmd = [PYTHON, "-m", "trionbd", "-f", "--print-uri", "-U", sock, *args]
         with open(stderr_path, "w") as err:
             proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=ROOT
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                env=env,
+                cwd=ROOT,
+                pass_fds=pass_fds,
             )
         try:
             assert proc.stdout is not None
@@ -102,8 +111,9 @@ def trionbd_process(*args: str, env: dict[str, str] | None = None) -> Iterator[R
 
 
 @contextlib.contextmanager
-def nbdkit_process(*args: str) -> Iterator[Running]:
-    """Run the reference server, ``nbdkit -f -U SOCK ARGS...``, until the block ends.
+def nbdkit_process(*args: str, pass_fds: Sequence[int] = ()) -> Iterator[Running]:
+    """Run the reference server, ``nbdkit -f -U SOCK ARGS...``, until the block ends (with
+    ``pass_fds`` inherited).
 
     Waits until its pidfile appears (it is then listening). At the end it gets SIGTERM
     unless the test already stopped it; its exit status is not checked (tests kill it).
@@ -114,7 +124,7 @@ def nbdkit_process(*args: str) -> Iterator[Running]:
         stderr_path = tmp / "stderr"
         cmd = ["nbdkit", "-f", "-U", sock, "-P", str(pidfile), *args]
         with open(stderr_path, "w") as err:
-            proc = subprocess.Popen(cmd, stdout=err, stderr=err, text=True)
+            proc = subprocess.Popen(cmd, stdout=err, stderr=err, text=True, pass_fds=pass_fds)
         try:
             deadline = time.monotonic() + START_TIMEOUT
             while not pidfile.exists():

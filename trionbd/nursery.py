@@ -19,6 +19,8 @@ Guarantees:
   plugin's connections need their reader tasks until then), and are cancelled last.
 * :meth:`Lifetime.close_connections` lets a plugin or filter end the connections that
   use one of its exports (an export that went away) without a reference to the server.
+* :meth:`Lifetime.request_shutdown` lets one end the server once its clients have gone
+  (the exitlast and exitwhen filters).
 """
 
 from __future__ import annotations
@@ -142,6 +144,22 @@ class Lifetime:
         self.closing = False
         self.connection_closer: ConnectionCloser | None = None
         """Set by the server running in this lifetime (see :meth:`close_connections`)."""
+        self.shutdown_requester: Callable[[], None] | None = None
+        """Set by the server running in this lifetime (see :meth:`request_shutdown`)."""
+        self.shutdown_requested = False
+        """Whether :meth:`request_shutdown` was called (a server starting later honours it)."""
+
+    def request_shutdown(self) -> None:
+        """Ask the server to end once its clients have gone: it stops accepting clients
+        now, serves those connected until they disconnect (however long that takes),
+        then exits as after SIGTERM; with no client connected, at once. Any task may call
+        it, any number of times. Made before the server runs, the request takes effect
+        as it starts; without a server (a lifetime opened on its own) nothing happens."""
+        if not self.shutdown_requested:
+            log.info("shutdown requested: no new clients; exiting once the clients have gone")
+        self.shutdown_requested = True
+        if self.shutdown_requester is not None:
+            self.shutdown_requester()
 
     async def close_connections(
         self,

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import subprocess
 import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tests.plugins.test_nbd import caps
 from tests.support import (
+    HANG_GUARD,
     SYSTEM_PYTHON,
     Running,
     nbdkit_process,
+    read_line,
     run,
     trionbd_process,
     wait_until,
@@ -108,3 +112,47 @@ def requests_below(
 def _all_left(log: Path) -> bool:
     text = log.read_text()
     return text.count(" Connect ") == text.count(" Disconnect ")
+
+
+_HOLD = """
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+print("connected", flush=True)
+sys.stdin.readline()
+print(len(h.pread(4096, 0)), flush=True)
+h.shutdown()
+"""
+
+
+class Held:
+    """A libnbd client in transmission with a server until :meth:`release`."""
+
+    def __init__(self, proc: subprocess.Popen[str]):
+        self.proc = proc
+
+    def release(self) -> str:
+        """Read 4096 bytes, disconnect; what the client printed (``4096`` if it could)."""
+        out, _ = self.proc.communicate("\n", timeout=HANG_GUARD)
+        assert self.proc.returncode == 0, out
+        return out.strip()
+
+
+@contextlib.contextmanager
+def holding(uri: str) -> Iterator[Held]:
+    """A client connected to ``uri`` (GO done) for the block, or until released."""
+    proc = subprocess.Popen(
+        [SYSTEM_PYTHON, "-c", _HOLD, uri],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert read_line(proc, HANG_GUARD) == "connected\n"
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), True)  # read_line made it non-blocking
+        yield Held(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

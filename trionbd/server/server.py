@@ -23,7 +23,10 @@ are closed at once, with a log line.
 While it runs, the server counts what the clients of each export do
 (:meth:`Server.stats`) and closes the connections of an export that went away when a
 plugin or filter asks (:meth:`Server.close_connections`, reached through
-``Lifetime.close_connections``).
+``Lifetime.close_connections``). A plugin or filter may also end the server once its
+clients have gone (:meth:`Server.stop_accepting`, reached through
+``Lifetime.request_shutdown``): the listeners close, and the server ends when its last
+connection does.
 """
 
 from __future__ import annotations
@@ -121,6 +124,8 @@ class Server:
             trio.Lock() if chain.concurrency is Concurrency.SERIALIZE_CONNECTIONS else None
         )
         self.shutting_down = False
+        self.accepting = True
+        """False once the server takes no more clients (:meth:`stop_accepting`)."""
         self._turning_away = 0
         """Connections over the limit being refused (they are in ``connections`` too)."""
         self._connections: trio.Nursery | None = None
@@ -128,6 +133,9 @@ class Server:
         self._past: dict[str, ExportStats] = {}
         """Counters of the connections that have closed, per export."""
         lifetime.connection_closer = self.close_connections
+        lifetime.shutdown_requester = self.stop_accepting
+        if lifetime.shutdown_requested:
+            self.stop_accepting()
 
     @property
     def uris(self) -> list[str]:
@@ -146,6 +154,12 @@ class Server:
         self._connections_scope.deadline = min(self._connections_scope.deadline, deadline)
         for conn in list(self.connections):
             conn.drain()
+
+    def stop_accepting(self) -> None:
+        """Close the listeners and accept no more clients; the server keeps serving the
+        connected ones and ends when the last has gone (``Lifetime.request_shutdown``)."""
+        self.accepting = False
+        self._listen_scope.cancel()
 
     def stats(self) -> dict[str, ExportStats]:
         """Per export name (as clients asked for it, ``""`` resolved to the default
@@ -234,6 +248,9 @@ class Server:
         graceful shutdown."""
         await self._running.wait()
         assert self._connections is not None
+        if not self.accepting:  # the connection nursery may have closed already
+            await stream.aclose()
+            return
         gone = trio.Event()
 
         async def client() -> None:
