@@ -8,6 +8,7 @@ import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import trio
@@ -19,6 +20,7 @@ from tests.support import (
     Running,
     run,
     serving,
+    trionbd_exit,
     trionbd_process,
     wait_until,
 )
@@ -120,6 +122,39 @@ def test_shared_keeps_exactly_one_upstream_connection() -> None:
         # The proxy closed it at exit.
         wait_until(lambda: upstream_connections(up) == 0, "the shared connection closes")
         assert "client disconnected (Disconnect)" in up.stderr
+
+
+def test_the_default_exports_upstream_connection_opens_at_start_up() -> None:
+    """Before any client comes, the proxy holds its one upstream connection (as nbdkit's
+    ``nbd --shared``); a client's GO then sends nothing upstream."""
+    with trionbd_process("-v", "memory", "16M") as up:
+        with trionbd_process("--filter=shared", "nbd", f"socket={up.socket}") as px:
+            wait_until(lambda: transmissions(up) == 1, "the proxy has gone into transmission")
+            wait_until(lambda: upstream_connections(up) == 1, "one upstream connection is left")
+            assert run(["nbdinfo", "--size", px.uri]).strip() == str(16 * MiB)
+            assert (transmissions(up), upstream_connections(up)) == (1, 1)
+
+
+def test_a_dead_upstream_stops_the_start_up() -> None:
+    result = trionbd_exit("--filter=shared", "nbd", "socket=/nonexistent/upstream.sock")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "trionbd: shared: cannot open the default export of nbd: cannot connect to "
+        "/nonexistent/upstream.sock: No such file or directory (EIO)\n"
+    )
+
+
+def test_other_exports_open_on_first_use(tmp_path: Path) -> None:
+    for name in ("a.img", "b.img"):
+        (tmp_path / name).write_bytes(name.encode() * 1024)
+    with trionbd_process("-v", "file", f"dir={tmp_path}") as up:
+        with trionbd_process("--filter=shared", "nbd", f"socket={up.socket}") as px:
+            wait_until(lambda: transmissions(up) == 1, "the default export (a.img) is open")
+            assert "transmission on export 'a.img'" in up.stderr
+            for _ in range(2):
+                assert run(["nbdinfo", "--size", px.uri_for("b.img")]).strip() == "5120"
+            assert transmissions(up) == 2  # b.img opened by the first client asking for it
+            assert "transmission on export 'b.img'" in up.stderr
 
 
 def test_without_shared_every_client_has_its_own_upstream_connection() -> None:
@@ -309,16 +344,18 @@ async def test_requests_follow_the_plugins_concurrency(
 
 
 async def test_a_failed_open_is_retried_by_the_next_client() -> None:
-    plugin = ScratchPlugin(fail_opens=1)
+    """(Of an export other than the default, whose context opens at start-up.)"""
+    plugin = ScratchPlugin()
     async with serving(chain(plugin, True)) as server:
         path = socket_of(server)
+        plugin.fail_opens = 1
         with pytest.raises(nbd.OptionError) as e:
-            await nbd.connect_unix(path)
+            await nbd.connect_unix(path, "other")
         assert "backing store unavailable" in e.value.message
-        async with await nbd.connect_unix(path) as c:
+        async with await nbd.connect_unix(path, "other") as c:
             await c.pwrite(b"ok", 0)
             assert await c.pread(2, 0) == b"ok"
-    assert len(plugin.handles) == 1
+    assert [h.export for h in plugin.handles] == ["scratch", "other"]
 
 
 async def test_each_export_name_gets_its_own_shared_context() -> None:

@@ -1,11 +1,14 @@
 """shared: all clients share one context of the layer below per export.
 
 Without this filter every client connection opens its own context of the plugin (for
-the ``nbd`` plugin: its own upstream connection). With it, the first client asking for
-an export opens one context of the layer below through the lifetime nursery, and every
-later client of that export uses the same one; it is closed when the server exits, not
-when clients leave. ``trionbd --filter=shared nbd socket=UPSTREAM`` therefore keeps
-exactly one upstream connection however many clients come and go.
+the ``nbd`` plugin: its own upstream connection). With it, each export has one context
+of the layer below, opened through the lifetime nursery, and every client of that
+export uses it; it is closed when the server exits, not when clients leave. The
+default export's context is opened at start-up, before the first client (as nbdkit's
+``nbd --shared`` connects at once): if that fails, the server does not start (exit
+status 1, with the reason). Other exports' contexts are opened by the first client
+asking for them. ``trionbd --filter=shared nbd socket=UPSTREAM`` therefore holds
+exactly one upstream connection from start-up on, however many clients come and go.
 
 Consequences:
 
@@ -18,9 +21,9 @@ Consequences:
   read-only.
 * The default export is resolved once (the name of the layer below's default export
   does not change while clients share it).
-* If opening fails, the next client tries again. If the shared context breaks (the
-  upstream server of ``nbd`` dies), every client sees the errors until the server is
-  restarted.
+* If opening another export fails, its next client tries again. If a shared context
+  breaks (the upstream server of ``nbd`` dies), every client sees the errors until the
+  server is restarted.
 
 Example:
   trionbd --filter=shared nbd socket=/tmp/upstream.sock
@@ -31,7 +34,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
-from ..chain import BuildOnce, Filter, Layer, NBDError, Next
+from ..chain import BuildOnce, Filter, Layer, NBDError, Next, StartupError
 
 if TYPE_CHECKING:
     from ..nursery import Lifetime
@@ -53,6 +56,12 @@ class SharedFilter(Filter):
     async def after_fork(self, lifetime: Lifetime, below: Layer) -> None:
         self._lifetime = lifetime
         self._below = below
+        try:
+            name = await self._defaults.get((lifetime.readonly, False))
+            await self._contexts.get(name)
+        except (NBDError, OSError) as e:
+            message = f"shared: cannot open the default export of {below.name}: {e}"
+            raise StartupError(message) from e
 
     async def default_export(self, below: Layer, readonly: bool, is_tls: bool) -> str:
         return await self._defaults.get((readonly, is_tls))
