@@ -21,6 +21,8 @@ errors, within two budgets so that a client cannot flood the log: the first
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..chain import Layer, LayerContext
-from ..chain.clientinfo import ClientInfo, set_current_client
+from ..chain.clientinfo import ClientInfo, Credentials, set_current_client
 from ..chain.errors import DropConnection, NBDError
 from ..net.transport import Transport
 from ..protocol.errors import RemoteProtocolError
@@ -42,6 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trionbd.server")
 
+PEERCRED = struct.Struct("3i")
+"""``struct ucred`` as ``SO_PEERCRED`` gives it: pid, uid, gid."""
 WARNINGS_PER_CONNECTION = 10
 """Failures of one connection logged as warnings; later ones are counted, and the count
 is logged when the connection closes."""
@@ -78,7 +82,7 @@ class Connection:
         sends but ABORT is answered ERR_POLICY with this message."""
         self.transport = Transport(stream)
         self.proto = ServerConnection(self.config.handshake_flags)
-        self.info = ClientInfo(conn_id, _peer_name(stream))
+        self.info = _client_info(conn_id, stream)
         self.ctx: LayerContext | None = None
         """The context of the export chosen for transmission: set as soon as GO or
         EXPORT_NAME has opened it (``Server.close_connections`` sees the export in use
@@ -236,13 +240,22 @@ class Connection:
             lock.release()
 
 
-def _peer_name(stream: trio.abc.Stream) -> str:
-    if isinstance(stream, trio.SocketStream):
-        try:
-            peer = stream.socket.getpeername()
-        except OSError:
-            return "?"
-        if isinstance(peer, tuple):
-            return f"{peer[0]}:{peer[1]}"
-        return str(peer) or "unix"
-    return type(stream).__name__
+def _client_info(conn_id: int, stream: trio.abc.Stream) -> ClientInfo:
+    """What the connection's socket tells of the client: its address, and on a Unix
+    socket the connecting process's credentials."""
+    if not isinstance(stream, trio.SocketStream):
+        return ClientInfo(conn_id, type(stream).__name__)
+    sock = stream.socket
+    try:
+        address = sock.getpeername()
+    except OSError:
+        return ClientInfo(conn_id, "?", family=sock.family)
+    if sock.family != socket.AF_UNIX:
+        peer = f"{address[0]}:{address[1]}"
+        return ClientInfo(conn_id, peer, family=sock.family, address=address)
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
+        credentials = Credentials(*PEERCRED.unpack(raw))
+    except OSError:
+        credentials = None
+    return ClientInfo(conn_id, str(address) or "unix", family=sock.family, credentials=credentials)

@@ -46,7 +46,7 @@ from ..protocol.events import (
     UnknownOption,
 )
 from ..protocol.wire import Buffer
-from .tls import TLSMode
+from .tls import TLSMode, client_dn
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -216,6 +216,9 @@ class Handshake:
             log.warning("conn %d: TLS handshake failed: %s; closing", conn.id, e.__cause__ or e)
             return False
         conn.info.is_tls = True
+        stream = conn.transport.stream
+        if isinstance(stream, trio.SSLStream):
+            conn.info.certificate_dn = client_dn(stream.getpeercert())
         conn.debug("TLS handshake done (%s)", version)
         return True
 

@@ -13,7 +13,8 @@ FORCEDTLS). Credentials come from the standard library's :mod:`ssl`:
   overrides certificates. Python's :mod:`ssl` has PSK callbacks only since 3.13; on an
   older Python the option is refused (exit 2).
 
-Only TLS 1.2 and later are offered.
+Only TLS 1.2 and later are offered. A verified client certificate's subject is given to
+plugins and filters as ``ClientInfo.certificate_dn`` (:func:`client_dn`).
 
 Without ``--tls``, TLS is ``on`` when credentials are found, else ``off`` (as nbdkit).
 ``--tls=on`` without credentials warns and turns TLS off; ``--tls=require`` without
@@ -201,3 +202,44 @@ def psk_context(keys: dict[str, bytes]) -> ssl.SSLContext:
 
     context.set_psk_server_callback(lookup)  # type: ignore[attr-defined,unused-ignore]
     return context
+
+
+# --- the client's certificate --------------------------------------------------------------------
+
+_DN_NAMES = {
+    "commonName": "CN",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "streetAddress": "STREET",
+    "domainComponent": "DC",
+    "userId": "UID",
+}
+"""The attribute types RFC 4514 writes by short name; others keep OpenSSL's long name."""
+
+
+def client_dn(cert: dict[str, object] | None) -> str | None:
+    """The subject of a verified client certificate (``getpeercert()``) as RFC 4514
+    writes a Distinguished Name (``CN=client.example.com,O=BigCo,C=US``: the last RDN
+    first); ``None`` without one."""
+    subject = (cert or {}).get("subject")
+    if not isinstance(subject, tuple) or not subject:
+        return None
+    return ",".join(
+        "+".join(f"{_DN_NAMES.get(kind, kind)}={_dn_value(value)}" for kind, value in rdn)
+        for rdn in reversed(subject)
+    )
+
+
+def _dn_value(value: str) -> str:
+    """A DN attribute value with RFC 4514's escapes."""
+    for char in '\\"+,;<>':
+        value = value.replace(char, "\\" + char)
+    value = value.replace("\0", "\\00")
+    if value[:1] in ("#", " "):
+        value = "\\" + value
+    if value.endswith(" ") and not value.endswith("\\ "):
+        value = value[:-1] + "\\ "
+    return value
