@@ -814,7 +814,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 sockets = bind_sockets(opts, cleanup)
             if who is not None:
                 daemon.become(who)
-            if opts.exit_with_parent:
+            if opts.exit_with_parent:  # after become(): a change of user clears it
                 daemon.exit_with_parent()
         except StartupError as e:
             failed.append(str(e))
