@@ -344,12 +344,18 @@ def test_socket_activation_refuses_listening_options(tmp: Path) -> None:
 # --- --exit-with-parent --------------------------------------------------------------------------
 
 
-def test_exit_with_parent(tmp: Path) -> None:
+@pytest.mark.parametrize("group", [[], ["-g", "nogroup"]], ids=["", "-g"])
+def test_exit_with_parent(tmp: Path, group: list[str]) -> None:
+    """(Also with -g: the kernel forgets the parent-death signal when the group or user
+    changes, so it is asked for after that.)"""
+    if group and os.geteuid() != 0:
+        pytest.skip("changing group needs root")
     pidfile = tmp / "pid"
+    flags = " ".join(group)
     # The shell starts trionbd in the background, waits until it serves, and exits.
     run(["sh", "-c",
-         f"{' '.join(TRIONBD)} --exit-with-parent -U {tmp / 'sock'} -P {pidfile} memory 1M & "
-         f"while [ ! -e {pidfile} ]; do sleep 0.05; done"], cwd=ROOT)  # fmt: skip
+         f"{' '.join(TRIONBD)} {flags} --exit-with-parent -U {tmp / 'sock'} -P {pidfile} "
+         f"memory 1M & while [ ! -e {pidfile} ]; do sleep 0.05; done"], cwd=ROOT)  # fmt: skip
     # Its parent gone, trionbd got SIGTERM and shut down cleanly (the pidfile goes last).
     wait_until(lambda: not pidfile.exists(), "trionbd exits with its parent", EXIT_TIMEOUT)
 
