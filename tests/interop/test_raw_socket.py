@@ -166,8 +166,8 @@ def test_export_name_option_at_and_over_the_limit(memory: Running) -> None:
     ok = Raw(memory.socket)
     ok.greeting()
     ok.option(OPT_EXPORT_NAME, b"e" * 4096)
-    # HAS_FLAGS FLUSH FUA TRIM WRITE_ZEROES MULTI_CONN FAST_ZERO; no DF without SR.
-    assert struct.unpack(">QH", ok.recv(10)) == (MEMORY_SIZE, 0x096D)
+    # HAS_FLAGS FLUSH FUA TRIM WRITE_ZEROES MULTI_CONN CACHE FAST_ZERO; no DF without SR.
+    assert struct.unpack(">QH", ok.recv(10)) == (MEMORY_SIZE, 0x0D6D)
     ok.request(CMD_READ, 0, 4)
     assert ok.simple_reply() == 0 and ok.recv(4) == bytes(4)
     ok.close()
