@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from . import wire
 from .constants import (
+    EXTENDED_REPLY_MAGIC,
     IHAVEOPT,
     MAX_REQUEST,
     NBDMAGIC,
@@ -26,6 +27,7 @@ from .constants import (
     STRUCTURED_REPLY_MAGIC,
     ClientFlag,
     Cmd,
+    CmdFlag,
     Err,
     HandshakeFlag,
     Info,
@@ -52,7 +54,9 @@ from .events import (
     SimpleReply,
 )
 from .wire import (
+    BLOCK_STATUS_EXT_HEAD,
     CHUNK_HEADER,
+    EXTENDED_HEADER,
     GREETING,
     INFO_BLOCK_SIZE,
     INFO_EXPORT,
@@ -69,6 +73,7 @@ MAX_OPTION_REPLY = 64 * 1024 * 1024
 """Longest option reply payload accepted from a server."""
 MAX_CHUNK = MAX_REQUEST + 8
 """Longest structured chunk payload accepted from a server."""
+_PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
 
 
 class ClientPhase(enum.Enum):
@@ -86,6 +91,9 @@ class ClientConnection:
         self.phase = ClientPhase.GREETING
         self.handshake_flags = HandshakeFlag(0)
         self.structured = False
+        self.extended = False
+        """Extended headers were negotiated: 32-byte requests and reply headers (and
+        structured replies)."""
         self._buf = bytearray()
         self._pos = 0
         self._eof = False
@@ -202,12 +210,14 @@ class ClientConnection:
                     raise RemoteProtocolError(f"ACK with a {length}-byte payload")
                 if option == Opt.STRUCTURED_REPLY:
                     self.structured = True
+                elif option == Opt.EXTENDED_HEADERS:
+                    self.structured = self.extended = True
                 elif option == Opt.GO:
                     self.phase = ClientPhase.TRANSMISSION
                 elif option == Opt.ABORT:
                     self.phase = ClientPhase.CLOSED
                 elif option == Opt.STARTTLS:
-                    self.structured = False
+                    self.structured = self.extended = False
         return OptionReply(option, reply, payload)
 
     def _export_name_reply(self) -> ClientEvent | NeedData:
@@ -226,7 +236,8 @@ class ClientConnection:
     def request(
         self, cookie: int, command: int, flags: int, offset: int, length: int, data: bytes = b""
     ) -> bytes:
-        """A request header (followed by ``data`` for a WRITE)."""
+        """A request header (followed by ``data`` for a WRITE). With extended headers
+        the header has 32 bytes and a WRITE carries PAYLOAD_LEN."""
         if self.phase is not ClientPhase.TRANSMISSION:
             raise LocalProtocolError(f"cannot send a request while {self.phase.value}")
         if command == Cmd.WRITE and len(data) != length:
@@ -237,9 +248,15 @@ class ClientConnection:
             self._reads[cookie] = length
         elif command == Cmd.DISC:
             self.phase = ClientPhase.CLOSED
+        if self.extended:
+            if command == Cmd.WRITE:
+                flags |= _PAYLOAD_LEN
+            return wire.extended_request(cookie, command, flags, offset, length) + data
         return wire.request(cookie, command, flags, offset, length) + data
 
     def _next_reply(self) -> ClientEvent | NeedData:
+        if self.extended:
+            return self._next_extended_reply()
         if self.buffered < 4:
             return self._need("a reply")
         (magic,) = U32.unpack_from(self._buf, self._pos)
@@ -267,10 +284,32 @@ class ClientConnection:
         done = bool(flags & ReplyFlag.DONE)
         if done:
             self._reads.pop(cookie, None)
-        return _parse_chunk(kind, cookie, payload, done)
+        return _parse_chunk(kind, cookie, payload, done, False)
+
+    def _next_extended_reply(self) -> ClientEvent | NeedData:
+        """The next chunk after extended headers: 32-byte headers only (the offset they
+        echo is the request's, not checked here)."""
+        if self.buffered < EXTENDED_HEADER.size:
+            return self._need("a 32-byte extended reply header")
+        magic, flags, kind, cookie, _, length = EXTENDED_HEADER.unpack_from(self._buf, self._pos)
+        if magic != EXTENDED_REPLY_MAGIC:
+            raise RemoteProtocolError(
+                f"bad reply magic 0x{magic:08x}: extended headers were negotiated, "
+                f"0x{EXTENDED_REPLY_MAGIC:08x} expected"
+            )
+        if length > MAX_CHUNK:
+            raise RemoteProtocolError(f"chunk of {length} bytes is too large")
+        if self.buffered < EXTENDED_HEADER.size + length:
+            return self._need(f"{length} bytes of chunk payload")
+        self._pos += EXTENDED_HEADER.size
+        payload = self._take(length)
+        done = bool(flags & ReplyFlag.DONE)
+        if done:
+            self._reads.pop(cookie, None)
+        return _parse_chunk(kind, cookie, payload, done, True)
 
 
-def _parse_chunk(kind: int, cookie: int, payload: bytes, done: bool) -> ReplyEvent:
+def _parse_chunk(kind: int, cookie: int, payload: bytes, done: bool, extended: bool) -> ReplyEvent:
     size = len(payload)
     if kind == ReplyType.NONE:
         if size or not done:
@@ -287,11 +326,21 @@ def _parse_chunk(kind: int, cookie: int, payload: bytes, done: bool) -> ReplyEve
         if length == 0:
             raise RemoteProtocolError("OFFSET_HOLE chunk with length 0")
         return HoleChunk(cookie, offset, length, done)
-    if kind == ReplyType.BLOCK_STATUS:
+    if kind == ReplyType.BLOCK_STATUS and not extended:
         if size < 12 or (size - 4) % 8:
             raise RemoteProtocolError(f"BLOCK_STATUS chunk of {size} bytes")
         (context,) = U32.unpack_from(payload)
         extents = tuple(wire.EXTENT.iter_unpack(payload[4:]))
+        return BlockStatusChunk(cookie, context, extents, done)
+    if kind == ReplyType.BLOCK_STATUS_EXT and extended:
+        if size < 24 or (size - 8) % 16:
+            raise RemoteProtocolError(f"BLOCK_STATUS_EXT chunk of {size} bytes")
+        context, count = BLOCK_STATUS_EXT_HEAD.unpack_from(payload)
+        if count != (size - 8) // 16:
+            raise RemoteProtocolError(
+                f"BLOCK_STATUS_EXT chunk of {size} bytes says it holds {count} extents"
+            )
+        extents = tuple(wire.EXTENT_EXT.iter_unpack(payload[8:]))
         return BlockStatusChunk(cookie, context, extents, done)
     if kind in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
         if size < 6:
@@ -308,6 +357,11 @@ def _parse_chunk(kind: int, cookie: int, payload: bytes, done: bool) -> ReplyEve
     if kind & REPLY_TYPE_FLAG_ERROR:
         # Unknown error types still fail the request (spec); keep the connection.
         return ErrorChunk(cookie, Err.EIO, f"unknown error chunk type {kind}", None, done)
+    if kind in (ReplyType.BLOCK_STATUS, ReplyType.BLOCK_STATUS_EXT):
+        negotiated = "were" if extended else "were not"
+        raise RemoteProtocolError(
+            f"{ReplyType(kind).name} chunk, but extended headers {negotiated} negotiated"
+        )
     raise RemoteProtocolError(f"unknown structured reply chunk type {kind}")
 
 

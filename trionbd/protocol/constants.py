@@ -15,8 +15,13 @@ IHAVEOPT = 0x49484156454F5054
 REPLY_MAGIC = 0x0003E889045565A9
 """Magic of every option reply."""
 REQUEST_MAGIC = 0x25609513
+"""Magic of a compact (28-byte) request."""
+EXTENDED_REQUEST_MAGIC = 0x21E41C71
+"""Magic of an extended (32-byte) request, once extended headers are negotiated."""
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
+EXTENDED_REPLY_MAGIC = 0x6E8A278C
+"""Magic of an extended (32-byte) reply header, once extended headers are negotiated."""
 
 
 class HandshakeFlag(IntFlag):
@@ -100,6 +105,9 @@ class TransmissionFlag(IntFlag):
     SEND_RESIZE = 1 << 9
     SEND_CACHE = 1 << 10
     SEND_FAST_ZERO = 1 << 11
+    BLOCK_STATUS_PAYLOAD = 1 << 12
+    """A BLOCK_STATUS request may name the context ids it wants in a payload (only
+    with extended headers)."""
 
 
 class Cmd(IntEnum):
@@ -124,6 +132,9 @@ class CmdFlag(IntFlag):
     DF = 1 << 2
     REQ_ONE = 1 << 3
     FAST_ZERO = 1 << 4
+    PAYLOAD_LEN = 1 << 5
+    """Extended headers only: the request's length is the length of a payload that
+    follows the header (always so for WRITE), not an effect length."""
 
 
 FUA_BIT = int(CmdFlag.FUA)
@@ -146,6 +157,8 @@ class ReplyType(IntEnum):
     OFFSET_DATA = 1
     OFFSET_HOLE = 2
     BLOCK_STATUS = 5
+    BLOCK_STATUS_EXT = 6
+    """64-bit extents: the block status chunk of extended headers."""
     ERROR = REPLY_TYPE_FLAG_ERROR | 1
     ERROR_OFFSET = REPLY_TYPE_FLAG_ERROR | 2
 
@@ -176,7 +189,7 @@ UNALLOCATED = State.HOLE | State.ZERO
 
 
 BASE_ALLOCATION = "base:allocation"
-"""The only metadata context trionbd serves."""
+"""The metadata context of allocation (``State`` flags)."""
 BASE_ALLOCATION_ID = 1
 """The context id trionbd gives ``base:allocation`` when a client selects it."""
 
@@ -192,6 +205,9 @@ MAX_REQUEST = 64 * 1024 * 1024
 """Longest READ or WRITE payload accepted (bytes)."""
 MAX_DISCARDED_WRITE = 128 * 1024 * 1024
 """Longest refused WRITE payload that is read and thrown away; beyond it, close."""
+MAX_EXTENTS = 1 << 20
+"""Most extents sent in one block status chunk (the specification's limit); a longer
+answer is cut there, and the client asks again for the rest."""
 MAX_META_QUERIES = 128
 """Most queries one LIST/SET_META_CONTEXT may carry."""
 MAX_OPTIONS = 32

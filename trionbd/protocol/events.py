@@ -67,6 +67,13 @@ class StructuredReplyOption(OptionEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class ExtendedHeadersOption(OptionEvent):
+    """``NBD_OPT_EXTENDED_HEADERS``: 32-byte headers (and structured replies) wanted."""
+
+    option: int
+
+
+@dataclass(frozen=True, slots=True)
 class InfoOption(OptionEvent):
     """``NBD_OPT_INFO`` or ``NBD_OPT_GO`` (``option`` tells which)."""
 
@@ -116,7 +123,9 @@ class RequestEvent:
 
 @dataclass(frozen=True, slots=True, init=False)
 class Request(RequestEvent):
-    """A valid request. ``data`` is the payload of a WRITE, else empty.
+    """A valid request. ``data`` is the payload of a WRITE; for a BLOCK_STATUS that
+    names the meta contexts it wants (extended headers), their ids, 4 bytes each (see
+    ``ServerConnection.contexts_of``); else empty. ``length`` is the effect length.
 
     One is made for every request, so its ``__init__`` is written out, setting the slots
     through their descriptors: the one ``dataclass`` generates for a frozen class calls

@@ -8,18 +8,24 @@ touches a socket.
 Phases: the greeting is sent, the client answers with its flags, options are haggled
 (fixed newstyle only), then transmission carries requests until the client disconnects.
 In transmission, :attr:`ServerConnection.replies` frames the reply to each request in
-the shape the options negotiated (:mod:`.replies`).
+the shape the options negotiated (:mod:`.replies`), and requests are read as compact
+(28-byte) or, after ``NBD_OPT_EXTENDED_HEADERS``, extended (32-byte) headers.
+
+The rules of option order live here: ``NBD_OPT_EXPORT_NAME`` after extended headers
+closes the connection (it cannot carry them); asking twice for structured replies or
+extended headers is ``ERR_INVALID``, and for structured replies after extended headers
+``ERR_EXT_HEADER_REQD``; an acknowledged ``STARTTLS`` forgets both and the meta contexts.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from . import wire
 from .constants import (
-    BASE_ALLOCATION_ID,
+    EXTENDED_REQUEST_MAGIC,
     IHAVEOPT,
     MAX_DISCARDED_WRITE,
     MAX_META_QUERIES,
@@ -47,6 +53,7 @@ from .events import (
     ConnectionClosed,
     Disconnect,
     ExportNameOption,
+    ExtendedHeadersOption,
     InfoOption,
     InvalidOption,
     ListOption,
@@ -58,8 +65,8 @@ from .events import (
     StructuredReplyOption,
     UnknownOption,
 )
-from .replies import SIMPLE, STRUCTURED, Replies
-from .wire import OPTION_HEADER, REQUEST, U16, U32
+from .replies import EXTENDED, SIMPLE, STRUCTURED, Replies
+from .wire import EXTENDED_REQUEST, OPTION_HEADER, REQUEST, U16, U32, U64
 
 ServerEvent = OptionEvent | Request | BadRequest | Disconnect | ConnectionClosed
 
@@ -85,6 +92,8 @@ _ALLOWED_FLAGS = {
 }
 _WRITES = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
 _WRITE = int(Cmd.WRITE)
+_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+_PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
 _FLAG_NEEDS = (
     (int(CmdFlag.FUA), int(TransmissionFlag.SEND_FUA)),
     (int(CmdFlag.DF), int(TransmissionFlag.SEND_DF)),
@@ -136,6 +145,8 @@ class ServerConnection:
         self.phase = Phase.CLIENT_FLAGS
         self.client_no_zeroes = False
         self.structured = False
+        self.extended = False
+        """Extended headers were negotiated (they imply :attr:`structured`)."""
         self.tls_active = False
         self.option_budget = MAX_OPTIONS
         self._buf = bytearray()
@@ -153,6 +164,11 @@ class ServerConnection:
         self.replies: Replies = SIMPLE
         """Frames the replies to requests, in the shape negotiated (set when
         transmission starts)."""
+        self._read_request: Callable[[ServerConnection], ServerEvent | NeedData] = (
+            ServerConnection._next_request
+        )
+        """The request parser of the header shape negotiated (a function, not a bound
+        method: that would make the connection a reference cycle)."""
         self._valid: dict[int, tuple[int, int]] = {}
 
     # --- input ---------------------------------------------------------------------------
@@ -195,7 +211,7 @@ class ServerConnection:
             event, self._after_discard = self._after_discard, None
             return event
         if self.phase is Phase.TRANSMISSION:
-            return self._next_request()
+            return self._read_request(self)
         if self.phase is Phase.OPTIONS:
             return self._next_option()
         if self.phase is Phase.CLIENT_FLAGS:
@@ -261,15 +277,13 @@ class ServerConnection:
         if self.option_budget <= 0:
             self.phase = Phase.CLOSED
             raise RemoteProtocolError("client sent too many options without entering transmission")
-        known = option in Opt._value2member_map_ and option not in (
-            Opt.PEEK_EXPORT,
-            Opt.EXTENDED_HEADERS,
-        )
+        known = option in Opt._value2member_map_ and option != Opt.PEEK_EXPORT
         if not known or length > MAX_OPTION_PAYLOAD_KEPT:
             # Skip the payload without keeping it in memory.
             self._pos += OPTION_HEADER.size
             self.option_budget -= 1
             if option == Opt.EXPORT_NAME:
+                self._check_export_name_allowed()
                 self.phase = Phase.CLOSED
                 raise RemoteProtocolError(
                     f"export name of {length} bytes; the limit is {MAX_STRING} bytes"
@@ -309,18 +323,35 @@ class ServerConnection:
                 raise RemoteProtocolError(str(e)) from None
             return InvalidOption(option, e.reply, str(e))
 
+    def _check_export_name_allowed(self) -> None:
+        if self.extended:
+            self.phase = Phase.CLOSED
+            raise RemoteProtocolError("EXPORT_NAME after extended headers were negotiated (use GO)")
+
     def _parse_option_payload(self, option: Opt, payload: bytes) -> ServerEvent:
         if option is Opt.EXPORT_NAME:
+            self._check_export_name_allowed()
             return ExportNameOption(option, _decode_string(payload, "export name"))
         if option is Opt.ABORT:
             return AbortOption(option)
-        if option in (Opt.LIST, Opt.STARTTLS, Opt.STRUCTURED_REPLY):
+        if option in (Opt.LIST, Opt.STARTTLS, Opt.STRUCTURED_REPLY, Opt.EXTENDED_HEADERS):
             if payload:
                 raise _Invalid(f"{option.name} takes no payload, got {len(payload)} bytes")
             if option is Opt.LIST:
                 return ListOption(option)
             if option is Opt.STARTTLS:
                 return StartTLSOption(option)
+            if self.extended:
+                if option is Opt.STRUCTURED_REPLY:
+                    raise _Invalid(
+                        "extended headers are negotiated already (they include structured replies)",
+                        Rep.ERR_EXT_HEADER_REQD,
+                    )
+                raise _Invalid("extended headers are negotiated already")
+            if option is Opt.EXTENDED_HEADERS:
+                return ExtendedHeadersOption(option)
+            if self.structured:
+                raise _Invalid("structured replies are negotiated already")
             return StructuredReplyOption(option)
         if option in (Opt.INFO, Opt.GO):
             return self._parse_info(option, payload)
@@ -433,6 +464,26 @@ class ServerConnection:
         self.structured = True
         return self.reply(option, Rep.ACK)
 
+    def accept_extended_headers(self, option: int) -> bytes:
+        """ACK ``NBD_OPT_EXTENDED_HEADERS``: from transmission on, requests and replies
+        have 32-byte headers, and every reply is chunked (structured replies are
+        implied)."""
+        self.extended = True
+        self.structured = True
+        return self.reply(option, Rep.ACK)
+
+    def protocol_flags(self, name: str) -> int:
+        """The transmission flags that depend on the negotiation, not on the export:
+        ``SEND_DF`` with structured replies, and ``BLOCK_STATUS_PAYLOAD`` with extended
+        headers once meta contexts are selected for export ``name`` (as the client
+        named it)."""
+        flags = 0
+        if self.structured:
+            flags |= TransmissionFlag.SEND_DF.value
+        if self.extended and self.meta_export == name and self.meta_contexts:
+            flags |= TransmissionFlag.BLOCK_STATUS_PAYLOAD.value
+        return flags
+
     def reply_meta_contexts(self, event: MetaContextOption, contexts: Mapping[int, str]) -> bytes:
         """Answer LIST/SET_META_CONTEXT with ``contexts`` (id -> name) and an ACK.
 
@@ -463,6 +514,7 @@ class ServerConnection:
         ack = self.reply(option, Rep.ACK)
         self.tls_active = True
         self.structured = False
+        self.extended = False
         self.clear_meta_contexts()
         return ack
 
@@ -478,6 +530,8 @@ class ServerConnection:
         tflags = TransmissionFlag(flags) | TransmissionFlag.HAS_FLAGS
         if tflags & TransmissionFlag.SEND_DF and not self.structured:
             raise LocalProtocolError("SEND_DF advertised without structured replies")
+        if tflags & TransmissionFlag.BLOCK_STATUS_PAYLOAD and not self.extended:
+            raise LocalProtocolError("BLOCK_STATUS_PAYLOAD advertised without extended headers")
         if tflags & TransmissionFlag.SEND_FAST_ZERO and not (
             tflags & TransmissionFlag.SEND_WRITE_ZEROES
         ):
@@ -485,12 +539,16 @@ class ServerConnection:
         self.export_size = size
         self.export_flags = tflags
         self.block_status_ok = (
-            self.structured
-            and self.meta_export == name
-            and BASE_ALLOCATION_ID in self.meta_contexts
+            self.structured and self.meta_export == name and bool(self.meta_contexts)
         )
+        if not self.block_status_ok:
+            self.meta_contexts = {}
         self._valid = self._valid_requests()
-        self.replies = STRUCTURED if self.structured else SIMPLE
+        if self.extended:
+            self.replies = EXTENDED
+            self._read_request = ServerConnection._next_extended_request
+        else:
+            self.replies = STRUCTURED if self.structured else SIMPLE
         self.phase = Phase.TRANSMISSION
 
     def _valid_requests(self) -> dict[int, tuple[int, int]]:
@@ -498,7 +556,7 @@ class ServerConnection:
         serves; a request passing these (and the size check) needs no further checks.
         Everything else goes through :meth:`_check`, which finds the exact error."""
         valid: dict[int, tuple[int, int]] = {}
-        unlimited = 1 << 32
+        unlimited = 1 << 64  # effect lengths: 32 bits, or 64 with extended headers
         tflags = int(self.export_flags)  # int arithmetic: IntFlag's is slow (once per GO)
         for cmd, allowed in _ALLOWED_FLAGS.items():
             if cmd is Cmd.FLUSH:
@@ -536,9 +594,8 @@ class ServerConnection:
     # --- transmission --------------------------------------------------------------------
 
     def _next_request(self) -> ServerEvent | NeedData:
-        """The next compact (28-byte) request. Extended headers bring 32-byte requests
-        with 64-bit lengths: a sibling of this parser, chosen when transmission starts
-        (as :attr:`replies` is), with the same checks."""
+        """The next compact (28-byte) request (its sibling for extended headers is
+        :meth:`_next_extended_request`, with the same checks)."""
         buf = self._buf
         pos = self._pos
         if len(buf) - pos < 28:
@@ -572,14 +629,7 @@ class ServerConnection:
                         f"too large to skip (limit {MAX_DISCARDED_WRITE} bytes)"
                     )
                 event = BadRequest(cookie, command, flags, offset, length, *problem)
-                self._pos = pos + 28
-                take = min(length, len(buf) - self._pos)
-                self._pos += take
-                self._discard = length - take
-                if self._discard:
-                    self._after_discard = event
-                    return self._need(f"{self._discard} more bytes of a refused write")
-                return event
+                return self._skip_payload(event, pos + 28, length)
             end = pos + 28 + length
             if len(buf) < end:
                 return self._need(f"{length} bytes of write payload")
@@ -589,6 +639,123 @@ class ServerConnection:
         if problem is not None:
             return BadRequest(cookie, command, flags, offset, length, *problem)
         return Request(cookie, command, flags, offset, length)
+
+    def _skip_payload(self, event: BadRequest, start: int, length: int) -> ServerEvent | NeedData:
+        """Answer ``event`` once the ``length`` payload bytes at ``start`` (in the
+        buffer, or still to come) are thrown away."""
+        take = min(length, len(self._buf) - start)
+        self._pos = start + take
+        self._discard = length - take
+        if self._discard:
+            self._after_discard = event
+            return self._need(f"{self._discard} more bytes of a refused request's payload")
+        return event
+
+    def _next_extended_request(self) -> ServerEvent | NeedData:
+        """The next extended (32-byte) request: a 64-bit length, which is the length of
+        a payload following the header when the flags have PAYLOAD_LEN (a WRITE's data,
+        a BLOCK_STATUS's context ids), else the effect length. PAYLOAD_LEN is framing,
+        not a command flag: the event's flags lack it."""
+        buf = self._buf
+        pos = self._pos
+        if len(buf) - pos < 32:
+            return self._need("a 32-byte extended request header")
+        magic, flags, command, cookie, offset, length = EXTENDED_REQUEST.unpack_from(buf, pos)
+        if magic != EXTENDED_REQUEST_MAGIC:
+            self.phase = Phase.CLOSED
+            raise RemoteProtocolError(
+                f"bad request magic: expected 0x{EXTENDED_REQUEST_MAGIC:08x} (extended "
+                f"headers were negotiated), got 0x{magic:08x}"
+            )
+        start = pos + 32
+        # A write's length is its payload's even without PAYLOAD_LEN: qemu's client (8.2
+        # to 10) leaves the flag off, and qemu-nbd takes the write as it is.
+        if flags & _PAYLOAD_LEN or command == _WRITE:
+            flags &= ~_PAYLOAD_LEN
+            if length > MAX_DISCARDED_WRITE:
+                self.phase = Phase.CLOSED
+                raise RemoteProtocolError(
+                    f"request of type {command} with a {length}-byte payload; the limit is "
+                    f"{MAX_DISCARDED_WRITE} bytes"
+                )
+            if command == _BLOCK_STATUS:
+                return self._block_status_with_payload(cookie, flags, offset, length, start)
+            if command != _WRITE:
+                verb = _VERB.get(command, f"command {command}")
+                event = BadRequest(
+                    cookie, command, flags, offset, length, Err.EINVAL,
+                    f"{verb} requests take no payload (PAYLOAD_LEN set)",
+                )  # fmt: skip
+                return self._skip_payload(event, start, length)
+        valid = self._valid.get(command)
+        if (
+            valid is not None
+            and not flags & valid[0]
+            and length <= valid[1]
+            and offset + length <= self.export_size
+        ):
+            problem = None
+        elif command == Cmd.DISC:
+            self._pos = start
+            self.phase = Phase.CLOSED
+            return Disconnect()
+        else:
+            problem = self._check(command, flags, offset, length)
+        if command == _WRITE:
+            if problem is not None:
+                event = BadRequest(cookie, command, flags, offset, length, *problem)
+                return self._skip_payload(event, start, length)
+            end = start + length
+            if len(buf) < end:
+                return self._need(f"{length} bytes of write payload")
+            self._pos = end
+            return Request(cookie, command, flags, offset, length, bytes(buf[start:end]))
+        self._pos = start
+        if problem is not None:
+            return BadRequest(cookie, command, flags, offset, length, *problem)
+        return Request(cookie, command, flags, offset, length)
+
+    def _block_status_with_payload(
+        self, cookie: int, flags: int, offset: int, size: int, start: int
+    ) -> ServerEvent | NeedData:
+        """A BLOCK_STATUS whose payload gives its effect length and the ids of the meta
+        contexts it wants (8 + 4n bytes); a payload that is malformed, not advertised or
+        names ids not selected (or one twice) is read whole and refused with EINVAL."""
+        if len(self._buf) - start < size:
+            return self._need(f"{size} bytes of block status payload")
+        payload = bytes(self._buf[start : start + size])
+        self._pos = start + size
+        problem: str | None = None
+        error = Err.EINVAL
+        length = 0
+        if not self.export_flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD:
+            problem = "block status with a payload was not advertised (BLOCK_STATUS_PAYLOAD)"
+        elif size < 12 or (size - 8) % 4:
+            problem = (
+                f"block status payload of {size} bytes; 8 + 4 per context id expected, "
+                "with at least one id"
+            )
+        else:
+            (length,) = U64.unpack_from(payload)
+            ids = struct.unpack_from(f">{(size - 8) // 4}I", payload, 8)
+            unknown = [i for i in ids if i not in self.meta_contexts]
+            if unknown:
+                problem = f"block status asks for context id {unknown[0]}, not selected"
+            elif len(set(ids)) != len(ids):
+                problem = "block status names a context id twice"
+        if problem is None:
+            found = self._check(_BLOCK_STATUS, flags, offset, length)
+            if found is None:
+                return Request(cookie, _BLOCK_STATUS, flags, offset, length, payload[8:])
+            error, problem = found
+        return BadRequest(cookie, _BLOCK_STATUS, flags, offset, length, error, problem)
+
+    def contexts_of(self, req: Request) -> tuple[int, ...]:
+        """The ids of the meta contexts a BLOCK_STATUS request asks about: those its
+        payload names (extended headers), else every selected one."""
+        if req.data:
+            return struct.unpack(f">{len(req.data) // 4}I", req.data)
+        return tuple(self.meta_contexts)
 
     def _check(self, command: int, flags: int, offset: int, length: int) -> tuple[Err, str] | None:
         """Validate a request against the export; ``None`` when it may be served.
@@ -632,6 +799,6 @@ class ServerConnection:
             return Err.EINVAL, f"{verb} requests are not supported by this export"
         if cmd is Cmd.BLOCK_STATUS and not self.block_status_ok:
             return Err.EINVAL, (
-                "block status needs structured replies and base:allocation selected for this export"
+                "block status needs structured replies and a meta context selected for this export"
             )
         return None

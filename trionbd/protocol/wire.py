@@ -8,9 +8,11 @@ than the packing): they run once per request.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from .constants import (
+    EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_MAGIC,
     IHAVEOPT,
     MAX_STRING,
     NBDMAGIC,
@@ -28,18 +30,28 @@ OPTION_HEADER = struct.Struct(">QII")
 OPTION_REPLY_HEADER = struct.Struct(">QIII")
 EXPORT_NAME_REPLY = struct.Struct(">QH")
 REQUEST = struct.Struct(">IHHQQI")
+EXTENDED_REQUEST = struct.Struct(">IHHQQQ")
 SIMPLE_REPLY = struct.Struct(">IIQ")
 CHUNK_HEADER = struct.Struct(">IHHQI")
 DATA_CHUNK_HEADER = struct.Struct(">IHHQIQ")
 """A structured chunk header followed by the 8-byte offset of OFFSET_DATA."""
 HOLE_CHUNK = struct.Struct(">IHHQIQI")
 HOLE_PAYLOAD = struct.Struct(">QI")
+EXTENDED_HEADER = struct.Struct(">IHHQQQ")
+"""An extended reply chunk header: magic, flags, type, cookie, the request's offset,
+and a 64-bit payload length."""
+EXTENDED_DATA_HEADER = struct.Struct(">IHHQQQQ")
+"""An extended chunk header followed by the 8-byte offset of OFFSET_DATA."""
+EXTENDED_HOLE_CHUNK = struct.Struct(">IHHQQQQI")
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
 INFO_EXPORT = struct.Struct(">HQH")
 INFO_BLOCK_SIZE = struct.Struct(">HIII")
 EXTENT = struct.Struct(">II")
+EXTENT_EXT = struct.Struct(">QQ")
+BLOCK_STATUS_EXT_HEAD = struct.Struct(">II")
+"""The payload of BLOCK_STATUS_EXT starts with the context id and the extent count."""
 ERROR_HEAD = struct.Struct(">IH")
 
 EXPORT_NAME_PADDING = bytes(124)
@@ -52,6 +64,7 @@ _NONE = int(ReplyType.NONE)
 _OFFSET_DATA = int(ReplyType.OFFSET_DATA)
 _OFFSET_HOLE = int(ReplyType.OFFSET_HOLE)
 _BLOCK_STATUS = int(ReplyType.BLOCK_STATUS)
+_BLOCK_STATUS_EXT = int(ReplyType.BLOCK_STATUS_EXT)
 _ERROR = int(ReplyType.ERROR)
 _ERROR_OFFSET = int(ReplyType.ERROR_OFFSET)
 
@@ -115,6 +128,12 @@ def request(cookie: int, command: int, flags: int, offset: int, length: int) -> 
     return REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
 
 
+def extended_request(cookie: int, command: int, flags: int, offset: int, length: int) -> bytes:
+    """A 32-byte request header; ``length`` is the payload's length if ``flags`` has
+    PAYLOAD_LEN, else the effect length (64 bits)."""
+    return EXTENDED_REQUEST.pack(EXTENDED_REQUEST_MAGIC, flags, command, cookie, offset, length)
+
+
 def simple_reply(cookie: int, error: int) -> bytes:
     return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
 
@@ -147,13 +166,17 @@ def none_chunk(cookie: int) -> bytes:
     return CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, _DONE, _NONE, cookie, 0)
 
 
-def error_chunk(cookie: int, error: int, message: str, offset: int | None = None) -> bytes:
+def _error_payload(error: int, message: str, offset: int | None) -> tuple[int, bytes]:
+    """The type and payload of an ERROR chunk (ERROR_OFFSET with an ``offset``)."""
     text = clip_message(message)
     body = ERROR_HEAD.pack(error, len(text)) + text
-    kind = _ERROR
-    if offset is not None:
-        body += U64.pack(offset)
-        kind = _ERROR_OFFSET
+    if offset is None:
+        return _ERROR, body
+    return _ERROR_OFFSET, body + U64.pack(offset)
+
+
+def error_chunk(cookie: int, error: int, message: str, offset: int | None = None) -> bytes:
+    kind, body = _error_payload(error, message, offset)
     return CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, _DONE, kind, cookie, len(body)) + body
 
 
@@ -166,5 +189,74 @@ def block_status_chunk(
     payload = b"".join(body)
     header = CHUNK_HEADER.pack(
         STRUCTURED_REPLY_MAGIC, _DONE if done else 0, _BLOCK_STATUS, cookie, len(payload)
+    )
+    return header + payload
+
+
+# --- extended reply chunks: 32-byte headers echoing the request's offset ----------------
+
+
+def extended_data_header(
+    cookie: int, request_offset: int, offset: int, length: int, done: bool = True
+) -> bytes:
+    """Header (and offset) of an extended OFFSET_DATA chunk carrying ``length`` bytes."""
+    return EXTENDED_DATA_HEADER.pack(
+        EXTENDED_REPLY_MAGIC,
+        _DONE if done else 0,
+        _OFFSET_DATA,
+        cookie,
+        request_offset,
+        length + 8,
+        offset,
+    )
+
+
+def extended_hole_chunk(
+    cookie: int, request_offset: int, offset: int, length: int, done: bool = False
+) -> bytes:
+    return EXTENDED_HOLE_CHUNK.pack(
+        EXTENDED_REPLY_MAGIC,
+        _DONE if done else 0,
+        _OFFSET_HOLE,
+        cookie,
+        request_offset,
+        12,
+        offset,
+        length,
+    )
+
+
+def extended_none_chunk(cookie: int, request_offset: int) -> bytes:
+    return EXTENDED_HEADER.pack(EXTENDED_REPLY_MAGIC, _DONE, _NONE, cookie, request_offset, 0)
+
+
+def extended_error_chunk(
+    cookie: int, request_offset: int, error: int, message: str, offset: int | None = None
+) -> bytes:
+    kind, body = _error_payload(error, message, offset)
+    header = EXTENDED_HEADER.pack(
+        EXTENDED_REPLY_MAGIC, _DONE, kind, cookie, request_offset, len(body)
+    )
+    return header + body
+
+
+def block_status_ext_chunk(
+    cookie: int,
+    request_offset: int,
+    context_id: int,
+    extents: Sequence[tuple[int, int]],
+    done: bool = True,
+) -> bytes:
+    """A BLOCK_STATUS_EXT chunk: 64-bit (length, flags) pairs, each length > 0."""
+    body = [BLOCK_STATUS_EXT_HEAD.pack(context_id, len(extents))]
+    body += [EXTENT_EXT.pack(length, flags) for length, flags in extents]
+    payload = b"".join(body)
+    header = EXTENDED_HEADER.pack(
+        EXTENDED_REPLY_MAGIC,
+        _DONE if done else 0,
+        _BLOCK_STATUS_EXT,
+        cookie,
+        request_offset,
+        len(payload),
     )
     return header + payload
