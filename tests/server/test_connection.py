@@ -203,13 +203,13 @@ async def test_list_grants_options_per_export() -> None:
             assert got[-1].reply == Rep.ACK
         # 1 + 128 options used out of 32 + 4 * 32: the 32nd-from-last still answers.
         for _ in range(MAX_OPTIONS - 2):
-            await c.option(Opt.STRUCTURED_REPLY)
+            await c.option(Opt.PEEK_EXPORT)
         # The last option of the budget is answered; the one after it closes.
         await c.stream.send_all(
-            c.proto.option(Opt.STRUCTURED_REPLY) + wire.option_request(Opt.STRUCTURED_REPLY)
+            c.proto.option(Opt.PEEK_EXPORT) + wire.option_request(Opt.PEEK_EXPORT)
         )
-        ack = await c.event()
-        assert isinstance(ack, OptionReply) and ack.reply == Rep.ACK
+        answer = await c.event()
+        assert isinstance(answer, OptionReply) and answer.reply == Rep.ERR_UNSUP
         assert await c.eof()
 
 
@@ -219,7 +219,7 @@ async def test_unknown_and_invalid_options_are_refused_and_negotiation_goes_on()
         await c.handshake()
         [err] = await c.option(4242, b"x" * 1000)
         assert (err.reply, err.payload) == (Rep.ERR_UNSUP, b"option 4242 is not supported")
-        [err] = await c.option(Opt.EXTENDED_HEADERS)
+        [err] = await c.option(Opt.PEEK_EXPORT)
         assert err.reply == Rep.ERR_UNSUP
         [err] = await c.option(Opt.GO, b"\0\0\0\x09ab\0\0")
         assert err.reply == Rep.ERR_INVALID
@@ -329,8 +329,7 @@ def test_transmission_flags() -> None:
         rotational=False,
         block_size=BlockSize(),
     )
-    assert transmission_flags(caps, True) == 0x0DED
-    assert transmission_flags(caps, False) == 0x0DED & ~TF.SEND_DF
+    assert transmission_flags(caps) == 0x0DED & ~TF.SEND_DF  # DF is the protocol's
     ro = Caps(
         size=1,
         write=False,
@@ -345,7 +344,7 @@ def test_transmission_flags() -> None:
         rotational=True,
         block_size=BlockSize(),
     )
-    assert transmission_flags(ro, False) == TF.HAS_FLAGS | TF.READ_ONLY | TF.ROTATIONAL
+    assert transmission_flags(ro) == TF.HAS_FLAGS | TF.READ_ONLY | TF.ROTATIONAL
 
 
 async def test_memory_export_flags_and_every_command() -> None:

@@ -30,7 +30,10 @@ class ServerConfig:
     """Open every export read-only (``-r``)."""
     handshake_flags: int = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
     structured_replies: bool = True
-    """Offer structured replies (``--no-sr`` turns this off)."""
+    """Offer structured replies (``--no-sr`` turns this off, and extended headers with
+    them: they imply structured replies)."""
+    extended_headers: bool = True
+    """Offer extended headers, 64-bit requests and replies (``--no-eh`` turns this off)."""
     meta_contexts: bool = True
     """Offer ``base:allocation`` (``--no-mc`` turns this off)."""
     handshake_timeout: float | None = HANDSHAKE_TIMEOUT

@@ -36,6 +36,7 @@ from ..protocol.events import (
     AbortOption,
     ConnectionClosed,
     ExportNameOption,
+    ExtendedHeadersOption,
     InfoOption,
     InvalidOption,
     ListOption,
@@ -59,8 +60,9 @@ LIST_BATCH = 512
 _TF = TransmissionFlag
 
 
-def transmission_flags(caps: Caps, structured: bool) -> int:
-    """The transmission flags advertising what an open context can do."""
+def transmission_flags(caps: Caps) -> int:
+    """The transmission flags advertising what an open context can do (the protocol
+    adds those that depend on the negotiation: ``ServerConnection.protocol_flags``)."""
     f = int(_TF.HAS_FLAGS)  # plain ints: IntFlag arithmetic is slow and this runs per INFO
     if not caps.write:
         f |= _TF.READ_ONLY.value
@@ -76,8 +78,6 @@ def transmission_flags(caps: Caps, structured: bool) -> int:
         f |= _TF.SEND_WRITE_ZEROES.value
         if caps.fast_zero:
             f |= _TF.SEND_FAST_ZERO.value
-    if structured:
-        f |= _TF.SEND_DF.value
     if caps.multi_conn:
         f |= _TF.CAN_MULTI_CONN.value
     if caps.cache is not CacheMode.NONE:
@@ -139,6 +139,11 @@ class Handshake:
                     await self._send_error(
                         event.option, Rep.ERR_UNSUP, "structured replies are off"
                     )
+            elif isinstance(event, ExtendedHeadersOption):
+                if self.config.extended_headers and self.config.structured_replies:
+                    await conn.send([proto.accept_extended_headers(event.option)])
+                else:
+                    await self._send_error(event.option, Rep.ERR_UNSUP, "extended headers are off")
             elif isinstance(event, MetaContextOption):
                 await self._meta_context(event)
             elif isinstance(event, StartTLSOption):
@@ -243,7 +248,7 @@ class Handshake:
         try:
             assert ctx.caps is not None
             caps = ctx.caps
-            flags = transmission_flags(caps, proto.structured)
+            flags = transmission_flags(caps) | proto.protocol_flags(event.name)
             try:
                 description = await ctx.export_description()
             except Exception as e:
@@ -289,7 +294,7 @@ class Handshake:
             return None
         assert ctx.caps is not None
         conn.ctx = ctx
-        flags = transmission_flags(ctx.caps, self.proto.structured)
+        flags = transmission_flags(ctx.caps) | self.proto.protocol_flags(event.name)
         try:
             await conn.send([self.proto.export_name_reply(event.name, ctx.caps.size, flags)])
         except BaseException:

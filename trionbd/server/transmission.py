@@ -35,7 +35,7 @@ import trio
 from ..chain import LayerContext
 from ..chain.errors import DropConnection, NBDError
 from ..chain.types import CacheMode, Sparse
-from ..protocol.constants import BASE_ALLOCATION_ID, Cmd, Err
+from ..protocol.constants import Cmd, Err
 from ..protocol.errnos import nbd_error
 from ..protocol.errors import LocalProtocolError
 from ..protocol.events import (
@@ -325,7 +325,8 @@ class Transmission:
                     raise NBDError(errno.EINVAL, "block status of 0 bytes")
                 extents = await ctx.extents(req.length, req.offset, req.flags)
                 pairs = [(e.length, e.flags) for e in extents]
-                return replies.block_status(req, {BASE_ALLOCATION_ID: pairs})
+                # base:allocation is the only context (protocol/server.py checked the ids)
+                return replies.block_status(req, dict.fromkeys(self.proto.contexts_of(req), pairs))
             elif cmd == _FLUSH:
                 await ctx.flush(0)
             elif cmd == _TRIM:
