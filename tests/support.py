@@ -38,6 +38,20 @@ def have(program: str) -> bool:
     return shutil.which(program) is not None
 
 
+QEMU10 = ROOT / ".tools" / "qemu10" / "usr" / "bin"
+"""qemu 10 (extended headers), unpacked by ``scripts/setup --test`` beside the system's
+qemu 7.2 (which the plain names ``qemu-img``, ``qemu-io`` and ``qemu-nbd`` run)."""
+
+
+def qemu10(tool: str) -> str:
+    """The path of qemu 10's ``tool`` (``qemu-img``, ``qemu-io``, ``qemu-nbd``). A test
+    that needs it fails, never skips, when it is missing: setup provides it."""
+    path = QEMU10 / tool
+    if not os.access(path, os.X_OK):
+        raise AssertionError(f"qemu 10's {tool} is not at {path}: run scripts/setup --test")
+    return str(path)
+
+
 @contextlib.contextmanager
 def short_tmpdir() -> Iterator[Path]:
     """A short directory under /tmp (Unix socket paths must stay under 108 bytes)."""
