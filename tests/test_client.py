@@ -39,6 +39,7 @@ from trionbd.protocol.events import (
 from trionbd.server import ServerConfig, open_tcp_listeners, serve
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 SIZE = 64 * MiB
 
 
@@ -108,6 +109,41 @@ async def test_every_command(memory_server: Address) -> None:
         assert unwritten == bytes(256 * 1024)
         if isinstance(unwritten, Sparse):
             assert unwritten.holes == ((0, 256 * 1024),)
+
+
+@pytest.mark.parametrize("kind", ["trionbd", "nbdkit"])
+async def test_extended_headers_with_trionbd_structured_replies_with_nbdkit(kind: str) -> None:
+    """nbdkit 1.32 refuses NBD_OPT_EXTENDED_HEADERS; the client then asks for structured
+    replies. Every command works either way (test_every_command)."""
+    start = trionbd_process if kind == "trionbd" else nbdkit_process
+    with start("memory", str(SIZE)) as server:
+        async with await nbd.connect_unix(server.socket) as c:
+            assert c.structured and c.extended == (kind == "trionbd")
+        async with await nbd.connect_unix(server.socket, extended_headers=False) as c:
+            assert c.structured and not c.extended
+
+
+async def test_64_bit_lengths_with_extended_headers() -> None:
+    """A 5 GiB zero and block status of a 6 GiB hole, each in one request; without
+    extended headers such lengths are refused before anything is sent."""
+    with trionbd_process("memory", str(8 * GiB)) as server:
+        async with await nbd.connect_unix(server.socket) as c:
+            assert c.extended
+            for offset in (GiB - 4096, 7 * GiB):
+                await c.pwrite(b"\xff" * 4096, offset)
+            [hole] = await c.block_status(6 * GiB, GiB, CmdFlag.REQ_ONE)
+            assert hole == (GiB, 6 * GiB, State.HOLE | State.ZERO)
+            await c.pwrite(b"\xee" * 4096, 2 * GiB)
+            await c.zero(5 * GiB, GiB)
+            assert await c.pread(8192, 2 * GiB) == bytes(8192)
+            assert await c.pread(8192, GiB - 4096) == b"\xff" * 4096 + bytes(4096)
+            assert await c.block_status(6 * GiB, GiB) == [(GiB, 6 * GiB, State.HOLE | State.ZERO)]
+        async with await nbd.connect_unix(server.socket, extended_headers=False) as c:
+            with pytest.raises(NBDError, match="out of range") as e:
+                await c.zero(5 * GiB, GiB)
+            assert e.value.errno == errno.EINVAL
+            [extent] = await c.block_status(GiB, GiB, CmdFlag.REQ_ONE)
+            assert extent == (GiB, GiB, State.HOLE | State.ZERO)
 
 
 async def test_hundreds_of_concurrent_requests_from_different_tasks(

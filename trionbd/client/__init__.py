@@ -25,10 +25,13 @@ Export lists and export details come from the handshake (option) phase::
         exports = await h.list_exports()
         details = await h.info("disk")
 
-Negotiation: fixed newstyle only; structured replies and the ``base:allocation`` meta
-context are requested; ``NBD_OPT_GO`` (asking for the canonical name, description and
-block sizes) falls back to ``NBD_OPT_EXPORT_NAME`` when the server answers
-``NBD_REP_ERR_UNSUP``. No TLS, no extended headers.
+Negotiation: fixed newstyle only; extended headers (64-bit lengths for trim, zero, cache
+and block status) are requested, else structured replies, and the ``base:allocation``
+meta context; ``NBD_OPT_GO`` (asking for the canonical name, description and block
+sizes) falls back to ``NBD_OPT_EXPORT_NAME`` when the server answers
+``NBD_REP_ERR_UNSUP`` (and extended headers were not negotiated). No TLS.
+``extended_headers=False`` keeps to compact headers, ``structured_replies=False`` to
+simple replies (and compact headers).
 
 Errors are :class:`~trionbd.chain.NBDError` subclasses carrying a host ``errno``:
 
@@ -93,6 +96,7 @@ async def connect(
     export: str = "",
     *,
     structured_replies: bool = True,
+    extended_headers: bool = True,
     base_allocation: bool = True,
     peer: str = "NBD server",
 ) -> Client:
@@ -101,7 +105,12 @@ async def connect(
     The stream belongs to the client (it is closed if negotiation fails). ``peer``
     names the server in error messages.
     """
-    h = await handshake(stream, structured_replies=structured_replies, peer=peer)
+    h = await handshake(
+        stream,
+        structured_replies=structured_replies,
+        extended_headers=extended_headers,
+        peer=peer,
+    )
     try:
         return await h.go(export, base_allocation=base_allocation)
     except BaseException:
@@ -110,10 +119,16 @@ async def connect(
 
 
 async def connect_unix(
-    path: str, export: str = "", *, structured_replies: bool = True, base_allocation: bool = True
+    path: str,
+    export: str = "",
+    *,
+    structured_replies: bool = True,
+    extended_headers: bool = True,
+    base_allocation: bool = True,
 ) -> Client:
     """Connect to a server on a Unix socket and negotiate ``export``."""
-    return await _connect_to(Address(unix_path=path), export, structured_replies, base_allocation)
+    address = Address(unix_path=path)
+    return await _connect_to(address, export, structured_replies, extended_headers, base_allocation)
 
 
 async def connect_tcp(
@@ -122,29 +137,39 @@ async def connect_tcp(
     export: str = "",
     *,
     structured_replies: bool = True,
+    extended_headers: bool = True,
     base_allocation: bool = True,
 ) -> Client:
     """Connect to a server over TCP and negotiate ``export``."""
     address = Address(host=host, port=port)
-    return await _connect_to(address, export, structured_replies, base_allocation)
+    return await _connect_to(address, export, structured_replies, extended_headers, base_allocation)
 
 
 async def connect_uri(
-    uri: str, *, structured_replies: bool = True, base_allocation: bool = True
+    uri: str,
+    *,
+    structured_replies: bool = True,
+    extended_headers: bool = True,
+    base_allocation: bool = True,
 ) -> Client:
     """Connect to the server and export an ``nbd://`` or ``nbd+unix://`` URI names
     (``ValueError`` for a bad URI)."""
     address, export = parse_uri(uri)
-    return await _connect_to(address, export, structured_replies, base_allocation)
+    return await _connect_to(address, export, structured_replies, extended_headers, base_allocation)
 
 
 async def _connect_to(
-    address: Address, export: str, structured_replies: bool, base_allocation: bool
+    address: Address,
+    export: str,
+    structured_replies: bool,
+    extended_headers: bool,
+    base_allocation: bool,
 ) -> Client:
     return await connect(
         await open_stream(address),
         export,
         structured_replies=structured_replies,
+        extended_headers=extended_headers,
         base_allocation=base_allocation,
         peer=str(address),
     )

@@ -49,8 +49,13 @@ class Handshake:
 
     @property
     def structured(self) -> bool:
-        """Whether the server accepted structured replies."""
+        """Whether the server accepted structured replies (or extended headers)."""
         return self._proto.structured
+
+    @property
+    def extended(self) -> bool:
+        """Whether the server accepted extended headers."""
+        return self._proto.extended
 
     async def __aenter__(self) -> Self:
         return self
@@ -60,12 +65,18 @@ class Handshake:
     ) -> None:
         await self.aclose()
 
-    async def _start(self, structured_replies: bool) -> None:
+    async def _start(self, structured_replies: bool, extended_headers: bool) -> None:
         with failures(self.peer, "reading the greeting"):
             event = await self._event()
             if not isinstance(event, Greeting):
                 raise ConnectionFailed(f"{self.peer}: closed the connection before its greeting")
             await self._transport.send([self._proto.client_flags()])
+        if structured_replies and extended_headers:
+            try:
+                await self._option(Opt.EXTENDED_HEADERS)
+                return  # structured replies come with them
+            except OptionError:
+                pass  # compact headers; structured replies may still be had
         if structured_replies:
             try:
                 await self._option(Opt.STRUCTURED_REPLY)
@@ -128,7 +139,8 @@ class Handshake:
         With ``base_allocation`` (and structured replies), ``base:allocation`` is selected
         first so that :meth:`Client.block_status` works if the server offers it. A server
         answering GO with ``ERR_UNSUP`` gets ``NBD_OPT_EXPORT_NAME`` instead (it closes
-        the connection if it refuses that: ``ConnectionFailed``).
+        the connection if it refuses that: ``ConnectionFailed``), unless extended
+        headers were negotiated, which rule EXPORT_NAME out.
         """
         context_id = None
         if base_allocation and self.structured:
@@ -146,7 +158,7 @@ class Handshake:
         try:
             info = await self._export_info(Opt.GO, export, f"reading GO replies for {export!r}")
         except OptionError as e:
-            if e.reply != Rep.ERR_UNSUP:
+            if e.reply != Rep.ERR_UNSUP or self.extended:
                 raise
             info = await self._export_name(export)
         self._finished = True
@@ -180,13 +192,19 @@ class Handshake:
 
 
 async def handshake(
-    stream: trio.abc.Stream, *, structured_replies: bool = True, peer: str = "NBD server"
+    stream: trio.abc.Stream,
+    *,
+    structured_replies: bool = True,
+    extended_headers: bool = True,
+    peer: str = "NBD server",
 ) -> Handshake:
     """Read the greeting on ``stream``, send the client flags and (by default) ask for
-    structured replies. The stream belongs to the result (closed if this fails)."""
+    extended headers, then, if the server refuses them, structured replies (no
+    ``structured_replies``: neither). The stream belongs to the result (closed if this
+    fails)."""
     h = Handshake(stream, peer)
     try:
-        await h._start(structured_replies)
+        await h._start(structured_replies, extended_headers)
     except BaseException:
         await h.aclose()
         raise

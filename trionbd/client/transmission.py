@@ -119,8 +119,14 @@ class Client:
 
     @property
     def structured(self) -> bool:
-        """Whether structured replies were negotiated."""
+        """Whether structured replies were negotiated (extended headers include them)."""
         return self._proto.structured
+
+    @property
+    def extended(self) -> bool:
+        """Whether extended headers were negotiated: lengths of trim, zero, cache and
+        block status may then reach 2^64 - 1; without them, 2^32 - 1."""
+        return self._proto.extended
 
     @property
     def can_block_status(self) -> bool:
@@ -325,7 +331,8 @@ class Client:
             raise RuntimeError(
                 f"{self!r} is not running: use 'async with client' or nursery.start(client.run)"
             )
-        if not (0 <= offset < 1 << 64 and 0 <= length < 1 << 32 and 0 <= flags < 1 << 16):
+        longest = 1 << (64 if self._proto.extended else 32)
+        if not (0 <= offset < 1 << 64 and 0 <= length < longest and 0 <= flags < 1 << 16):
             raise NBDError(
                 errno.EINVAL,
                 f"request out of range: offset {offset}, length {length}, flags 0x{flags:x}",
