@@ -64,6 +64,26 @@ async def test_zero_and_trim_release_whole_pages_only() -> None:
         assert status.extents == ((PAGE, 0), (MiB - PAGE, HOLE))  # type: ignore[union-attr]
 
 
+async def test_a_zero_of_exabytes_drops_the_pages_inside_and_keeps_the_edges() -> None:
+    """Extended headers bring zeroes and trims of any length: the pages inside are found
+    through the sorted index, not walked one by one (2^62 bytes are 2^47 pages)."""
+    plugin = MemoryPlugin(MAX_SIZE)
+    ctx = await Chain(plugin).top.open(False, "")
+    end = (1 << 62) + 10
+    spots = (0, 3 * PAGE + 5, 1 << 40, end - 15, end + PAGE)
+    for offset in spots:
+        await ctx.pwrite(b"\xff" * 20, offset)
+    await ctx.zero(end - 10, 10)
+    pages = [0, end // PAGE, (end + PAGE) // PAGE]  # page 2^47 - 1 lay wholly inside
+    assert plugin.allocated == sorted(plugin.pages) == pages
+    assert await ctx.pread(20, 0) == b"\xff" * 10 + bytes(10)
+    assert await ctx.pread(20, end - 15) == bytes(15) + b"\xff" * 5
+    assert await ctx.pread(20, end + PAGE) == b"\xff" * 20
+    assert await ctx.pread(20, 1 << 40) == bytes(20)
+    await ctx.trim(MAX_SIZE, 0)
+    assert plugin.pages == {} and plugin.allocated == []
+
+
 async def test_reads_of_unwritten_pages_are_holes() -> None:
     async with serving(MemoryPlugin(MiB)) as server:
         c = await connect(server)

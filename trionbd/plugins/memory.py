@@ -98,18 +98,32 @@ class MemoryPlugin(Plugin):
         await self.zero(h, count, offset, flags)
 
     async def zero(self, h: Any, count: int, offset: int, flags: int) -> None:
-        pos = offset
+        """Pages wholly inside the range are dropped, found through ``allocated`` (a
+        zero of terabytes costs what the pages in it cost); the pages at its ends that
+        it covers in part are zeroed in place."""
         end = offset + count
+        first = -(-offset // PAGE)  # the first page starting inside the range
+        stop = end // PAGE  # the page after the last one ending inside it
+        if first >= stop:
+            self._zero_in_pages(offset, end)
+            return
+        self._zero_in_pages(offset, first * PAGE)
+        self._zero_in_pages(stop * PAGE, end)
+        allocated = self.allocated
+        lo, hi = bisect_left(allocated, first), bisect_left(allocated, stop)
+        for index in allocated[lo:hi]:
+            del self.pages[index]
+        del allocated[lo:hi]
+
+    def _zero_in_pages(self, start: int, end: int) -> None:
+        """Zero ``[start, end)``, which covers no page whole, in the pages it touches."""
+        pos = start
         while pos < end:
-            index, start = divmod(pos, PAGE)
-            n = min(PAGE - start, end - pos)
+            index, at = divmod(pos, PAGE)
+            n = min(PAGE - at, end - pos)
             page = self.pages.get(index)
             if page is not None:
-                if n == PAGE:
-                    del self.pages[index]
-                    del self.allocated[bisect_left(self.allocated, index)]
-                else:
-                    page[start : start + n] = bytes(n)
+                page[at : at + n] = bytes(n)
             pos += n
 
     async def can_fast_zero(self, h: Any) -> bool:
