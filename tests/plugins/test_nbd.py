@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import trio
 
 import trionbd.client as nbd
 from tests.support import (
@@ -24,6 +25,7 @@ from tests.support import (
     libnbd_python,
     listing,
     nbdkit_process,
+    qemu10,
     random_file,
     run,
     trionbd_exit,
@@ -462,3 +464,67 @@ def test_requests_in_flight_at_sigterm_finish_within_the_grace_period(tmp_path: 
                     client.kill()
                     client.wait()
     assert "Disconnect" in log.read_text()  # the proxy said goodbye to the upstream
+
+
+# --- extended headers through the proxy ------------------------------------------------------
+
+GiB = 1024 * MiB
+
+
+def log_lines(path: Path, action: str) -> list[str]:
+    """The request lines of ``action`` (``Zero``, ``Extents``) in a log filter's file."""
+    return [line for line in path.read_text().splitlines() if f" {action} id=" in line]
+
+
+async def check_64_bit_requests(uri: str, hole_answered: int) -> None:
+    """Through ``uri``: a 5 GiB zero between data, then block status of that hole (of
+    which ``hole_answered`` bytes come in the first answer)."""
+    async with await nbd.connect_uri(uri) as c:
+        assert c.extended  # the proxy speaks extended headers to its clients
+        for offset in (GiB - 4096, 6 * GiB):
+            await c.pwrite(b"\xaa" * 8192, offset)
+        await c.zero(5 * GiB, GiB)
+        assert await c.pread(8192, GiB - 4096) == b"\xaa" * 4096 + bytes(4096)
+        assert await c.pread(8192, 6 * GiB - 4096) == bytes(4096) + b"\xaa" * 4096
+        extents = await c.block_status(5 * GiB, GiB)
+        assert extents[0] == (GiB, hole_answered, 3)
+
+
+def test_two_trionbd_servers_run_extended_end_to_end(tmp_path: Path) -> None:
+    """The proxy's client negotiates extended headers upstream: a 5 GiB zero and a
+    5 GiB block status reach the upstream server as one request each."""
+    log = tmp_path / "up.log"
+    with trionbd_process("--filter=log", "memory", str(8 * GiB), f"logfile={log}") as up:
+        with proxy(up) as px:
+            trio.run(check_64_bit_requests, px.uri, 5 * GiB)
+            # qemu 10 through the proxy: extended headers with the proxy, the hole mapped.
+            result = subprocess.run(
+                [qemu10("qemu-img"), "--trace", "nbd_receive_option_reply", "map",
+                 "--output=json", "-f", "raw", px.uri],
+                capture_output=True, text=True, timeout=120, check=True,
+            )  # fmt: skip
+    assert "option reply 11 (extended headers), type 1 (ack)" in result.stderr
+    assert {"start": GiB, "length": 5 * GiB, "data": False} in [
+        {k: e[k] for k in ("start", "length", "data")} for e in json.loads(result.stdout)
+    ]
+    [zero] = log_lines(log, "Zero")
+    assert f"offset=0x{GiB:x} count=0x{5 * GiB:x}" in zero
+    assert any(f"offset=0x{GiB:x} count=0x{5 * GiB:x}" in e for e in log_lines(log, "Extents"))
+
+
+def test_upstream_without_extended_headers_gets_pieces(tmp_path: Path) -> None:
+    """nbdkit 1.32 has no extended headers: the proxy splits the 5 GiB zero into pieces
+    of 2 GiB and asks block status for 2 GiB at most; the clients see no difference."""
+    log = tmp_path / "up.log"
+    with nbdkit_process("--filter=log", "memory", str(8 * GiB), f"logfile={log}") as up:
+        with proxy(up) as px:
+            trio.run(check_64_bit_requests, px.uri, 2 * GiB)
+    zeroes = log_lines(log, "Zero")
+    assert [line.split("count=")[1].split()[0] for line in zeroes] == [
+        f"0x{2 * GiB:x}",
+        f"0x{2 * GiB:x}",
+        f"0x{GiB:x}",
+    ]
+    assert all(
+        int(line.split("count=")[1].split()[0], 16) <= 2 * GiB for line in log_lines(log, "Extents")
+    )

@@ -12,6 +12,11 @@ upstream export, whatever name it asks for. Without one the proxy is transparent
 client's export name goes to the upstream server, the export list is the upstream's
 list, and the default export is the upstream's default (asked with ``NBD_OPT_INFO``).
 
+The connection upstream negotiates extended headers when the upstream server offers
+them, so that trims, zeroes, caches and block status of 4 GiB and more pass through in
+one request; an upstream without them gets such trims, zeroes and caches in pieces of
+2 GiB, and block status asks it about 2 GiB at most (the client asks again for the rest).
+
 If the upstream server goes away, requests in flight and all later requests on that
 connection fail with EIO and a message saying so; new clients are refused until the
 upstream is back.
@@ -49,7 +54,13 @@ from ..client import Address, Client, connect, handshake, open_stream, parse_uri
 from ..protocol.constants import DEFAULT_PORT, CmdFlag, TransmissionFlag
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from ..nursery import Lifetime
+
+COMPACT_PIECE = 1 << 31
+"""The longest trim, zero, cache or block status sent to an upstream server without
+extended headers (their lengths have 32 bits)."""
 
 
 class NbdPlugin(Plugin):
@@ -206,16 +217,33 @@ class NbdPlugin(Plugin):
         await h.flush(flags)
 
     async def trim(self, h: Client, count: int, offset: int, flags: int) -> None:
-        await h.trim(count, offset, flags)
+        await _in_pieces(h, h.trim, count, offset, flags)
 
     async def zero(self, h: Client, count: int, offset: int, flags: int) -> None:
-        await h.zero(count, offset, flags)
+        await _in_pieces(h, h.zero, count, offset, flags)
 
     async def extents(self, h: Client, count: int, offset: int, flags: int) -> list[Extent]:
+        if not h.extended:
+            count = min(count, COMPACT_PIECE)
         return await h.block_status(count, offset, flags)
 
     async def cache(self, h: Client, count: int, offset: int, flags: int) -> None:
-        await h.cache(count, offset, flags)
+        await _in_pieces(h, h.cache, count, offset, flags)
+
+
+async def _in_pieces(
+    h: Client, call: Callable[[int, int, int], Awaitable[None]], count: int, offset: int, flags: int
+) -> None:
+    """``call(count, offset, flags)`` at once with extended headers, else in pieces of at
+    most COMPACT_PIECE bytes, one after the other."""
+    if h.extended:
+        await call(count, offset, flags)
+        return
+    end = offset + count
+    while offset < end:
+        n = min(COMPACT_PIECE, end - offset)
+        await call(n, offset, flags)
+        offset += n
 
 
 PLUGIN = NbdPlugin
