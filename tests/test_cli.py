@@ -323,11 +323,13 @@ def test_parameters_go_to_the_first_filter_declaring_them_else_the_plugin() -> N
 
 
 def test_options_become_server_configuration() -> None:
-    opts = parsed("--no-sr", "--no-mc", "--mask-handshake", "1", "--handshake-timeout", "0",
-                  "--shutdown-timeout", "1.5", "--max-connections", "3", "-e", "disk",
+    opts = parsed("--no-sr", "--no-mc", "--no-eh", "--mask-handshake", "1",
+                  "--handshake-timeout", "0", "--shutdown-timeout", "1.5",
+                  "--max-connections", "3", "-e", "disk",
                   "-p", "10900", "-i", "::1", "memory", "1M")  # fmt: skip
     c = opts.config
-    assert not c.structured_replies and not c.meta_contexts
+    assert not c.structured_replies and not c.meta_contexts and not c.extended_headers
+    assert parsed("memory", "1M").config.extended_headers
     assert c.handshake_flags == HandshakeFlag.FIXED_NEWSTYLE
     assert c.handshake_timeout is None  # 0 = no timeout
     assert (c.shutdown_timeout, c.max_connections) == (1.5, 3)

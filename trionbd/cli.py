@@ -252,7 +252,10 @@ class Options:
         "--shutdown-timeout", metavar="SECONDS", parse=_seconds, default=SHUTDOWN_TIMEOUT,
         help="seconds requests in flight get to finish at shutdown",
     )  # fmt: skip
-    no_sr: bool = _flag("--no-sr", help="do not offer structured replies")
+    no_sr: bool = _flag(
+        "--no-sr", help="do not offer structured replies (nor extended headers: they imply them)"
+    )
+    no_eh: bool = _flag("--no-eh", help="do not offer extended headers (64-bit requests)")
     no_mc: bool = _flag("--no-mc", help="do not offer meta contexts (base:allocation)")
     mask_handshake: int | None = _option(
         "--mask-handshake", metavar="MASK", parse=parse_int,
@@ -300,6 +303,7 @@ class Options:
         self.config = ServerConfig(
             readonly=self.readonly,
             structured_replies=not self.no_sr,
+            extended_headers=not self.no_eh,
             meta_contexts=not self.no_mc,
             handshake_timeout=self.handshake_timeout or None,
             idle_timeout=self.idle_timeout or None,
