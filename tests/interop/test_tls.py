@@ -19,6 +19,7 @@ from tests.support import (
     PYTHON,
     ROOT,
     libnbd_python,
+    qemu10,
     random_file,
     run,
     short_tmpdir,
@@ -124,6 +125,27 @@ def test_qemu_img_with_x509_credentials(certs: Certs, tmp_path: Path) -> None:
         out = tmp_path / "qemu-copy.img"
         run(["qemu-img", "convert", "--object", creds, "--image-opts", opts, "-O", "raw", str(out)])
         assert out.read_bytes() == data
+
+
+def test_qemu_10_negotiates_extended_headers_inside_tls(certs: Certs, tmp_path: Path) -> None:
+    """What was negotiated before STARTTLS is forgotten; qemu 10 asks for extended
+    headers after the TLS handshake and gets them."""
+    data = random_file(tmp_path / "disk.img", 2 * 1024 * 1024)
+    with trionbd_process(
+        "--tls=require", f"--tls-certificates={certs.server}", "file", str(tmp_path / "disk.img")
+    ) as server:
+        creds = f"tls-creds-x509,id=tls0,endpoint=client,dir={certs.client}"
+        opts = f"driver=nbd,path={server.socket},tls-creds=tls0,tls-hostname=localhost"
+        out = tmp_path / "copy.img"
+        result = client(
+            [qemu10("qemu-img"), "--trace", "nbd_receive_option_reply", "convert",
+             "--object", creds, "--image-opts", opts, "-O", "raw", str(out)]
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    replies = [line for line in result.stderr.splitlines() if "option reply" in line]
+    assert "option reply 5 (starttls), type 1 (ack)" in replies[0]
+    assert "option reply 11 (extended headers), type 1 (ack)" in replies[1]
+    assert out.read_bytes() == data
 
 
 # --- --tls=on and off ----------------------------------------------------------------------------
