@@ -6,6 +6,8 @@ stream was split into receives.
 
 from __future__ import annotations
 
+import struct
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +16,7 @@ from trionbd.protocol import (
     AbortOption,
     ClientConnection,
     Cmd,
+    CmdFlag,
     ConnectionClosed,
     Disconnect,
     InfoOption,
@@ -51,6 +54,32 @@ REQUESTS = b"".join(
         wire.request(7, Cmd.DISC, 0, 0, 0),
     ]
 )
+EXTENDED_HANDSHAKE = b"".join(
+    [
+        b"\x00\x00\x00\x03",
+        wire.option_request(Opt.EXTENDED_HEADERS),
+        wire.option_request(Opt.SET_META_CONTEXT, wire.name_and_queries("disk", [BASE_ALLOCATION])),
+        wire.option_request(Opt.GO, wire.name_and_infos("disk", [3])),
+    ]
+)
+PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
+EXTENDED_REQUESTS = b"".join(
+    [
+        wire.extended_request(1, Cmd.READ, 0, 0, 4096),
+        wire.extended_request(2, Cmd.WRITE, PAYLOAD_LEN, 512, 5) + b"hello",
+        wire.extended_request(3, Cmd.WRITE, 0, 512, 3) + b"abc",  # qemu 10 leaves the flag off
+        wire.extended_request(4, Cmd.WRITE_ZEROES, 2, 0, 1 << 20),
+        wire.extended_request(5, Cmd.BLOCK_STATUS, PAYLOAD_LEN, 0, 12)
+        + struct.pack(">QI", 1 << 20, 1),
+        wire.extended_request(6, Cmd.TRIM, PAYLOAD_LEN, 0, 4) + b"junk",
+        wire.extended_request(7, Cmd.WRITE_ZEROES, 0, 0, 5 << 30),
+        wire.extended_request(8, Cmd.DISC, 0, 0, 0),
+    ]
+)
+SESSIONS = {
+    "compact": (HANDSHAKE, REQUESTS),
+    "extended": (EXTENDED_HANDSHAKE, EXTENDED_REQUESTS),
+}
 SIZE = 1 << 20
 
 
@@ -72,11 +101,11 @@ def drive(chunks: list[bytes], eof: bool = True) -> list[object]:
                 return out
             if isinstance(event, InfoOption) and event.option == Opt.GO:
                 flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_WRITE_ZEROES
-                if conn.structured:
-                    flags |= TransmissionFlag.SEND_DF
-                conn.go(Opt.GO, event.name, SIZE, flags)
+                conn.go(Opt.GO, event.name, SIZE, flags | conn.protocol_flags(event.name))
             elif type(event).__name__ == "StructuredReplyOption":
                 conn.accept_structured_replies(Opt.STRUCTURED_REPLY)
+            elif type(event).__name__ == "ExtendedHeadersOption":
+                conn.accept_extended_headers(Opt.EXTENDED_HEADERS)
             elif type(event).__name__ == "MetaContextOption":
                 conn.reply_meta_contexts(event, {1: BASE_ALLOCATION})  # type: ignore[arg-type]
     except RemoteProtocolError as e:
@@ -96,16 +125,19 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return pieces
 
 
-def test_the_reference_session_parses() -> None:
+def test_the_reference_sessions_parse() -> None:
     got = drive([HANDSHAKE + REQUESTS])
     assert len(got) == 7 + 7
     assert isinstance(got[-1], Disconnect)
+    got = drive([EXTENDED_HANDSHAKE + EXTENDED_REQUESTS])
+    assert len(got) == 3 + 8
+    assert isinstance(got[-1], Disconnect)
 
 
-@given(st.lists(st.integers(min_value=0), max_size=30))
+@given(st.lists(st.integers(min_value=0), max_size=30), st.sampled_from(sorted(SESSIONS)))
 @settings(max_examples=200, deadline=None)
-def test_splitting_the_stream_does_not_change_the_events(cuts: list[int]) -> None:
-    data = HANDSHAKE + REQUESTS
+def test_splitting_the_stream_does_not_change_the_events(cuts: list[int], session: str) -> None:
+    data = b"".join(SESSIONS[session])
     assert drive(split(data, cuts)) == drive([data])
 
 
@@ -116,16 +148,16 @@ def test_random_bytes_during_the_handshake(data: bytes) -> None:
     drive([b"\x00\x00\x00\x03" + data])
 
 
-@given(st.binary(max_size=400))
+@given(st.binary(max_size=400), st.sampled_from(sorted(SESSIONS)))
 @settings(max_examples=300, deadline=None)
-def test_random_bytes_during_transmission(data: bytes) -> None:
-    drive([HANDSHAKE, data])
+def test_random_bytes_during_transmission(data: bytes, session: str) -> None:
+    drive([SESSIONS[session][0], data])
 
 
-@given(st.data())
+@given(st.data(), st.sampled_from(sorted(SESSIONS)))
 @settings(max_examples=300, deadline=None)
-def test_mutated_sessions(data: st.DataObject) -> None:
-    stream = bytearray(HANDSHAKE + REQUESTS)
+def test_mutated_sessions(data: st.DataObject, session: str) -> None:
+    stream = bytearray(b"".join(SESSIONS[session]))
     for _ in range(data.draw(st.integers(1, 4))):
         kind = data.draw(st.sampled_from(["flip", "delete", "insert", "truncate"]))
         pos = data.draw(st.integers(0, len(stream) - 1))
@@ -143,7 +175,10 @@ def test_mutated_sessions(data: st.DataObject) -> None:
     drive([bytes(stream)], eof=False)
 
 
-@given(st.binary(max_size=300), st.sampled_from(["greeting", "options", "transmission"]))
+@given(
+    st.binary(max_size=300),
+    st.sampled_from(["greeting", "options", "transmission", "extended transmission"]),
+)
 @settings(max_examples=300, deadline=None)
 def test_client_state_machine_on_random_bytes(data: bytes, phase: str) -> None:
     conn = ClientConnection()
@@ -151,8 +186,12 @@ def test_client_state_machine_on_random_bytes(data: bytes, phase: str) -> None:
         conn.receive_data(wire.greeting(3))
         conn.next_event()
         conn.client_flags()
+        if phase == "extended transmission":
+            conn.option(Opt.EXTENDED_HEADERS)
+            conn.receive_data(wire.option_reply(Opt.EXTENDED_HEADERS, 1))
+            conn.next_event()
         conn.option(Opt.GO, wire.name_and_infos("", []))
-        if phase == "transmission":
+        if phase.endswith("transmission"):
             conn.receive_data(wire.option_reply(Opt.GO, 1))
             conn.next_event()
             conn.request(1, Cmd.READ, 0, 0, 100)
