@@ -46,6 +46,17 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 PROBE_TIMEOUT = 30.0
 """Seconds for a version or filter probe (``--version``, ``--filter=NAME --help``)."""
 PR_SET_PDEATHSIG = 1
+QEMU10 = Path(__file__).resolve().parent.parent / ".tools" / "qemu10" / "usr" / "bin"
+"""qemu 10 (extended headers): qemu-img and qemu-nbd unpacked by ``scripts/setup --test``
+beside the system's qemu 7.2."""
+
+
+def qemu10(tool: str) -> str:
+    """The path of qemu 10's ``tool``; BenchError if setup has not provided it."""
+    path = QEMU10 / tool
+    if not os.access(path, os.X_OK):
+        raise BenchError(f"qemu 10's {tool} is not at {path}: run scripts/setup --test")
+    return str(path)
 
 
 class BenchError(Exception):
@@ -89,6 +100,8 @@ class Target:
     """Names that must be listed (``dir``, or ``tar``/``ext2`` when ``entry`` is None)."""
     params: tuple[str, ...] = ()
     """More ``key=value`` words for the filters (trionbd's gzip ``index=``)."""
+    qemu_nbd: str = "qemu-nbd"
+    """The qemu-nbd serving it: the system's (7.2), or qemu 10's for extended headers."""
 
     @property
     def slow_start(self) -> bool:
@@ -102,7 +115,7 @@ def command(server: str, target: Target, sock: str, trionbd: str) -> list[str] |
     if server == "qemu-nbd":
         if target.kind != "file":
             return None
-        return ["qemu-nbd", "-k", sock, *QEMU_NBD_OPTIONS, path]
+        return [target.qemu_nbd, "-k", sock, *QEMU_NBD_OPTIONS, path]
     if target.kind == "file":
         chain = ["file", path]
     elif target.kind == "dir":
@@ -316,6 +329,7 @@ def versions(trionbd: str, root: Path) -> dict[str, str]:
         "trionbd_commit": commit + (" (with uncommitted changes in trionbd/)" if dirty else ""),
         "nbdkit": first_line("nbdkit", "--version"),
         "qemu-nbd": first_line("qemu-nbd", "--version"),
+        "qemu 10 (qemu-img, qemu-nbd)": first_line(str(QEMU10 / "qemu-nbd"), "--version"),
         "fio": first_line("fio", "--version"),
         "nbdcopy": first_line("nbdcopy", "--version"),
         "nbdinfo": first_line("nbdinfo", "--version"),

@@ -18,7 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fixtures import MEMBER_NAME, Fixtures
-from servers import SERVERS, SYSTEM_PYTHON, BenchError, Kind, Running, Target, command, run_client
+from servers import (
+    SERVERS,
+    SYSTEM_PYTHON,
+    BenchError,
+    Kind,
+    Running,
+    Target,
+    command,
+    qemu10,
+    run_client,
+)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -192,6 +202,41 @@ def nbdcopy(connections: int) -> Measure:
     return measure
 
 
+def qemu10_convert(server: Running, target: Target, s: Settings) -> Measured:
+    """Copy the whole export with qemu 10's ``qemu-img convert`` into a null target (the
+    counterpart of nbdcopy to ``null:``); wall-clock time of the copy. Whether extended
+    headers were negotiated comes from qemu's trace of the option replies (1 or 0)."""
+    info = json.loads(run_client(["nbdinfo", "--json", server.uri], CLIENT_SLACK))
+    size = info["exports"][0]["export-size"]
+    if size != target.size:
+        raise BenchError(f"{server.name} serves {size} bytes, expected {target.size}")
+    trace = server.workdir / "qemu-trace"
+    cmd = [
+        qemu10("qemu-img"),
+        "--trace",
+        f"enable=nbd_receive_option_reply,file={trace}",
+        "convert",
+        "-n",
+        "-f",
+        "raw",
+        "--target-image-opts",
+        server.uri,
+        f"driver=null-co,size={target.size}",
+    ]
+    start = time.monotonic()
+    run_client(cmd, 600.0)
+    seconds = time.monotonic() - start
+    acked = "option reply 11 (extended headers), type 1 (ack)" in trace.read_text()
+    return Measured(
+        {
+            "mib_s": target.size / MiB / seconds,
+            "seconds": seconds,
+            "extended_headers": float(acked),
+        },
+        cmd,
+    )
+
+
 def connections(server: Running, target: Target, s: Settings) -> Measured:
     """Connect, handshake, read 4 KiB, disconnect, in a loop (nbd_driver.py)."""
     cmd = [SYSTEM_PYTHON, DRIVER, "connect-loop", server.uri, str(s.conn_seconds)]
@@ -331,6 +376,10 @@ def workloads(fx: Fixtures, s: Settings) -> list[Workload]:
     def plain() -> dict[str, Target]:
         return dict.fromkeys(SERVERS, Target("file", fx.file, size=s.file_size))
 
+    def plain_qemu10() -> dict[str, Target]:
+        t = Target("file", fx.file, size=s.file_size, qemu_nbd=qemu10("qemu-nbd"))
+        return dict.fromkeys(SERVERS, t)
+
     def member_plain() -> dict[str, Target]:
         return {n: Target("file", fx.member, size=s.member_size) for n in FILTER_SERVERS}
 
@@ -447,6 +496,15 @@ def workloads(fx: Fixtures, s: Settings) -> list[Workload]:
             (MIB_S,),
             (file_row,),
             nbdcopy(4),
+        ),
+        Workload(
+            "qemu10-convert",
+            f"qemu-img 10 convert {size} to null, extended headers (qemu-nbd 10)",
+            "The nbdcopy copy done by qemu 10's block layer, which asks for extended "
+            "headers (nbdkit refuses them; qemu-nbd is qemu 10's here).",
+            (MIB_S,),
+            (Row("", plain_qemu10),),
+            qemu10_convert,
         ),
         Workload(
             "tar-randread-4k",

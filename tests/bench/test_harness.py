@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import PYTHON, ROOT
+from tests.support import PYTHON, ROOT, qemu10
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -195,6 +195,24 @@ def test_quick_run_of_three_servers_writes_json_and_markdown(tmp_path: Path) -> 
     ).stdout
     assert "## Machine" in md and "| memory: server RSS" in md
     assert not _leftovers(samples)
+
+
+def test_qemu10_convert_row_runs_with_extended_headers_where_served(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    result = subprocess.run(
+        [PYTHON, RUN, "--quick", "--only", "qemu10-convert", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    samples = {s["server"]: s for s in json.loads(out.read_text())["samples"]}
+    assert sorted(samples) == sorted(report.SERVERS)
+    for name, sample in samples.items():
+        assert sample["error"] is None and sample["metrics"]["mib_s"] > 0, sample
+        assert sample["client_command"].startswith(qemu10("qemu-img") + " ")
+        # trionbd and qemu-nbd 10 speak extended headers; nbdkit 1.32 refuses them.
+        assert sample["metrics"]["extended_headers"] == (name != "nbdkit")
+    assert samples["qemu-nbd"]["server_command"].startswith(qemu10("qemu-nbd") + " -k ")
+    assert not _leftovers(list(samples.values()))
 
 
 @pytest.mark.slow
