@@ -147,7 +147,7 @@ async def test_read_only_forces_write_capabilities_off() -> None:
         FuaMode.NONE,
     )
     assert caps.flush and caps.extents and caps.cache is CacheMode.NATIVE
-    flags = transmission_flags(caps, structured=True)
+    flags = transmission_flags(caps)
     assert flags & TransmissionFlag.READ_ONLY
     for off in ("SEND_TRIM", "SEND_WRITE_ZEROES", "SEND_FAST_ZERO", "SEND_FUA"):
         assert not flags & TransmissionFlag[off], off
