@@ -83,6 +83,7 @@ class LifetimeContext(CachedCaps):
         self.zero = guarded(inner.zero)
         self.extents = guarded(inner.extents)
         self.cache = guarded(inner.cache)
+        self.meta_extents = guarded(inner.meta_extents)
 
     def __repr__(self) -> str:
         return f"<LifetimeContext {self.name} export={self.export_name!r} for {self.owner}>"

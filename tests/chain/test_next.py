@@ -8,7 +8,7 @@ import errno
 import inspect
 import threading
 from collections.abc import Iterable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import pytest
@@ -34,6 +34,7 @@ from trionbd.chain import (
 from trionbd.chain.forward import ForwardingPlugin
 from trionbd.chain.layer import EMULATION_CHUNK, Layer
 from trionbd.chain.next import CAPABILITIES, Caps
+from trionbd.nursery import open_lifetime
 from trionbd.protocol.constants import CmdFlag, TransmissionFlag
 from trionbd.server.handshake import transmission_flags
 
@@ -631,3 +632,80 @@ def test_every_callback_of_next_is_on_each_base_class_and_forwarded() -> None:
     assert {n for n in callbacks if n not in vars(ForwardingPlugin)} == set()
     asked = {ask.callback for _, ask in CAPABILITIES}
     assert asked <= callbacks and len(asked) == len(fields(Caps))
+
+
+# --- metadata contexts besides base:allocation --------------------------------------------
+
+
+class Tagged(Base):
+    """Offers one context, 'x:runs', whose status alternates every 1000 bytes."""
+
+    async def meta_contexts(self, h: Any) -> list[str]:
+        return ["x:runs"]
+
+    async def meta_extents(
+        self, h: Any, context: str, count: int, offset: int, flags: int
+    ) -> Iterable[Extent]:
+        self.calls.append(("meta_extents", context, count, offset, flags))
+        start = offset - offset % 1000
+        return [Extent(s, 1000, s // 1000 % 2) for s in range(start, offset + count, 1000)]
+
+
+class Marks(Filter):
+    """Adds its own context, 'y:all', in front of the layer below's."""
+
+    name = "marks"
+
+    async def meta_contexts(self, next: Next, h: Any) -> list[str]:
+        return ["y:all", *await next.meta_contexts()]
+
+    async def meta_extents(
+        self, next: Next, h: Any, context: str, count: int, offset: int, flags: int
+    ) -> Iterable[Extent]:
+        if context == "y:all":
+            return [Extent(offset, count, 7)]
+        return await next.meta_extents(context, count, offset, flags)
+
+
+async def test_meta_contexts_are_a_capability_passed_up_and_answered_clipped() -> None:
+    plugin = Tagged()
+    plain = Chain(Base(), [Filter()])
+    assert not plain.top.offers_meta_contexts  # only base:allocation: no open needed
+    chain = Chain(plugin, [Filter(), Marks(), Filter()])
+    assert chain.top.offers_meta_contexts and chain.layers[1].offers_meta_contexts
+    ctx = await chain.top.open(False, "")
+    assert await ctx.meta_contexts() == ("y:all", "x:runs")
+    # Through the filters to the plugin, clipped to the range, REQ_ONE honoured.
+    assert await ctx.meta_extents("x:runs", 2500, 500) == [
+        Extent(500, 500, 0), Extent(1000, 1000, 1), Extent(2000, 1000, 0),
+    ]  # fmt: skip
+    assert await ctx.meta_extents("x:runs", 2500, 500, CmdFlag.REQ_ONE) == [Extent(500, 500, 0)]
+    assert plugin.calls[-1] == ("meta_extents", "x:runs", 2500, 500, CmdFlag.REQ_ONE)
+    assert await ctx.meta_extents("y:all", 10, 5) == [Extent(5, 10, 7)]
+    with pytest.raises(NBDError) as info:
+        await ctx.meta_extents("z:none", 10, 0)
+    assert info.value.errno == errno.EINVAL and "no metadata context 'z:none'" in info.value.message
+    await ctx.close()
+
+
+async def test_a_forwarding_plugin_and_a_lifetime_context_forward_them() -> None:
+    @dataclass
+    class Held:
+        ctx: Next
+
+    class Holder(ForwardingPlugin[Held]):
+        name = "holder"
+
+        async def open(self, readonly: bool, export_name: str, is_tls: bool) -> Held:
+            return Held(await Chain(Tagged()).top.open(readonly, export_name, is_tls))
+
+    chain = Chain(Holder())
+    assert chain.top.offers_meta_contexts
+    ctx = await chain.top.open(False, "")
+    assert await ctx.meta_contexts() == ("x:runs",)
+    assert await ctx.meta_extents("x:runs", 10, 995) == [Extent(995, 5, 0), Extent(1000, 5, 1)]
+    await ctx.close()
+    async with open_lifetime(Chain(Tagged())) as lifetime:
+        shared = await lifetime.open_context(lifetime.chain.top, "", readonly=False)
+        assert await shared.meta_contexts() == ("x:runs",)
+        assert await shared.meta_extents("x:runs", 10, 0) == [Extent(0, 10, 0)]

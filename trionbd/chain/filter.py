@@ -133,6 +133,9 @@ class Filter:
     async def can_cache(self, next: Next, h: Any) -> CacheMode:
         return await next.can_cache()
 
+    async def meta_contexts(self, next: Next, h: Any) -> Sequence[str]:
+        return await next.meta_contexts()
+
     # --- data ----------------------------------------------------------------------------
 
     async def pread(self, next: Next, h: Any, count: int, offset: int, flags: int) -> bytes:
@@ -157,3 +160,8 @@ class Filter:
 
     async def cache(self, next: Next, h: Any, count: int, offset: int, flags: int) -> None:
         await next.cache(count, offset, flags)
+
+    async def meta_extents(
+        self, next: Next, h: Any, context: str, count: int, offset: int, flags: int
+    ) -> Iterable[Extent]:
+        return await next.meta_extents(context, count, offset, flags)

@@ -74,6 +74,9 @@ class ForwardingPlugin(Plugin, Generic[H]):
     async def can_cache(self, h: H) -> CacheMode:
         return await h.ctx.can_cache()
 
+    async def meta_contexts(self, h: H) -> tuple[str, ...]:
+        return await h.ctx.meta_contexts()
+
     # --- data ----------------------------------------------------------------------------
 
     async def pread(self, h: H, count: int, offset: int, flags: int) -> bytes:
@@ -96,3 +99,8 @@ class ForwardingPlugin(Plugin, Generic[H]):
 
     async def cache(self, h: H, count: int, offset: int, flags: int) -> None:
         await h.ctx.cache(count, offset, flags)
+
+    async def meta_extents(
+        self, h: H, context: str, count: int, offset: int, flags: int
+    ) -> list[Extent]:
+        return await h.ctx.meta_extents(context, count, offset, flags)

@@ -91,6 +91,13 @@ class Layer:
                 for _, ask in CAPABILITIES
                 if not overrides(target, Filter, ask.callback)
             )
+            self.offers_meta_contexts: bool = below.offers_meta_contexts or overrides(
+                target, Filter, "meta_contexts"
+            )
+        else:
+            self.offers_meta_contexts = overrides(target, Plugin, "meta_contexts")
+        """Whether this layer or one below defines ``meta_contexts``: if none does, an
+        export offers ``base:allocation`` only, known without opening it."""
         self.global_lock = (
             trio.Lock() if target.concurrency <= Concurrency.SERIALIZE_ALL_REQUESTS else None
         )
@@ -271,6 +278,10 @@ class LayerContext(CachedCaps):
     def _cache(self) -> Callable[[int, int, int], Awaitable[None]]:
         return self._bind(self.layer.target.cache)
 
+    @functools.cached_property
+    def _meta_extents(self) -> Callable[[str, int, int, int], Awaitable[Iterable[Extent]]]:
+        return self._bind(self.layer.target.meta_extents)
+
     async def prepare(self) -> None:
         """Ask every capability once (nbdkit's ``prepare``), in the order of
         :data:`~trionbd.chain.next.CAPABILITIES`."""
@@ -399,6 +410,18 @@ class LayerContext(CachedCaps):
                 n = min(end - offset, EMULATION_CHUNK)
                 await self._pread(n, offset, 0)
                 offset += n
+
+    async def meta_extents(
+        self, context: str, count: int, offset: int, flags: int = 0
+    ) -> list[Extent]:
+        """Block status of one of :meth:`meta_contexts`, checked and clipped as
+        :meth:`extents`'s."""
+        if context not in self._caps().meta_contexts:
+            raise NBDError(
+                errno.EINVAL, f"{self.layer.name}: export offers no metadata context {context!r}"
+            )
+        raw = await self._meta_extents(context, count, offset, flags)
+        return clip_extents(self.layer.name, raw, count, offset, bool(flags & CmdFlag.REQ_ONE))
 
 
 def clip_extents(

@@ -152,6 +152,11 @@ class Plugin:
     async def can_cache(self, h: Any) -> CacheMode:
         return CacheMode.NATIVE if overrides(self, Plugin, "cache") else CacheMode.NONE
 
+    async def meta_contexts(self, h: Any) -> Sequence[str]:
+        """Metadata contexts this export answers block status for with
+        ``meta_extents`` (``base:allocation`` comes from ``extents``). Default: none."""
+        return ()
+
     # --- data ----------------------------------------------------------------------------
 
     async def pread(self, h: Any, count: int, offset: int, flags: int) -> bytes:
@@ -176,3 +181,11 @@ class Plugin:
 
     async def cache(self, h: Any, count: int, offset: int, flags: int) -> None:
         pass
+
+    async def meta_extents(
+        self, h: Any, context: str, count: int, offset: int, flags: int
+    ) -> Iterable[Extent]:
+        """Block status of metadata context ``context`` (one of ``meta_contexts``):
+        contiguous extents starting at or before ``offset``, the context's status bits
+        in ``flags``. Returning less than ``count`` bytes is fine (clients ask again)."""
+        raise NBDError(errno.EINVAL, f"no metadata context {context!r}")
