@@ -49,6 +49,7 @@ from trionbd.protocol.constants import (
     MAX_STRING,
     REPLY_MAGIC,
 )
+from trionbd.protocol.server import match_meta_contexts
 
 MiB = 1 << 20
 TF = TransmissionFlag
@@ -1197,3 +1198,21 @@ def test_validation_order_read_only_then_range_then_flags() -> None:
     assert bad(conn, req(Cmd.READ, MiB, 1, CmdFlag.NO_HOLE)).error == Err.EINVAL
     event = bad(conn, req(Cmd.READ, MiB, 1, CmdFlag.NO_HOLE))
     assert "beyond the end" in event.message
+
+
+def test_meta_context_queries_select_by_name_and_list_by_namespace() -> None:
+    offered = [BASE_ALLOCATION, "qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b", "qemu:other"]
+
+    def match(option: Opt, *queries: str) -> dict[int, str]:
+        return match_meta_contexts(MetaContextOption(option, "", queries), offered)
+
+    assert match(Opt.LIST_META_CONTEXT) == dict(enumerate(offered, 1))
+    assert match(Opt.LIST_META_CONTEXT, "qemu:dirty-bitmap:") == {
+        2: "qemu:dirty-bitmap:a", 3: "qemu:dirty-bitmap:b"
+    }  # fmt: skip
+    assert match(Opt.LIST_META_CONTEXT, "base:", "nope:") == {1: BASE_ALLOCATION}
+    assert match(Opt.SET_META_CONTEXT) == {}
+    assert match(Opt.SET_META_CONTEXT, "qemu:") == {}  # namespaces only list
+    assert match(Opt.SET_META_CONTEXT, "qemu:dirty-bitmap:b", BASE_ALLOCATION) == {
+        1: BASE_ALLOCATION, 3: "qemu:dirty-bitmap:b"
+    }  # fmt: skip

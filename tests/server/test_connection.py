@@ -18,6 +18,7 @@ from tests.support import serving
 from trionbd.chain import Chain, Export, NBDError, Plugin
 from trionbd.chain.next import Caps
 from trionbd.chain.types import BlockSize, CacheMode, Concurrency, FuaMode, ZeroMode
+from trionbd.filters.dirty_bitmap import DirtyBitmapFilter
 from trionbd.plugins.memory import MemoryPlugin
 from trionbd.plugins.pattern import PatternPlugin, pattern_bytes
 from trionbd.protocol import (
@@ -259,6 +260,50 @@ async def test_meta_contexts() -> None:
             Opt.SET_META_CONTEXT, wire.name_and_queries("", ["x:y", BASE_ALLOCATION])
         )
         assert replies(got) == [(Rep.META_CONTEXT, b"\0\0\0\x01" + base), (Rep.ACK, b"")]
+
+
+BITMAP = "qemu:dirty-bitmap:default"
+
+
+def context_reply(cid: int, name: str) -> tuple[int, bytes]:
+    return Rep.META_CONTEXT, struct.pack(">I", cid) + name.encode()
+
+
+async def test_meta_contexts_of_the_chain_are_negotiated_and_answered() -> None:
+    """A layer offering contexts (the dirty-bitmap filter): LIST with and without
+    namespaces, SET of one or both, block status answering each selected one."""
+    chain = Chain(MemoryPlugin(MiB), [DirtyBitmapFilter()])
+    async with serving(chain) as server:
+        c = await connect(server)
+        await c.handshake()
+        await c.option(Opt.STRUCTURED_REPLY)
+        for queries, names in [
+            ([], [BASE_ALLOCATION, BITMAP]),
+            (["qemu:"], [BITMAP]),
+            (["qemu:dirty-bitmap:"], [BITMAP]),
+            (["base:", "x-other:"], [BASE_ALLOCATION]),
+            ([BITMAP], [BITMAP]),
+        ]:
+            got = await c.option(Opt.LIST_META_CONTEXT, wire.name_and_queries("", queries))
+            assert replies(got) == [*(context_reply(0, n) for n in names), (Rep.ACK, b"")]
+        # SET takes exact names only; ids follow the order offered.
+        got = await c.option(Opt.SET_META_CONTEXT, wire.name_and_queries("", ["qemu:"]))
+        assert replies(got) == [(Rep.ACK, b"")]
+        got = await c.option(
+            Opt.SET_META_CONTEXT, wire.name_and_queries("", [BITMAP, BASE_ALLOCATION])
+        )
+        assert replies(got) == [
+            context_reply(1, BASE_ALLOCATION), context_reply(2, BITMAP), (Rep.ACK, b"")
+        ]  # fmt: skip
+        await c.option(Opt.GO, wire.name_and_infos("", []))
+        await c.write(65536 + 100, b"x" * 4096)
+        events = await c.request(Cmd.BLOCK_STATUS, 0, 4 * 65536)
+        assert [(e.context_id, e.extents, e.done) for e in events] == [  # type: ignore[union-attr]
+            (1, ((65536, 3), (32768, 0), (5 * 32768, 3)), False),  # memory: 32K pages
+            (2, ((65536, 0), (65536, 1), (2 * 65536, 0)), True),
+        ]
+        events = await c.request(Cmd.BLOCK_STATUS, 0, 4 * 65536, CmdFlag.REQ_ONE)
+        assert [e.extents for e in events] == [((65536, 3),), ((65536, 0),)]  # type: ignore[union-attr]
 
 
 async def test_no_structured_replies_and_no_meta_contexts_when_configured_off() -> None:

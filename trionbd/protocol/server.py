@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from . import wire
 from .constants import (
@@ -113,6 +113,29 @@ _VERB = {
     Cmd.BLOCK_STATUS: "block status",
     Cmd.FLUSH: "flush",
 }
+
+
+def match_meta_contexts(event: MetaContextOption, offered: Sequence[str]) -> dict[int, str]:
+    """The contexts (id -> name) that the queries of LIST/SET_META_CONTEXT select among
+    ``offered``; a context's id is its position there, from 1.
+
+    SET selects the names asked for exactly. LIST also reads a query ending in ``:``
+    (a namespace, ``base:``, ``qemu:``, or ``qemu:dirty-bitmap:``) as every offered name
+    that starts with it, and no query at all as everything offered. Queries matching
+    nothing are ignored, as the specification wants for unknown namespaces.
+    """
+    contexts = dict(enumerate(offered, 1))
+    if event.option == Opt.LIST_META_CONTEXT and not event.queries:
+        return contexts
+    wildcard = event.option == Opt.LIST_META_CONTEXT
+    return {
+        cid: name
+        for cid, name in contexts.items()
+        if any(
+            q == name or (wildcard and q.endswith(":") and name.startswith(q))
+            for q in event.queries
+        )
+    }
 
 
 class _Invalid(Exception):

@@ -23,7 +23,6 @@ from ..chain.errors import NBDError
 from ..chain.types import CacheMode, FuaMode, ZeroMode, each_export
 from ..protocol.constants import (
     BASE_ALLOCATION,
-    BASE_ALLOCATION_ID,
     MAX_OPTIONS,
     Opt,
     Rep,
@@ -46,6 +45,7 @@ from ..protocol.events import (
     StructuredReplyOption,
     UnknownOption,
 )
+from ..protocol.server import match_meta_contexts
 from ..protocol.wire import Buffer
 from .tls import TLSMode, client_dn
 
@@ -347,8 +347,20 @@ class Handshake:
                 "SET_META_CONTEXT needs structured replies to be negotiated first",
             )
             return
-        wanted = {BASE_ALLOCATION} if is_set else {BASE_ALLOCATION, "base:"}
-        matched = not event.queries and not is_set
-        matched = matched or any(q in wanted for q in event.queries)
-        contexts = {BASE_ALLOCATION_ID: BASE_ALLOCATION} if matched else {}
+        offered = [BASE_ALLOCATION]
+        if self.chain.top.offers_meta_contexts:
+            # Some layer offers contexts of its own: ask the export (opened as for INFO).
+            try:
+                _, ctx = await self._open(event.name)
+            except Exception as e:
+                if is_set:
+                    proto.clear_meta_contexts()
+                await self._option_failed(event.option, f"opening export {event.name!r}", e)
+                return
+            try:
+                offered += await ctx.meta_contexts()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await ctx.close()
+        contexts = match_meta_contexts(event, offered)
         await self.conn.send([proto.reply_meta_contexts(event, contexts)])

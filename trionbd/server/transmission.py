@@ -35,7 +35,7 @@ import trio
 from ..chain import LayerContext
 from ..chain.errors import DropConnection, NBDError
 from ..chain.types import CacheMode, Sparse
-from ..protocol.constants import Cmd, Err
+from ..protocol.constants import BASE_ALLOCATION, Cmd, Err
 from ..protocol.errnos import nbd_error
 from ..protocol.errors import LocalProtocolError
 from ..protocol.events import (
@@ -323,10 +323,16 @@ class Transmission:
             elif cmd == _BLOCK_STATUS:
                 if req.length == 0:
                     raise NBDError(errno.EINVAL, "block status of 0 bytes")
-                extents = await ctx.extents(req.length, req.offset, req.flags)
-                pairs = [(e.length, e.flags) for e in extents]
-                # base:allocation is the only context (protocol/server.py checked the ids)
-                return replies.block_status(req, dict.fromkeys(self.proto.contexts_of(req), pairs))
+                proto = self.proto
+                contexts = {}
+                for cid in proto.contexts_of(req):  # selected ones (protocol/ checked)
+                    name = proto.meta_contexts[cid]
+                    if name == BASE_ALLOCATION:
+                        extents = await ctx.extents(req.length, req.offset, req.flags)
+                    else:
+                        extents = await ctx.meta_extents(name, req.length, req.offset, req.flags)
+                    contexts[cid] = [(e.length, e.flags) for e in extents]
+                return replies.block_status(req, contexts)
             elif cmd == _FLUSH:
                 await ctx.flush(0)
             elif cmd == _TRIM:
