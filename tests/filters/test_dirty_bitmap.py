@@ -12,7 +12,9 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support import serving
 from trionbd.chain import Chain, ConfigError, Extent, StartupError
+from trionbd.client import connect_uri
 from trionbd.filters.dirty_bitmap import (
     DIRTY,
     MAGIC,
@@ -238,3 +240,23 @@ def test_a_bad_state_file_stops_the_start(tmp_path: Path, content: bytes, messag
         DirtyBitmapFilter(state=str(state)).get_ready()
     assert str(state) in str(e.value)
     DirtyBitmapFilter(state=str(state), reset=True).get_ready()  # reset ignores it
+
+
+# --- the embedding API while serving ------------------------------------------------------
+
+
+async def test_a_backup_takes_the_dirty_ranges_while_clients_write() -> None:
+    """The backup tool's loop: take the dirty ranges (the bitmap starts over), copy them
+    through the server, and find in the next take exactly what was written meanwhile."""
+    f = DirtyBitmapFilter(granularity=4096)
+    async with serving(Chain(MemoryPlugin(MiB), [f])) as server:
+        async with await connect_uri(server.uris[0]) as disk:
+            await disk.pwrite(b"a" * 5000, 8192)
+            await disk.zero(4096, 65536)
+            taken = f.bitmap("").take()
+            assert taken == [(8192, 8192), (65536, 4096)]
+            await disk.pwrite(b"b", 8192)  # while the backup copies
+            await disk.pwrite(b"c", 100_000)
+            copied = {offset: await disk.pread(length, offset) for offset, length in taken}
+            assert copied[8192][:1] == b"b" and copied[8192][1:5000] == b"a" * 4999
+            assert f.bitmap("").dirty() == [(8192, 4096), (98304, 4096)]

@@ -32,7 +32,7 @@ starts with clean bitmaps (and rewrites the file).
 Embedding: a Trio application holding the filter reads and clears the bitmaps while
 serving (``DirtyBitmapFilter.bitmap(export)``): ``dirty()`` lists the dirty byte
 ranges, ``take()`` lists them and clears the bitmap at once (writes from then on mark
-it again), ``mark()`` puts ranges back (a backup that failed), ``clear()`` forgets
+it again), ``mark_ranges()`` puts them back (a backup that failed), ``clear()`` forgets
 everything. A backup copies what ``take()`` returned; blocks written meanwhile are in
 the next backup.
 
@@ -47,7 +47,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import trio
@@ -408,6 +408,16 @@ class DirtyBitmapFilter(Filter):
     async def flush(self, next: Next, h: DirtyBitmap, flags: int) -> None:
         await self._write()
         await next.flush(flags)
+
+    async def meta_contexts(self, next: Next, h: DirtyBitmap) -> Sequence[str]:
+        return (h.context, *await next.meta_contexts())
+
+    async def meta_extents(
+        self, next: Next, h: DirtyBitmap, context: str, count: int, offset: int, flags: int
+    ) -> Iterable[Extent]:
+        if context == h.context:
+            return h.extents(count, offset)
+        return await next.meta_extents(context, count, offset, flags)
 
 
 # --- the state file ---------------------------------------------------------------------
