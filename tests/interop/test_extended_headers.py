@@ -336,3 +336,25 @@ def test_old_clients_keep_compact_headers(disk: Running) -> None:
     assert out.split("\n")[:3] == ["True", struct.pack(">Q", 7 * GiB).hex(), f"[{GiB}, 3]"]
     info = json.loads(run(["qemu-img", "info", "--output=json", "-f", "raw", disk.uri]))
     assert info["virtual-size"] == DISK
+
+
+def test_block_status_payload_picks_among_the_contexts() -> None:
+    """With the dirty-bitmap filter two contexts are selected; the payload form of block
+    status answers only the ids it names."""
+    bitmap = "qemu:dirty-bitmap:default"
+    with trionbd_process("--filter=dirty-bitmap", "memory", str(DISK)) as server:
+        r = Extended(server.socket)
+        assert r.negotiate(contexts=("base:allocation", bitmap)) & BLOCK_STATUS_PAYLOAD
+        r.request(CMD_WRITE, 5 * GiB, 4096, flags=FLAG_PAYLOAD_LEN)
+        r.send(b"\x01" * 4096)
+        r.done(offset=5 * GiB)
+        both = r.block_status(4 * GiB, 2 * GiB)
+        assert both == [
+            (1, [(GiB, 3), (32768, 0), (GiB - 32768, 3)]),  # memory: 32 KiB pages
+            (2, [(GiB, 0), (65536, 1), (GiB - 65536, 0)]),  # the bitmap: 64 KiB blocks
+        ]
+        assert r.block_status(4 * GiB, 0, payload=struct.pack(">QI", 2 * GiB, 2)) == both[1:]
+        # In the order asked (any order is allowed); DONE on the last.
+        again = r.block_status(4 * GiB, 0, payload=struct.pack(">QII", 2 * GiB, 2, 1))
+        assert again == both[::-1]
+        r.close()
