@@ -236,6 +236,13 @@ class ExportTable(ForwardingPlugin[_Handle]):
     async def default_export(self, readonly: bool, is_tls: bool) -> str:
         return ""
 
+    async def meta_contexts(self, readonly: bool, export_name: str, is_tls: bool) -> list[str]:
+        entry = self._entries.get(export_name)
+        if entry is None:
+            raise NBDError(errno.ENOENT, f"no export named {export_name!r}")
+        top = entry.chain.top
+        return await top.meta_contexts(readonly, await top.default_export(readonly, is_tls), is_tls)
+
     async def open(self, readonly: bool, export_name: str, is_tls: bool) -> _Handle:
         entry = self._entries.get(export_name)
         if entry is None:

@@ -640,55 +640,57 @@ def test_every_callback_of_next_is_on_each_base_class_and_forwarded() -> None:
 class Tagged(Base):
     """Offers one context, 'x:runs', whose status alternates every 1000 bytes."""
 
-    async def meta_contexts(self, h: Any) -> list[str]:
+    async def meta_contexts(self, readonly: bool, export_name: str, is_tls: bool) -> list[str]:
         return ["x:runs"]
 
     async def meta_extents(
         self, h: Any, context: str, count: int, offset: int, flags: int
     ) -> Iterable[Extent]:
+        if context != "x:runs":
+            return await super().meta_extents(h, context, count, offset, flags)
         self.calls.append(("meta_extents", context, count, offset, flags))
         start = offset - offset % 1000
         return [Extent(s, 1000, s // 1000 % 2) for s in range(start, offset + count, 1000)]
 
 
 class Marks(Filter):
-    """Adds its own context, 'y:all', in front of the layer below's."""
+    """Adds its own context, 'y:NAME', in front of the layer below's."""
 
     name = "marks"
 
-    async def meta_contexts(self, next: Next, h: Any) -> list[str]:
-        return ["y:all", *await next.meta_contexts()]
+    async def meta_contexts(
+        self, below: Layer, readonly: bool, export_name: str, is_tls: bool
+    ) -> list[str]:
+        return [f"y:{export_name}", *await below.meta_contexts(readonly, export_name, is_tls)]
 
     async def meta_extents(
         self, next: Next, h: Any, context: str, count: int, offset: int, flags: int
     ) -> Iterable[Extent]:
-        if context == "y:all":
+        if context.startswith("y:"):
             return [Extent(offset, count, 7)]
         return await next.meta_extents(context, count, offset, flags)
 
 
-async def test_meta_contexts_are_a_capability_passed_up_and_answered_clipped() -> None:
+async def test_meta_contexts_are_named_per_export_and_answered_clipped() -> None:
+    assert await Chain(Base(), [Filter()]).top.meta_contexts(False, "e", False) == []
     plugin = Tagged()
-    plain = Chain(Base(), [Filter()])
-    assert not plain.top.offers_meta_contexts  # only base:allocation: no open needed
     chain = Chain(plugin, [Filter(), Marks(), Filter()])
-    assert chain.top.offers_meta_contexts and chain.layers[1].offers_meta_contexts
-    ctx = await chain.top.open(False, "")
-    assert await ctx.meta_contexts() == ("y:all", "x:runs")
+    assert await chain.top.meta_contexts(False, "e", False) == ["y:e", "x:runs"]
+    ctx = await chain.top.open(False, "e")
     # Through the filters to the plugin, clipped to the range, REQ_ONE honoured.
     assert await ctx.meta_extents("x:runs", 2500, 500) == [
         Extent(500, 500, 0), Extent(1000, 1000, 1), Extent(2000, 1000, 0),
     ]  # fmt: skip
     assert await ctx.meta_extents("x:runs", 2500, 500, CmdFlag.REQ_ONE) == [Extent(500, 500, 0)]
     assert plugin.calls[-1] == ("meta_extents", "x:runs", 2500, 500, CmdFlag.REQ_ONE)
-    assert await ctx.meta_extents("y:all", 10, 5) == [Extent(5, 10, 7)]
+    assert await ctx.meta_extents("y:e", 10, 5) == [Extent(5, 10, 7)]
     with pytest.raises(NBDError) as info:
         await ctx.meta_extents("z:none", 10, 0)
     assert info.value.errno == errno.EINVAL and "no metadata context 'z:none'" in info.value.message
     await ctx.close()
 
 
-async def test_a_forwarding_plugin_and_a_lifetime_context_forward_them() -> None:
+async def test_a_forwarding_plugin_and_a_lifetime_context_forward_meta_extents() -> None:
     @dataclass
     class Held:
         ctx: Next
@@ -699,13 +701,9 @@ async def test_a_forwarding_plugin_and_a_lifetime_context_forward_them() -> None
         async def open(self, readonly: bool, export_name: str, is_tls: bool) -> Held:
             return Held(await Chain(Tagged()).top.open(readonly, export_name, is_tls))
 
-    chain = Chain(Holder())
-    assert chain.top.offers_meta_contexts
-    ctx = await chain.top.open(False, "")
-    assert await ctx.meta_contexts() == ("x:runs",)
+    ctx = await Chain(Holder()).top.open(False, "")
     assert await ctx.meta_extents("x:runs", 10, 995) == [Extent(995, 5, 0), Extent(1000, 5, 1)]
     await ctx.close()
     async with open_lifetime(Chain(Tagged())) as lifetime:
         shared = await lifetime.open_context(lifetime.chain.top, "", readonly=False)
-        assert await shared.meta_contexts() == ("x:runs",)
         assert await shared.meta_extents("x:runs", 10, 0) == [Extent(0, 10, 0)]

@@ -18,9 +18,12 @@ import trio.testing
 
 import trionbd
 from tests.embedding.disks import Disk
+from tests.server.nbdclient import connect
 from tests.support import HANG_GUARD, short_tmpdir
+from trionbd.filters.dirty_bitmap import DirtyBitmapFilter
 from trionbd.filters.offset import OffsetFilter
 from trionbd.plugins.memory import MemoryPlugin
+from trionbd.protocol import Opt, wire
 from trionbd.protocol.constants import Rep
 
 KiB = 1024
@@ -334,3 +337,26 @@ async def test_a_table_outside_a_server_adds_and_removes_without_starting_anythi
     assert table.names() == ["x"]
     await table.remove("x")
     assert table.names() == [] and disk.events == []
+
+
+async def test_meta_contexts_come_from_each_exports_chain() -> None:
+    """An export whose chain has the dirty-bitmap filter offers its bitmap; another
+    offers base:allocation only; an unknown name is refused."""
+    table = trionbd.ExportTable(
+        {
+            "tracked": trionbd.Chain(MemoryPlugin(1 << 20), [DirtyBitmapFilter()]),
+            "plain": MemoryPlugin(1 << 20),
+        }
+    )
+    async with serving(table) as (server, _, _):
+        c = await connect(server)
+        await c.handshake()
+        for name, contexts in [
+            ("tracked", [b"base:allocation", b"qemu:dirty-bitmap:default"]),
+            ("plain", [b"base:allocation"]),
+        ]:
+            got = await c.option(Opt.LIST_META_CONTEXT, wire.name_and_queries(name, []))
+            assert [r.payload[4:] for r in got[:-1]] == contexts
+            assert got[-1].reply == Rep.ACK
+        [err] = await c.option(Opt.LIST_META_CONTEXT, wire.name_and_queries("nope", []))
+        assert err.reply == Rep.ERR_UNKNOWN and b"no export named 'nope'" in err.payload

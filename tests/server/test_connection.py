@@ -373,7 +373,6 @@ def test_transmission_flags() -> None:
         cache=CacheMode.NATIVE,
         rotational=False,
         block_size=BlockSize(),
-        meta_contexts=(),
     )
     assert transmission_flags(caps) == 0x0DED & ~TF.SEND_DF  # DF is the protocol's
     ro = Caps(
@@ -389,7 +388,6 @@ def test_transmission_flags() -> None:
         cache=CacheMode.NONE,
         rotational=True,
         block_size=BlockSize(),
-        meta_contexts=(),
     )
     assert transmission_flags(ro) == TF.HAS_FLAGS | TF.READ_ONLY | TF.ROTATIONAL
 

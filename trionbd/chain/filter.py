@@ -79,6 +79,11 @@ class Filter:
     async def default_export(self, below: Layer, readonly: bool, is_tls: bool) -> str:
         return await below.default_export(readonly, is_tls)
 
+    async def meta_contexts(
+        self, below: Layer, readonly: bool, export_name: str, is_tls: bool
+    ) -> Sequence[str]:
+        return await below.meta_contexts(readonly, export_name, is_tls)
+
     # --- per connection ------------------------------------------------------------------
 
     async def open(
@@ -132,9 +137,6 @@ class Filter:
 
     async def can_cache(self, next: Next, h: Any) -> CacheMode:
         return await next.can_cache()
-
-    async def meta_contexts(self, next: Next, h: Any) -> Sequence[str]:
-        return await next.meta_contexts()
 
     # --- data ----------------------------------------------------------------------------
 

@@ -74,9 +74,6 @@ class ForwardingPlugin(Plugin, Generic[H]):
     async def can_cache(self, h: H) -> CacheMode:
         return await h.ctx.can_cache()
 
-    async def meta_contexts(self, h: H) -> tuple[str, ...]:
-        return await h.ctx.meta_contexts()
-
     # --- data ----------------------------------------------------------------------------
 
     async def pread(self, h: H, count: int, offset: int, flags: int) -> bytes:

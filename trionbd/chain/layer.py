@@ -91,13 +91,7 @@ class Layer:
                 for _, ask in CAPABILITIES
                 if not overrides(target, Filter, ask.callback)
             )
-            self.offers_meta_contexts: bool = below.offers_meta_contexts or overrides(
-                target, Filter, "meta_contexts"
-            )
-        else:
-            self.offers_meta_contexts = overrides(target, Plugin, "meta_contexts")
-        """Whether this layer or one below defines ``meta_contexts``: if none does, an
-        export offers ``base:allocation`` only, known without opening it."""
+
         self.global_lock = (
             trio.Lock() if target.concurrency <= Concurrency.SERIALIZE_ALL_REQUESTS else None
         )
@@ -175,6 +169,16 @@ class Layer:
         if isinstance(target, Filter):
             return await self.run(target.default_export)(self._layer_below(), readonly, is_tls)
         return await self.run(target.default_export)(readonly, is_tls)
+
+    async def meta_contexts(self, readonly: bool, export_name: str, is_tls: bool) -> list[str]:
+        """The metadata contexts ``export_name`` offers besides ``base:allocation``."""
+        target = self.target
+        if isinstance(target, Filter):
+            below = self._layer_below()
+            names = await self.run(target.meta_contexts)(below, readonly, export_name, is_tls)
+        else:
+            names = await self.run(target.meta_contexts)(readonly, export_name, is_tls)
+        return list(names)
 
     async def open(self, readonly: bool, export_name: str, is_tls: bool = False) -> LayerContext:
         """Open this layer and everything below it. The caller must ``close`` the result."""
@@ -414,12 +418,8 @@ class LayerContext(CachedCaps):
     async def meta_extents(
         self, context: str, count: int, offset: int, flags: int = 0
     ) -> list[Extent]:
-        """Block status of one of :meth:`meta_contexts`, checked and clipped as
+        """Block status of a metadata context the export offers, checked and clipped as
         :meth:`extents`'s."""
-        if context not in self._caps().meta_contexts:
-            raise NBDError(
-                errno.EINVAL, f"{self.layer.name}: export offers no metadata context {context!r}"
-            )
         raw = await self._meta_extents(context, count, offset, flags)
         return clip_extents(self.layer.name, raw, count, offset, bool(flags & CmdFlag.REQ_ONE))
 

@@ -66,13 +66,6 @@ class Next(Protocol):
     async def can_cache(self) -> CacheMode: ...
     async def is_rotational(self) -> bool: ...
     async def block_size(self) -> BlockSize: ...
-
-    async def meta_contexts(self) -> tuple[str, ...]:
-        """The metadata contexts whose block status :meth:`meta_extents` answers, such
-        as ``qemu:dirty-bitmap:NAME``; ``base:allocation`` is always offered, through
-        :meth:`extents`, and is not among them."""
-        ...
-
     async def export_description(self) -> str | None: ...
 
     # --- data -------------------------------------------------------------------------
@@ -96,9 +89,10 @@ class Next(Protocol):
     async def meta_extents(
         self, context: str, count: int, offset: int, flags: int = 0
     ) -> list[Extent]:
-        """Block status of ``context`` (one of :meth:`meta_contexts`) from ``offset`` on,
-        its status bits in ``Extent.flags``: contiguous, inside the range, at least one
-        (only one with ``REQ_ONE``)."""
+        """Block status of metadata context ``context`` (one the export offers besides
+        ``base:allocation``, see ``Layer.meta_contexts``) from ``offset`` on, its status
+        bits in ``Extent.flags``: contiguous, inside the range, at least one (only one
+        with ``REQ_ONE``)."""
         ...
 
     async def close(self) -> None:
@@ -151,8 +145,6 @@ class Caps:
     cache: Annotated[CacheMode, Ask("can_cache", CacheMode)]
     rotational: Annotated[bool, Ask("is_rotational", bool)]
     block_size: Annotated[BlockSize, Ask("block_size", _block_size)]
-    meta_contexts: Annotated[tuple[str, ...], Ask("meta_contexts", tuple)]
-    """Metadata contexts besides ``base:allocation``, in the order they are offered."""
 
 
 def _capabilities() -> tuple[tuple[str, Ask], ...]:
@@ -212,6 +204,3 @@ class CachedCaps:
 
     async def block_size(self) -> BlockSize:
         return self._caps().block_size
-
-    async def meta_contexts(self) -> tuple[str, ...]:
-        return self._caps().meta_contexts

@@ -91,6 +91,14 @@ class Plugin:
         """The canonical name of the export a client gets when it asks for ``""``."""
         return ""
 
+    async def meta_contexts(self, readonly: bool, export_name: str, is_tls: bool) -> Sequence[str]:
+        """The metadata contexts export ``export_name`` offers besides
+        ``base:allocation`` (which ``extents`` answers), such as
+        ``qemu:dirty-bitmap:NAME``; ``meta_extents`` answers their block status.
+        Asked while a client negotiates, before any open, with the name as the client
+        gave it (``""`` for the default export: see ``default_export``). Default: none."""
+        return ()
+
     async def export_identity(self, export_name: str) -> bytes | None:
         """What identifies the present contents of export ``export_name`` without reading
         them (the ``file`` plugin: the file's inode, size and modification time), or None
@@ -151,11 +159,6 @@ class Plugin:
 
     async def can_cache(self, h: Any) -> CacheMode:
         return CacheMode.NATIVE if overrides(self, Plugin, "cache") else CacheMode.NONE
-
-    async def meta_contexts(self, h: Any) -> Sequence[str]:
-        """Metadata contexts this export answers block status for with
-        ``meta_extents`` (``base:allocation`` comes from ``extents``). Default: none."""
-        return ()
 
     # --- data ----------------------------------------------------------------------------
 

@@ -356,6 +356,13 @@ class DirtyBitmapFilter(Filter):
             await trio.to_thread.run_sync(write_snapshot, path, granularity, snapshot, clean)
             self._saved = generation
 
+    async def meta_contexts(
+        self, below: Layer, readonly: bool, export_name: str, is_tls: bool
+    ) -> Sequence[str]:
+        name = export_name or await below.default_export(readonly, is_tls)  # as at open
+        mine = CONTEXT_PREFIX + self._name(name)
+        return [mine, *await below.meta_contexts(readonly, export_name, is_tls)]
+
     # --- per connection ---------------------------------------------------------------------
 
     async def open(
@@ -408,9 +415,6 @@ class DirtyBitmapFilter(Filter):
     async def flush(self, next: Next, h: DirtyBitmap, flags: int) -> None:
         await self._write()
         await next.flush(flags)
-
-    async def meta_contexts(self, next: Next, h: DirtyBitmap) -> Sequence[str]:
-        return (h.context, *await next.meta_contexts())
 
     async def meta_extents(
         self, next: Next, h: DirtyBitmap, context: str, count: int, offset: int, flags: int

@@ -347,20 +347,14 @@ class Handshake:
                 "SET_META_CONTEXT needs structured replies to be negotiated first",
             )
             return
-        offered = [BASE_ALLOCATION]
-        if self.chain.top.offers_meta_contexts:
-            # Some layer offers contexts of its own: ask the export (opened as for INFO).
-            try:
-                _, ctx = await self._open(event.name)
-            except Exception as e:
-                if is_set:
-                    proto.clear_meta_contexts()
-                await self._option_failed(event.option, f"opening export {event.name!r}", e)
-                return
-            try:
-                offered += await ctx.meta_contexts()
-            finally:
-                with trio.CancelScope(shield=True):
-                    await ctx.close()
+        readonly, is_tls = self.config.readonly, self.conn.is_tls
+        try:
+            others = await self.chain.top.meta_contexts(readonly, event.name, is_tls)
+            offered = [BASE_ALLOCATION, *others]
+        except Exception as e:
+            if is_set:
+                proto.clear_meta_contexts()
+            await self._option_failed(event.option, f"meta contexts of {event.name!r}", e)
+            return
         contexts = match_meta_contexts(event, offered)
         await self.conn.send([proto.reply_meta_contexts(event, contexts)])
