@@ -382,11 +382,11 @@ class DirtyBitmapFilter(Filter):
                     "past the old end count as dirty",
                     export_name, size, bitmap.size,
                 )  # fmt: skip
-                # The old last block may have been short: it counts as dirty too.
+                # The old last block may have been short: it counts as dirty too. In
+                # place: connections still open on the export mark the same bitmap.
                 keep = min(size, bitmap.size) // self.granularity
-                bits = bitmap.bits.resized(keep).resized(-(-size // self.granularity))
-                bitmap = DirtyBitmap(self, export_name, bitmap.name, size, bits)
-                self.bitmaps[export_name] = bitmap
+                bitmap.bits = bitmap.bits.resized(keep).resized(-(-size // self.granularity))
+                bitmap.size = size
                 self.generation += 1
         except BaseException:
             with trio.CancelScope(shield=True):

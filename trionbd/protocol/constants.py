@@ -189,9 +189,8 @@ UNALLOCATED = State.HOLE | State.ZERO
 
 
 BASE_ALLOCATION = "base:allocation"
-"""The metadata context of allocation (``State`` flags)."""
-BASE_ALLOCATION_ID = 1
-"""The context id trionbd gives ``base:allocation`` when a client selects it."""
+"""The metadata context of allocation (``State`` flags); offered first, so its id is 1
+when a client selects it."""
 
 # --- limits ----------------------------------------------------------------------------
 
