@@ -186,3 +186,13 @@ def test_a_state_file_of_another_granularity_or_a_bad_one_stops_the_start(
     else:
         assert result.returncode == 1
         assert f"{state}: written with granularity=65536, not 4096" in result.stderr
+
+
+def test_a_filter_above_the_bitmap_does_not_pass_it_up() -> None:
+    """The offset filter moves the data: a bitmap below it would describe the wrong
+    bytes, so clients are not offered it."""
+    with trionbd_process(
+        "--filter=offset", "--filter=dirty-bitmap", "memory", str(SIZE), "offset=1M"
+    ) as server:
+        info = json.loads(run(["nbdinfo", "--json", server.uri]))
+    assert info["exports"][0]["contexts"] == ["base:allocation"]

@@ -82,7 +82,13 @@ class Filter:
     async def meta_contexts(
         self, below: Layer, readonly: bool, export_name: str, is_tls: bool
     ) -> Sequence[str]:
-        return await below.meta_contexts(readonly, export_name, is_tls)
+        """The metadata contexts this filter offers. Default: none, and those of the
+        layers below are not passed up: a filter that moves or changes data (offset,
+        partition, an archive's member, a copy-on-write overlay) would make their
+        answers wrong. A filter that keeps offsets and data as they are passes them up
+        with ``await below.meta_contexts(readonly, export_name, is_tls)``, and
+        ``meta_extents`` passes their block status down by default."""
+        return ()
 
     # --- per connection ------------------------------------------------------------------
 

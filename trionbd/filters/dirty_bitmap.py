@@ -15,7 +15,9 @@ backup tool reads it to copy only what changed since the bitmap was last cleared
 that fails still marks its blocks: it may have changed some.
 
 Each export has its own bitmap, named by ``bitmap=`` or, by default, after the export
-(``default`` for the export named ""). Every connection to an export shares it.
+(``default`` for the export named ""). Every connection to an export shares it. Put the
+filter first (nearest the client): the filters above it do not pass its context up
+(they may move or change the data), and it sees only the writes that pass through it.
 
 Persistence: with ``state=FILE`` the bitmaps survive restarts. The file is written
 whole and atomically (a new file renamed over the old one) before a flush is passed
