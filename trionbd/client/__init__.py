@@ -27,9 +27,11 @@ Export lists and export details come from the handshake (option) phase::
 
 Negotiation: fixed newstyle only; extended headers (64-bit lengths for trim, zero, cache
 and block status) are requested, else structured replies, and the ``base:allocation``
-meta context; ``NBD_OPT_GO`` (asking for the canonical name, description and block
-sizes) falls back to ``NBD_OPT_EXPORT_NAME`` when the server answers
-``NBD_REP_ERR_UNSUP`` (and extended headers were not negotiated). No TLS.
+meta context (plus those given as ``meta_contexts``, such as ``qemu:dirty-bitmap:NAME``;
+``Handshake.list_meta_contexts`` asks which there are); ``NBD_OPT_GO`` (asking for the
+canonical name, description and block sizes) falls back to ``NBD_OPT_EXPORT_NAME``
+when the server answers ``NBD_REP_ERR_UNSUP`` (and extended headers were not
+negotiated). No TLS.
 ``extended_headers=False`` keeps to compact headers, ``structured_replies=False`` to
 simple replies (and compact headers).
 
@@ -50,6 +52,8 @@ Inside: :mod:`.handshake` (the option phase, :class:`Handshake`), :mod:`.transmi
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import trio
 
@@ -98,12 +102,14 @@ async def connect(
     structured_replies: bool = True,
     extended_headers: bool = True,
     base_allocation: bool = True,
+    meta_contexts: Sequence[str] = (),
     peer: str = "NBD server",
 ) -> Client:
     """Negotiate ``export`` on an open ``stream`` and return the client in transmission.
 
     The stream belongs to the client (it is closed if negotiation fails). ``peer``
-    names the server in error messages.
+    names the server in error messages. ``base_allocation`` and ``meta_contexts`` are
+    the meta contexts to select (see :meth:`Handshake.go`).
     """
     h = await handshake(
         stream,
@@ -112,7 +118,7 @@ async def connect(
         peer=peer,
     )
     try:
-        return await h.go(export, base_allocation=base_allocation)
+        return await h.go(export, base_allocation=base_allocation, meta_contexts=meta_contexts)
     except BaseException:
         await h.aclose()
         raise
@@ -125,10 +131,13 @@ async def connect_unix(
     structured_replies: bool = True,
     extended_headers: bool = True,
     base_allocation: bool = True,
+    meta_contexts: Sequence[str] = (),
 ) -> Client:
     """Connect to a server on a Unix socket and negotiate ``export``."""
     address = Address(unix_path=path)
-    return await _connect_to(address, export, structured_replies, extended_headers, base_allocation)
+    return await _connect_to(
+        address, export, structured_replies, extended_headers, base_allocation, meta_contexts
+    )
 
 
 async def connect_tcp(
@@ -139,10 +148,13 @@ async def connect_tcp(
     structured_replies: bool = True,
     extended_headers: bool = True,
     base_allocation: bool = True,
+    meta_contexts: Sequence[str] = (),
 ) -> Client:
     """Connect to a server over TCP and negotiate ``export``."""
     address = Address(host=host, port=port)
-    return await _connect_to(address, export, structured_replies, extended_headers, base_allocation)
+    return await _connect_to(
+        address, export, structured_replies, extended_headers, base_allocation, meta_contexts
+    )
 
 
 async def connect_uri(
@@ -151,11 +163,14 @@ async def connect_uri(
     structured_replies: bool = True,
     extended_headers: bool = True,
     base_allocation: bool = True,
+    meta_contexts: Sequence[str] = (),
 ) -> Client:
     """Connect to the server and export an ``nbd://`` or ``nbd+unix://`` URI names
     (``ValueError`` for a bad URI)."""
     address, export = parse_uri(uri)
-    return await _connect_to(address, export, structured_replies, extended_headers, base_allocation)
+    return await _connect_to(
+        address, export, structured_replies, extended_headers, base_allocation, meta_contexts
+    )
 
 
 async def _connect_to(
@@ -164,6 +179,7 @@ async def _connect_to(
     structured_replies: bool,
     extended_headers: bool,
     base_allocation: bool,
+    meta_contexts: Sequence[str],
 ) -> Client:
     return await connect(
         await open_stream(address),
@@ -171,5 +187,6 @@ async def _connect_to(
         structured_replies=structured_replies,
         extended_headers=extended_headers,
         base_allocation=base_allocation,
+        meta_contexts=meta_contexts,
         peer=str(address),
     )

@@ -3,6 +3,7 @@ connection to a :class:`~.transmission.Client`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
@@ -119,6 +120,19 @@ class Handshake:
                 Export(*parse_server_reply(r.payload)) for r in replies if r.reply == Rep.SERVER
             ]
 
+    async def list_meta_contexts(self, export: str = "", queries: Sequence[str] = ()) -> list[str]:
+        """The meta contexts the server offers for ``export`` (``NBD_OPT_LIST_META_CONTEXT``):
+        those ``queries`` name (a query ending in ``:`` asks for a namespace, such as
+        ``qemu:dirty-bitmap:``), or with no queries all it will tell. A server that does
+        not know the option raises ``OptionError``."""
+        replies = await self._option(Opt.LIST_META_CONTEXT, wire.name_and_queries(export, queries))
+        with failures(self.peer, "reading the meta context list"):
+            return [
+                parse_meta_context_reply(r.payload)[1]
+                for r in replies
+                if r.reply == Rep.META_CONTEXT
+            ]
+
     async def info(self, export: str = "") -> ExportInfo:
         """What the server says about ``export`` (``NBD_OPT_INFO``); the handshake goes on.
 
@@ -133,18 +147,25 @@ class Handshake:
         with failures(self.peer, doing):
             return parse_info_replies(export, [r.payload for r in replies if r.reply == Rep.INFO])
 
-    async def go(self, export: str = "", *, base_allocation: bool = True) -> Client:
+    async def go(
+        self, export: str = "", *, base_allocation: bool = True, meta_contexts: Sequence[str] = ()
+    ) -> Client:
         """Enter transmission with ``export``; the stream now belongs to the returned client.
 
-        With ``base_allocation`` (and structured replies), ``base:allocation`` is selected
-        first so that :meth:`Client.block_status` works if the server offers it. A server
+        With structured replies, ``NBD_OPT_SET_META_CONTEXT`` first selects
+        ``base:allocation`` (unless ``base_allocation`` is false) and the contexts named
+        in ``meta_contexts`` (``qemu:dirty-bitmap:NAME``, ...), so that
+        :meth:`Client.block_status` can ask about them; those the server does not offer
+        are left out (:attr:`Client.meta_contexts` says which it selected). A server
         answering GO with ``ERR_UNSUP`` gets ``NBD_OPT_EXPORT_NAME`` instead (it closes
-        the connection if it refuses that: ``ConnectionFailed``), unless extended
-        headers were negotiated, which rule EXPORT_NAME out.
+        the connection if it refuses that: ``ConnectionFailed``), unless extended headers
+        were negotiated, which rule EXPORT_NAME out.
         """
-        context_id = None
-        if base_allocation and self.structured:
-            payload = wire.name_and_queries(export, [BASE_ALLOCATION])
+        wanted = [BASE_ALLOCATION] if base_allocation else []
+        wanted += [name for name in meta_contexts if name not in wanted]
+        contexts: dict[str, int] = {}
+        if wanted and self.structured:
+            payload = wire.name_and_queries(export, wanted)
             try:
                 replies = await self._option(Opt.SET_META_CONTEXT, payload)
             except OptionError:
@@ -153,8 +174,8 @@ class Handshake:
                 for reply in replies:
                     if reply.reply == Rep.META_CONTEXT:
                         cid, name = parse_meta_context_reply(reply.payload)
-                        if name == BASE_ALLOCATION:
-                            context_id = cid
+                        if name in wanted:
+                            contexts[name] = cid
         try:
             info = await self._export_info(Opt.GO, export, f"reading GO replies for {export!r}")
         except OptionError as e:
@@ -162,7 +183,7 @@ class Handshake:
                 raise
             info = await self._export_name(export)
         self._finished = True
-        return Client(self._transport, self._proto, info, context_id, self.peer)
+        return Client(self._transport, self._proto, info, contexts, self.peer)
 
     async def _export_name(self, export: str) -> ExportInfo:
         with failures(self.peer, f"negotiating EXPORT_NAME {export!r}"):

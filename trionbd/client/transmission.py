@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import itertools
 from collections import deque
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -17,7 +18,7 @@ from ..chain.errors import NBDError
 from ..chain.types import BlockSize, Extent, Sparse
 from ..net.transport import Transport
 from ..protocol.client import ClientConnection, ClientEvent, ClientPhase, ExportInfo
-from ..protocol.constants import Cmd, TransmissionFlag
+from ..protocol.constants import BASE_ALLOCATION, Cmd, TransmissionFlag
 from ..protocol.errors import ProtocolError, RemoteProtocolError
 from ..protocol.events import (
     NEED_DATA,
@@ -30,7 +31,7 @@ from ..protocol.events import (
     ReplyEvent,
     SimpleReply,
 )
-from ..protocol.wire import Buffer
+from ..protocol.wire import U32, Buffer
 from .errors import STREAM_ERRORS, ConnectionFailed, RequestError, describe, failures
 
 CLOSE_TIMEOUT = 5.0
@@ -52,6 +53,8 @@ class _Request:
     buf: bytes | bytearray | None = None
     received: int = 0
     holes: list[tuple[int, int]] = field(default_factory=list)
+    context: int | None = None
+    """A BLOCK_STATUS's meta context id: its chunk is kept, those of others dropped."""
     extents: list[tuple[int, int]] | None = None
 
 
@@ -70,7 +73,7 @@ class Client:
         transport: Transport,
         proto: ClientConnection,
         info: ExportInfo,
-        context_id: int | None,
+        contexts: Mapping[str, int],
         peer: str,
     ):
         self.info = info
@@ -78,7 +81,14 @@ class Client:
         self.peer = peer
         self._transport = transport
         self._proto = proto
-        self._context_id = context_id
+        self._contexts = dict(contexts)
+        """The meta contexts selected: name -> the server's id for it."""
+        self._ids_payload = bool(
+            proto.extended
+            and len(contexts) > 1
+            and info.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD
+        )
+        """Whether a block status names its one context (the server would answer each)."""
         self._cookies = itertools.count(1)
         self._pending: dict[int, _Request] = {}
         self._queue: deque[_Request] = deque()
@@ -131,7 +141,12 @@ class Client:
     @property
     def can_block_status(self) -> bool:
         """Whether ``base:allocation`` was negotiated (needed by :meth:`block_status`)."""
-        return self._context_id is not None
+        return BASE_ALLOCATION in self._contexts
+
+    @property
+    def meta_contexts(self) -> list[str]:
+        """The meta contexts negotiated, which :meth:`block_status` can ask about."""
+        return list(self._contexts)
 
     @property
     def is_read_only(self) -> bool:
@@ -302,17 +317,23 @@ class Client:
     async def cache(self, count: int, offset: int, flags: int = 0) -> None:
         await self._submit(Cmd.CACHE, flags, offset, count)
 
-    async def block_status(self, count: int, offset: int, flags: int = 0) -> list[Extent]:
-        """``base:allocation`` extents from ``offset`` on, as the server reported them
-        (they may cover less than ``count``, or run past it). ``CmdFlag.REQ_ONE`` asks
-        for one extent. Needs :attr:`can_block_status`."""
-        if self._context_id is None:
-            raise NBDError(
-                errno.EINVAL, f"{self.peer}: base:allocation was not negotiated for block status"
-            )
-        req = await self._submit(Cmd.BLOCK_STATUS, flags, offset, count)
+    async def block_status(
+        self, count: int, offset: int, flags: int = 0, *, context: str = BASE_ALLOCATION
+    ) -> list[Extent]:
+        """Extents of meta context ``context`` (by default ``base:allocation``) from
+        ``offset`` on, as the server reported them (they may cover less than ``count``,
+        or run past it); their ``flags`` are the context's status bits.
+        ``CmdFlag.REQ_ONE`` asks for one extent. The context must have been negotiated
+        (:attr:`meta_contexts`). When the server answers with every selected context,
+        only this one's extents are kept; with extended headers and a server that takes
+        the payload form, the request names this context alone."""
+        cid = self._contexts.get(context)
+        if cid is None:
+            raise NBDError(errno.EINVAL, f"{self.peer}: meta context {context} was not negotiated")
+        ids = U32.pack(cid) if self._ids_payload else b""
+        req = await self._submit(Cmd.BLOCK_STATUS, flags, offset, count, ids, context=cid)
         if not req.extents:
-            raise NBDError(errno.EIO, f"{self.peer}: block status reply without extents")
+            raise NBDError(errno.EIO, f"{self.peer}: block status reply without {context} extents")
         out = []
         pos = offset
         for length, state in req.extents:
@@ -321,7 +342,13 @@ class Client:
         return out
 
     async def _submit(
-        self, command: int, flags: int, offset: int, length: int, data: bytes = b""
+        self,
+        command: int,
+        flags: int,
+        offset: int,
+        length: int,
+        data: bytes = b"",
+        context: int | None = None,
     ) -> _Request:
         if self._failure is not None:
             raise ConnectionFailed(self._failure)
@@ -338,7 +365,7 @@ class Client:
                 f"request out of range: offset {offset}, length {length}, flags 0x{flags:x}",
             )
         cookie = next(self._cookies)
-        req = _Request(cookie, command, flags, offset, length, data)
+        req = _Request(cookie, command, flags, offset, length, data, context=context)
         self._pending[cookie] = req
         self._enqueue(req)
         # Cancelled while waiting: the request still goes out and its late reply is
@@ -438,9 +465,11 @@ class Client:
             assert isinstance(event, BlockStatusChunk)
             if req.command != Cmd.BLOCK_STATUS:
                 raise RemoteProtocolError(f"block status chunk for cookie {cookie} ({req.command})")
-            if event.context_id == self._context_id:
+            if event.context_id == req.context:
                 if req.extents is not None:
-                    raise RemoteProtocolError(f"two base:allocation chunks for cookie {cookie}")
+                    raise RemoteProtocolError(
+                        f"two block status chunks of context {req.context} for cookie {cookie}"
+                    )
                 req.extents = list(event.extents)
         elif kind is ErrorChunk:
             assert isinstance(event, ErrorChunk)

@@ -236,12 +236,24 @@ class ClientConnection:
     def request(
         self, cookie: int, command: int, flags: int, offset: int, length: int, data: bytes = b""
     ) -> bytes:
-        """A request header (followed by ``data`` for a WRITE). With extended headers
-        the header has 32 bytes and a WRITE carries PAYLOAD_LEN."""
+        """A request header, followed by ``data``: a WRITE's bytes, or for a BLOCK_STATUS
+        (extended headers only) the ids of the meta contexts it asks about, 4 bytes each
+        (the payload form: PAYLOAD_LEN, then the effect length ``length`` and the ids).
+        With extended headers the header has 32 bytes and a WRITE carries PAYLOAD_LEN."""
         if self.phase is not ClientPhase.TRANSMISSION:
             raise LocalProtocolError(f"cannot send a request while {self.phase.value}")
         if command == Cmd.WRITE and len(data) != length:
             raise LocalProtocolError(f"write of {length} bytes with {len(data)} bytes of data")
+        if command == Cmd.BLOCK_STATUS and data:
+            if not self.extended or len(data) % 4:
+                raise LocalProtocolError(
+                    "block status with context ids needs extended headers and 4 bytes per id"
+                )
+            payload = U64.pack(length) + data
+            return (
+                wire.extended_request(cookie, command, flags | _PAYLOAD_LEN, offset, len(payload))
+                + payload
+            )
         if command == Cmd.READ:
             if cookie in self._reads:
                 raise LocalProtocolError(f"cookie {cookie} is already in flight")
