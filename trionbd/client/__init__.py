@@ -46,8 +46,13 @@ Errors are :class:`~trionbd.chain.NBDError` subclasses carrying a host ``errno``
 The client sends requests as given and does not check them against the export's
 flags; the server judges them (and says why in its error message).
 
+:class:`ClientContext` wraps a running client as an open context of the chain
+(``trionbd.chain.Next``), with the capabilities as async callbacks, trims and zeroes of
+any length, and extents clipped as a context's are; the ``nbd`` plugin forwards to one.
+
 Inside: :mod:`.handshake` (the option phase, :class:`Handshake`), :mod:`.transmission`
-(:class:`Client`), :mod:`.errors`; connecting is here. Addresses and URIs come from
+(:class:`Client`), :mod:`.context` (:class:`ClientContext`), :mod:`.errors`; connecting
+is here. Addresses and URIs come from
 :mod:`trionbd.net`, shared with the server.
 """
 
@@ -60,6 +65,7 @@ import trio
 from ..net.address import Address, parse_uri
 from ..protocol.client import ExportInfo
 from ..protocol.constants import DEFAULT_PORT, CmdFlag, TransmissionFlag
+from .context import ClientContext
 from .errors import ConnectionFailed, OptionError, RequestError, describe
 from .handshake import Handshake, handshake
 from .transmission import Client
@@ -67,6 +73,7 @@ from .transmission import Client
 __all__ = [
     "Address",
     "Client",
+    "ClientContext",
     "CmdFlag",
     "ConnectionFailed",
     "ExportInfo",
