@@ -4,7 +4,9 @@ Its ``open`` returns a handle holding an open context (``h.ctx``, a
 :class:`~trionbd.chain.next.Next`: a whole chain opened by the plugin, a lifetime
 context, ...); every per-connection callback forwards to that context, written here once.
 The context already answers its capabilities and emulates what it lacks, so they pass
-through unchanged. :class:`~trionbd.exporttable.ExportTable` is one.
+through unchanged. :class:`~trionbd.exporttable.ExportTable` is one (its handles hold a
+backend's chain), the ``nbd`` plugin another (its handles hold a
+:class:`~trionbd.client.ClientContext`: a connection to the upstream server).
 """
 
 from __future__ import annotations

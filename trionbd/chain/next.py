@@ -9,7 +9,9 @@ against the protocol by mypy where it is defined or used, are
 * :class:`~trionbd.chain.layer.LayerContext`: the context of one layer of a chain and
   everything below it; this is where each layer's generic machinery lives;
 * :class:`~trionbd.nursery.LifetimeContext`: a context that the lifetime owns and lends
-  to any task until unload; it wraps a layer context, refusing and counting calls.
+  to any task until unload; it wraps a layer context, refusing and counting calls;
+* :class:`~trionbd.client.ClientContext`: a connection to an NBD server (the ``nbd``
+  plugin forwards to one).
 
 Plugin and filter authors write the same callbacks, under the same names, on
 :class:`~trionbd.chain.plugin.Plugin` (with the handle first) and

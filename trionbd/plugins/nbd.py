@@ -32,38 +32,35 @@ Examples:
 from __future__ import annotations
 
 import errno
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
 from ..chain import (
-    BlockSize,
-    CacheMode,
     Concurrency,
     ConfigError,
     Export,
-    Extent,
-    FuaMode,
+    ForwardingPlugin,
     NBDError,
     Param,
-    Plugin,
-    ZeroMode,
     parse_int,
 )
-from ..client import Address, Client, connect, handshake, open_stream, parse_uri
-from ..protocol.constants import DEFAULT_PORT, CmdFlag, TransmissionFlag
+from ..client import Address, ClientContext, connect, handshake, open_stream, parse_uri
+from ..protocol.constants import DEFAULT_PORT
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
-
     from ..nursery import Lifetime
 
-COMPACT_PIECE = 1 << 31
-"""The longest trim, zero, cache or block status sent to an upstream server without
-extended headers (their lengths have 32 bits)."""
+
+@dataclass(eq=False, slots=True)
+class Upstream:
+    """The handle: one connection to the upstream server, as a context."""
+
+    ctx: ClientContext
 
 
-class NbdPlugin(Plugin):
+class NbdPlugin(ForwardingPlugin[Upstream]):
     """Forward every request to another NBD server."""
 
     name = "nbd"
@@ -143,107 +140,26 @@ class NbdPlugin(Plugin):
         async with await handshake(await open_stream(self.address), peer=self._peer) as h:
             return (await h.info("")).name
 
+    def _upstream_name(self, export_name: str) -> str:
+        return self.export if self.export is not None else export_name
+
     @property
     def _peer(self) -> str:
         return f"nbd: upstream {self.address}"
 
     # --- per connection ------------------------------------------------------------------
 
-    async def open(self, readonly: bool, export_name: str, is_tls: bool) -> Client:
+    async def open(self, readonly: bool, export_name: str, is_tls: bool) -> Upstream:
         if self._nursery is None:
             raise NBDError(errno.EIO, "nbd: the plugin was opened before after_fork")
-        name = self.export if self.export is not None else export_name
+        name = self._upstream_name(export_name)
         client = await connect(await open_stream(self.address), name, peer=self._peer)
         try:
             await self._nursery.start(client.run)
         except BaseException:
             await client.aclose()
             raise
-        return client
-
-    async def close(self, h: Client) -> None:
-        await h.aclose()
-
-    async def export_description(self, h: Client) -> str | None:
-        return h.description
-
-    async def get_size(self, h: Client) -> int:
-        return h.size
-
-    async def block_size(self, h: Client) -> BlockSize | None:
-        return h.block_size
-
-    async def is_rotational(self, h: Client) -> bool:
-        return h.is_rotational
-
-    async def can_write(self, h: Client) -> bool:
-        return not h.is_read_only
-
-    async def can_flush(self, h: Client) -> bool:
-        return h.can_flush
-
-    async def can_trim(self, h: Client) -> bool:
-        return h.can_trim
-
-    async def can_zero(self, h: Client) -> ZeroMode:
-        return ZeroMode.NATIVE if h.can_zero else ZeroMode.NONE
-
-    async def can_fast_zero(self, h: Client) -> bool:
-        return h.can_fast_zero
-
-    async def can_fua(self, h: Client) -> FuaMode:
-        return FuaMode.NATIVE if h.can_fua else FuaMode.NONE
-
-    async def can_multi_conn(self, h: Client) -> bool:
-        return h.can_multi_conn
-
-    async def can_extents(self, h: Client) -> bool:
-        return h.can_block_status
-
-    async def can_cache(self, h: Client) -> CacheMode:
-        return CacheMode.NATIVE if h.can_cache else CacheMode.NONE
-
-    # --- data ----------------------------------------------------------------------------
-
-    async def pread(self, h: Client, count: int, offset: int, flags: int) -> bytes:
-        if not h.flags & TransmissionFlag.SEND_DF:
-            flags &= ~CmdFlag.DF  # our server offers DF; the data is the same without it
-        return await h.pread(count, offset, flags)
-
-    async def pwrite(self, h: Client, buf: bytes, offset: int, flags: int) -> None:
-        await h.pwrite(buf, offset, flags)
-
-    async def flush(self, h: Client, flags: int) -> None:
-        await h.flush(flags)
-
-    async def trim(self, h: Client, count: int, offset: int, flags: int) -> None:
-        await _in_pieces(h, h.trim, count, offset, flags)
-
-    async def zero(self, h: Client, count: int, offset: int, flags: int) -> None:
-        await _in_pieces(h, h.zero, count, offset, flags)
-
-    async def extents(self, h: Client, count: int, offset: int, flags: int) -> list[Extent]:
-        if not h.extended:
-            count = min(count, COMPACT_PIECE)
-        return await h.block_status(count, offset, flags)
-
-    async def cache(self, h: Client, count: int, offset: int, flags: int) -> None:
-        await _in_pieces(h, h.cache, count, offset, flags)
-
-
-async def _in_pieces(
-    h: Client, call: Callable[[int, int, int], Awaitable[None]], count: int, offset: int, flags: int
-) -> None:
-    """``call(count, offset, flags)`` at once with extended headers, else in pieces of at
-    most COMPACT_PIECE bytes, one after the other."""
-    if h.extended:
-        await call(count, offset, flags)
-        return
-    end = offset + count
-    while offset < end:
-        n = min(COMPACT_PIECE, end - offset)
-        await call(n, offset, flags)
-        offset += n
+        return Upstream(ClientContext(client, self._peer))
 
 
 PLUGIN = NbdPlugin
