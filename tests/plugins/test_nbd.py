@@ -18,6 +18,7 @@ import pytest
 import trio
 
 import trionbd.client as nbd
+from tests.interop.test_dirty_bitmap import everyone_sees, qemu_map
 from tests.support import (
     SYSTEM_PYTHON,
     Running,
@@ -28,6 +29,7 @@ from tests.support import (
     qemu10,
     random_file,
     run,
+    short_tmpdir,
     trionbd_exit,
     trionbd_process,
 )
@@ -528,3 +530,96 @@ def test_upstream_without_extended_headers_gets_pieces(tmp_path: Path) -> None:
     assert all(
         int(line.split("count=")[1].split()[0], 16) <= 2 * GiB for line in log_lines(log, "Extents")
     )
+
+
+# --- metadata contexts: a dirty bitmap through the proxy -----------------------------------
+
+KiB = 1024
+G = 64 * KiB  # the bitmaps' granularity
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-client", "shared"])
+def test_a_dirty_bitmap_passes_through_a_proxy_of_trionbd(shared: bool) -> None:
+    """trionbd with the dirty-bitmap filter behind trionbd's nbd plugin: writes through
+    the proxy mark the bitmap, and qemu-img map (7.2 and 10) and libnbd read it through
+    the proxy as they read it directly."""
+    args = ["--filter=shared"] if shared else []
+    with trionbd_process("--filter=dirty-bitmap", "memory", str(16 * MiB)) as up:
+        with proxy(up, *args) as px:
+            info = json.loads(run(["nbdinfo", "--json", px.uri]))
+            assert info["exports"][0]["contexts"] == [
+                "base:allocation",
+                "qemu:dirty-bitmap:default",
+            ]
+            everyone_sees(px, [])
+            run(["qemu-io", "-f", "raw", "-c", "write -P 1 100k 8k", "-c", "write -z 1M 200k",
+                 "-c", "discard 8M 64k", px.uri])  # fmt: skip
+            expected = [(G, G), (MiB, 4 * G), (8 * MiB, G)]
+            everyone_sees(px, expected)
+            everyone_sees(up, expected)
+
+
+def test_each_exports_bitmap_passes_through(tmp_path: Path) -> None:
+    for name in ("a.img", "b.img"):
+        (tmp_path / name).write_bytes(bytes(MiB))
+    with trionbd_process("--filter=dirty-bitmap", "file", f"dir={tmp_path}") as up:
+        with proxy(up) as px:
+            run(["qemu-io", "-f", "raw", "-c", "write 0 1", px.uri_for("b.img")])
+            listed = json.loads(run(["nbdinfo", "--list", "--json", px.uri]))
+            contexts = {e["export-name"]: e["contexts"] for e in listed["exports"]}
+            assert contexts == {
+                "a.img": ["base:allocation", "qemu:dirty-bitmap:a.img"],
+                "b.img": ["base:allocation", "qemu:dirty-bitmap:b.img"],
+            }
+            assert qemu_map("qemu-img", px, "a.img", "a.img") == []
+            assert qemu_map("qemu-img", px, "b.img", "b.img") == [(0, G)]
+
+
+@contextmanager
+def qemu_nbd(tool: str, *args: str) -> Iterator[Running]:
+    """``qemu-nbd -k SOCK -t ARGS`` (``tool`` is its path) until the block ends."""
+    with short_tmpdir() as tmp:
+        sock, pidfile, stderr_path = str(tmp / "sock"), tmp / "pid", tmp / "stderr"
+        with open(stderr_path, "w") as err:
+            proc = subprocess.Popen(
+                [tool, "-k", sock, "--pid-file", str(pidfile), "-t", *args],
+                stdout=err, stderr=err, text=True,
+            )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not pidfile.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    f"qemu-nbd did not start: {stderr_path.read_text()}"
+                )
+                time.sleep(0.02)
+            yield Running(proc, f"nbd+unix:///?socket={sock}", sock, stderr_path)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.parametrize("qemu", ["7.2", "10"])
+def test_a_qcow2_bitmap_exported_by_qemu_nbd_passes_through(qemu: str, tmp_path: Path) -> None:
+    """A persistent bitmap of a qcow2 image, exported by qemu-nbd with -B, read through
+    the proxy. qemu-nbd 10 speaks extended headers to the proxy (block status then names
+    its one context), 7.2 does not (it answers both contexts every time)."""
+    tool = (lambda name: name) if qemu == "7.2" else qemu10
+    image = str(tmp_path / "disk.qcow2")
+    run([tool("qemu-img"), "create", "-f", "qcow2", image, "16M"])
+    run([tool("qemu-img"), "bitmap", "--add", image, "backup"])
+    run([tool("qemu-io"), "-f", "qcow2", "-c", "write -P 3 1M 4k", "-c", "write -P 4 5M 128k",
+         image])  # fmt: skip
+    with qemu_nbd(tool("qemu-nbd"), "-f", "qcow2", "-B", "backup", image) as up:
+        with proxy(up) as px:
+            expected = [(MiB, G), (5 * MiB, 2 * G)]
+            assert qemu_map("qemu-img", up, "backup") == expected  # directly
+            everyone_sees(px, expected, bitmap="backup")
+            run(["nbdcopy", px.uri, str(tmp_path / "copy.img")])
+    want = bytearray(16 * MiB)
+    want[MiB : MiB + 4 * KiB] = b"\x03" * (4 * KiB)
+    want[5 * MiB : 5 * MiB + 2 * G] = b"\x04" * (2 * G)
+    assert (tmp_path / "copy.img").read_bytes() == want

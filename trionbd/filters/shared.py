@@ -21,6 +21,8 @@ Consequences:
   read-only.
 * The default export is resolved once (the name of the layer below's default export
   does not change while clients share it).
+* The metadata contexts of the layer below (a dirty bitmap, one the ``nbd`` plugin
+  passes on from its upstream) are offered as they are: the data is the same.
 * If opening another export fails, its next client tries again. If a shared context
   breaks (the upstream server of ``nbd`` dies), every client sees the errors until the
   server is restarted.
@@ -32,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..chain import BuildOnce, Filter, Layer, NBDError, Next, StartupError
@@ -69,6 +72,12 @@ class SharedFilter(Filter):
     async def _default_below(self, key: tuple[bool, bool]) -> str:
         assert self._below is not None
         return await self._below.default_export(*key)
+
+    async def meta_contexts(
+        self, below: Layer, readonly: bool, export_name: str, is_tls: bool
+    ) -> Sequence[str]:
+        # The data is the layer below's, unmoved: its contexts (a dirty bitmap) hold.
+        return await below.meta_contexts(readonly, export_name, is_tls)
 
     async def open(
         self, below: Layer, readonly: bool, export_name: str, is_tls: bool

@@ -6,6 +6,13 @@ they come, pipelined on that connection, with their flags; errors come back with
 upstream's error code and message. The export advertises exactly what the upstream
 export does: read-only, flush, FUA, trim, zero, fast zero, cache, multi-conn,
 rotational, block sizes, and block status when the upstream offers ``base:allocation``.
+The metadata contexts the upstream offers for an export besides ``base:allocation``
+(qemu-nbd's and the dirty-bitmap filter's ``qemu:dirty-bitmap:NAME``, qemu-nbd's
+``qemu:allocation-depth``) are offered with it, and their block status comes from the
+upstream: a backup tool reads a dirty bitmap through the proxy as it would directly.
+To know them, a client's ``NBD_OPT_LIST_META_CONTEXT`` or ``SET_META_CONTEXT`` is
+answered after a short handshake with the upstream (as ``NBD_OPT_LIST`` is), and each
+connection upstream lists them before it selects them all.
 
 Export names: with ``export=NAME`` (or a URI naming an export) every client gets that
 upstream export, whatever name it asks for. Without one the proxy is transparent: a
@@ -46,8 +53,16 @@ from ..chain import (
     Param,
     parse_int,
 )
-from ..client import Address, ClientContext, connect, handshake, open_stream, parse_uri
-from ..protocol.constants import DEFAULT_PORT
+from ..client import (
+    Address,
+    ClientContext,
+    Handshake,
+    OptionError,
+    handshake,
+    open_stream,
+    parse_uri,
+)
+from ..protocol.constants import BASE_ALLOCATION, DEFAULT_PORT
 
 if TYPE_CHECKING:
     from ..nursery import Lifetime
@@ -140,6 +155,10 @@ class NbdPlugin(ForwardingPlugin[Upstream]):
         async with await handshake(await open_stream(self.address), peer=self._peer) as h:
             return (await h.info("")).name
 
+    async def meta_contexts(self, readonly: bool, export_name: str, is_tls: bool) -> list[str]:
+        async with await handshake(await open_stream(self.address), peer=self._peer) as h:
+            return await _offered(h, self._upstream_name(export_name))
+
     def _upstream_name(self, export_name: str) -> str:
         return self.export if self.export is not None else export_name
 
@@ -153,13 +172,31 @@ class NbdPlugin(ForwardingPlugin[Upstream]):
         if self._nursery is None:
             raise NBDError(errno.EIO, "nbd: the plugin was opened before after_fork")
         name = self._upstream_name(export_name)
-        client = await connect(await open_stream(self.address), name, peer=self._peer)
+        h = await handshake(await open_stream(self.address), peer=self._peer)
+        try:
+            client = await h.go(name, meta_contexts=await _offered(h, name))
+        except BaseException:
+            await h.aclose()
+            raise
         try:
             await self._nursery.start(client.run)
         except BaseException:
             await client.aclose()
             raise
         return Upstream(ClientContext(client, self._peer))
+
+
+async def _offered(h: Handshake, export: str) -> list[str]:
+    """The meta contexts the upstream offers for ``export`` besides ``base:allocation``:
+    none if it has no structured replies (it could not answer their block status) or
+    refuses to list them (an unknown export is then refused by GO, as without them)."""
+    if not h.structured:
+        return []
+    try:
+        listed = await h.list_meta_contexts(export)
+    except OptionError:
+        return []
+    return [name for name in listed if name != BASE_ALLOCATION]
 
 
 PLUGIN = NbdPlugin
