@@ -32,8 +32,9 @@ from trionbd.chain import (
     clip_extents,
 )
 from trionbd.chain.forward import ForwardingPlugin
-from trionbd.chain.layer import EMULATION_CHUNK, Layer
-from trionbd.chain.next import CAPABILITIES, Caps
+from trionbd.chain.layer import EMULATION_CHUNK, Layer, LayerContext
+from trionbd.chain.next import CAPABILITIES, CachedCaps, Caps
+from trionbd.client import ClientContext
 from trionbd.nursery import open_lifetime
 from trionbd.protocol.constants import CmdFlag, TransmissionFlag
 from trionbd.server.handshake import transmission_flags
@@ -617,21 +618,65 @@ async def test_layers_name_themselves_in_errors() -> None:
 # --- the callbacks are declared once ------------------------------------------------------
 
 
-def test_every_callback_of_next_is_on_each_base_class_and_forwarded() -> None:
-    """Next (chain/next.py) declares the per-connection callbacks; the author's base
-    classes define each, ForwardingPlugin forwards each, and each capability of Caps is
-    asked from one of them. (mypy checks LayerContext and LifetimeContext.)"""
-    callbacks = {
+def next_callbacks() -> set[str]:
+    """The per-connection callbacks, as Next (chain/next.py) declares them."""
+    return {
         name
         for name, value in vars(Next).items()
         if inspect.iscoroutinefunction(value) and not name.startswith("_")
     }
+
+
+def lacking(cls: type, names: Iterable[str]) -> set[str]:
+    return {n for n in names if not inspect.iscoroutinefunction(getattr(cls, n, None))}
+
+
+def test_every_callback_of_next_is_on_each_base_class_and_forwarded() -> None:
+    """The callbacks are written out in several places (docs/architecture.md, "How to
+    add a callback", says which and why); mypy checks the contexts against Next, and
+    this test, which CI runs, checks each place has every one: the author's base
+    classes define it, ForwardingPlugin forwards it, LayerContext and ClientContext
+    implement it, CachedCaps answers every capability, each capability of Caps is asked
+    from one of them (a LifetimeContext: the next test)."""
+    callbacks = next_callbacks()
     assert {"pread", "can_write", "close", "export_description"} <= callbacks
-    for base in (Plugin, Filter):
-        assert not {n for n in callbacks if not inspect.iscoroutinefunction(getattr(base, n, None))}
+    for cls in (Plugin, Filter, LayerContext, ClientContext):
+        assert lacking(cls, callbacks) == set(), cls
     assert {n for n in callbacks if n not in vars(ForwardingPlugin)} == set()
     asked = {ask.callback for _, ask in CAPABILITIES}
     assert asked <= callbacks and len(asked) == len(fields(Caps))
+    assert asked == {n for n, v in vars(CachedCaps).items() if inspect.iscoroutinefunction(v)}
+
+
+GUARDED_CALLS: dict[str, tuple[Any, ...]] = {
+    "export_description": (),
+    "pread": (1, 0),
+    "pwrite": (b"x", 0),
+    "flush": (),
+    "trim": (1, 0),
+    "zero": (1, 0),
+    "extents": (1, 0),
+    "cache": (1, 0),
+    "meta_extents": ("x:runs", 1, 0),
+}
+"""A call of each callback of a lifetime context that reaches the context it wraps."""
+
+
+async def test_a_lifetime_context_guards_every_callback_but_the_capabilities() -> None:
+    """Each callback of Next that is not a capability (answered from the caps) or close
+    (unload's) goes through the lifetime's guard: it works until unload and is refused
+    with ESHUTDOWN after. A callback added to Next fails here until it is guarded."""
+    asked = {ask.callback for _, ask in CAPABILITIES}
+    assert set(GUARDED_CALLS) == next_callbacks() - asked - {"close"}
+    async with open_lifetime(Chain(Tagged())) as lifetime:
+        shared = await lifetime.open_context(lifetime.chain.top, "", readonly=False)
+        for name, args in GUARDED_CALLS.items():
+            if name not in ("pwrite", "trim", "zero", "flush"):  # Tagged cannot do these
+                await getattr(shared, name)(*args)
+    for name, args in GUARDED_CALLS.items():
+        with pytest.raises(NBDError) as info:
+            await getattr(shared, name)(*args)
+        assert info.value.errno == errno.ESHUTDOWN, name
 
 
 # --- metadata contexts besides base:allocation --------------------------------------------
