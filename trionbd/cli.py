@@ -32,7 +32,6 @@ where), 2 for a bad command line or parameter; with ``--run``, the command's sta
 from __future__ import annotations
 
 import logging
-import math
 import os
 import platform
 import re
@@ -49,7 +48,13 @@ import trio
 
 from . import __version__
 from .chain import Chain, ConfigError, Filter, Plugin, StartupError
-from .chain.params import describe_params, help_columns, parse_bool, parse_int
+from .chain.params import (
+    describe_params,
+    help_columns,
+    parse_bool,
+    parse_int,
+    parse_seconds_or_zero,
+)
 from .protocol.constants import DEFAULT_PORT, HandshakeFlag
 from .registry import builtin_names, entry_point_names, load, manual, summary
 from .server import Server, ServerConfig, daemon, private_socket_path, serve
@@ -125,16 +130,6 @@ def _count(text: str) -> int:
     if n < 1:
         raise ValueError(f"{text!r} is less than 1")
     return n
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < math.inf:
-        raise ValueError(f"{text!r} is not a number of seconds (0 or more)")
-    return value
 
 
 def _socket_path(text: str) -> str:
@@ -240,16 +235,17 @@ class Options:
         help="refuse clients beyond N at once (default: no limit)",
     )  # fmt: skip
     handshake_timeout: float = _option(
-        "--handshake-timeout", "--timeout", metavar="SECONDS", parse=_seconds,
+        "--handshake-timeout", "--timeout", metavar="SECONDS", parse=parse_seconds_or_zero,
         default=HANDSHAKE_TIMEOUT,
         help="seconds a negotiating client has for each option; 0: no limit",
     )  # fmt: skip
     idle_timeout: float = _option(
-        "--idle-timeout", metavar="SECONDS", parse=_seconds, default=0.0,
+        "--idle-timeout", metavar="SECONDS", parse=parse_seconds_or_zero, default=0.0,
         help="close a client that sends nothing this long with no request in flight; 0: never",
     )  # fmt: skip
     shutdown_timeout: float = _option(
-        "--shutdown-timeout", metavar="SECONDS", parse=_seconds, default=SHUTDOWN_TIMEOUT,
+        "--shutdown-timeout", metavar="SECONDS", parse=parse_seconds_or_zero,
+        default=SHUTDOWN_TIMEOUT,
         help="seconds requests in flight get to finish at shutdown",
     )  # fmt: skip
     no_sr: bool = _flag(

@@ -13,8 +13,8 @@ import trio.testing
 
 from tests.filters.parity import same_caps
 from tests.support import random_file, read_export, trionbd_exit, trionbd_process
-from trionbd.chain import Chain, Next
-from trionbd.filters.rate import Bucket, RateFilter, parse_rate, parse_seconds
+from trionbd.chain import Chain, Next, parse_seconds
+from trionbd.filters.rate import Bucket, RateFilter, parse_rate
 from trionbd.plugins.memory import MemoryPlugin
 
 KiB = 1 << 10

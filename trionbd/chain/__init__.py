@@ -8,7 +8,15 @@ from .filter import Filter
 from .forward import ForwardingPlugin
 from .layer import Layer, LayerContext, clip_extents
 from .next import CachedCaps, Caps, Next
-from .params import Param, parse_bool, parse_choice, parse_int, parse_size
+from .params import (
+    Param,
+    parse_bool,
+    parse_choice,
+    parse_int,
+    parse_seconds,
+    parse_seconds_or_zero,
+    parse_size,
+)
 from .plugin import Plugin
 from .product import BuildOnce, ProductNames
 from .types import (
@@ -61,5 +69,7 @@ __all__ = [
     "parse_bool",
     "parse_choice",
     "parse_int",
+    "parse_seconds",
+    "parse_seconds_or_zero",
     "parse_size",
 ]

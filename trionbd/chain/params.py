@@ -7,6 +7,7 @@ class's constructor as keyword arguments (``tar-entry=x`` becomes ``tar_entry="x
 
 from __future__ import annotations
 
+import math
 import re
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
@@ -64,6 +65,30 @@ def parse_int(text: str) -> int:
         return int(text, 0)
     except ValueError:
         raise ValueError(f"{text!r} is not an integer") from None
+
+
+def parse_seconds(text: str) -> float:
+    """A finite number of seconds greater than 0 (nbdkit takes whole ones for most;
+    trionbd decimals too)."""
+    value = _float(text)
+    if not 0 < value < math.inf:
+        raise ValueError(f"{text!r} is not a number of seconds greater than 0")
+    return value
+
+
+def parse_seconds_or_zero(text: str) -> float:
+    """A finite number of seconds, 0 or more (0 usually means "no limit")."""
+    value = _float(text)
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 @dataclass(frozen=True)

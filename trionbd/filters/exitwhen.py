@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..chain import ConfigError, Filter, Layer, NBDError, Next, Param, parse_int
+from ..chain import ConfigError, Filter, Layer, NBDError, Next, Param, parse_int, parse_seconds
 
 if TYPE_CHECKING:
     from ..nursery import Lifetime
@@ -49,17 +49,6 @@ log = logging.getLogger(__name__)
 
 EVENT_STATUS = 88
 """The exit status by which an ``exit-when-script`` says the event has occurred."""
-
-
-def parse_seconds(text: str) -> float:
-    """A positive number of seconds (nbdkit takes whole ones; trionbd decimals too)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise ValueError(f"{text!r} is not a number of seconds greater than 0")
-    return value
 
 
 def parse_pid(text: str) -> int:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..chain import Filter, Layer, Next, Param, parse_size
+from ..chain import Filter, Layer, Next, Param, parse_seconds, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +46,6 @@ def parse_rate(text: str) -> int:
     value = parse_size(text)
     if value == 0:
         raise ValueError("a rate cannot be 0 (leave it out for no limit)")
-    return value
-
-
-def parse_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < float("inf"):
-        raise ValueError(f"{text!r} is not a positive number of seconds")
     return value
 
 

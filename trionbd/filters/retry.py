@@ -39,7 +39,18 @@ from typing import TypeVar
 
 import trio
 
-from ..chain import Concurrency, Extent, Filter, Layer, NBDError, Next, Param, parse_bool, parse_int
+from ..chain import (
+    Concurrency,
+    Extent,
+    Filter,
+    Layer,
+    NBDError,
+    Next,
+    Param,
+    parse_bool,
+    parse_int,
+    parse_seconds,
+)
 from ..protocol.constants import CmdFlag
 
 log = logging.getLogger(__name__)
@@ -54,17 +65,6 @@ def parse_count(text: str) -> int:
     value = parse_int(text)
     if value < 0:
         raise ValueError(f"{text!r} is not a number of retries (0 or more)")
-    return value
-
-
-def parse_delay(text: str) -> float:
-    """Seconds, greater than 0 (nbdkit takes whole ones; trionbd decimals too)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise ValueError(f"{text!r} is not a number of seconds greater than 0")
     return value
 
 
@@ -98,7 +98,7 @@ class RetryFilter(Filter):
         Param(
             "retry-delay",
             "seconds to wait before the first retry",
-            parse_delay,
+            parse_seconds,
             metavar="SECONDS",
             default="2",
         ),

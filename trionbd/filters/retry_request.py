@@ -25,9 +25,9 @@ from typing import Any, TypeVar
 
 import trio
 
-from ..chain import Extent, Filter, Layer, NBDError, Next, Param, parse_bool
+from ..chain import Extent, Filter, Layer, NBDError, Next, Param, parse_bool, parse_seconds
 from ..protocol.constants import CmdFlag
-from .retry import RETRIABLE, parse_count, parse_delay
+from .retry import RETRIABLE, parse_count
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class RetryRequestFilter(Filter):
         Param(
             "retry-request-delay",
             "seconds to wait before each retry",
-            parse_delay,
+            parse_seconds,
             metavar="SECONDS",
             default="2",
         ),
