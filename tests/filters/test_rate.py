@@ -141,6 +141,14 @@ def test_bad_parameters_exit_with_status_2() -> None:
         result = trionbd_exit("--filter=rate", "memory", "1M", bad)
         assert result.returncode == 2
         assert bad.split("=")[0] in result.stderr
+    both = trionbd_exit("--filter=rate", "memory", "1M", "burstiness=1", "burst-seconds=1")
+    assert both.returncode == 2
+    assert "give burstiness= or burst-seconds=, not both" in both.stderr
+
+
+async def test_burst_seconds_is_another_name_for_burstiness() -> None:
+    assert RateFilter(rate=8000, burst_seconds=0.5).burst == 0.5
+    assert RateFilter(rate=8000).burst == 2.0
 
 
 def test_a_real_client_gets_every_byte_no_faster_than_the_limit(tmp_path: Path) -> None:

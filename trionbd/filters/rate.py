@@ -9,9 +9,10 @@ reads and writes counts; zeroing, trimming and block status are small messages o
 wire and pass freely. Protocol overhead is not counted.
 
 Each limit is a token bucket: it fills at the rate, up to ``burstiness`` seconds' worth
-(default 2); a request takes its size in bits from it, and when the bucket holds fewer,
-the request waits (a Trio sleep) until the missing bits have come in; requests arriving
-meanwhile wait their turn after it. So after a quiet moment a client may go faster for
+(default 2; ``burst-seconds`` is another name for it); a request takes its size in bits
+from it, and when the bucket holds fewer, the request waits (a Trio sleep) until the
+missing bits have come in; requests arriving meanwhile wait their turn after it. So
+after a quiet moment a client may go faster for
 up to ``burstiness`` seconds' worth of data, and on average no faster than the rate.
 A request waits for the global bucket first, then for its connection's. A request much
 larger than a second's worth waits in one long sleep.
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..chain import Filter, Layer, Next, Param, parse_seconds, parse_size
+from ..chain import ConfigError, Filter, Layer, Next, Param, parse_seconds, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,11 @@ class RateFilter(Filter):
             parse_seconds,
             default="2",
         ),
+        Param(
+            "burst-seconds",
+            "another name for burstiness (give one)",
+            parse_seconds,
+        ),
     )
 
     def __init__(
@@ -171,8 +177,12 @@ class RateFilter(Filter):
         connection_rate: int = 0,
         rate_file: str | None = None,
         connection_rate_file: str | None = None,
-        burstiness: float = 2.0,
+        burstiness: float | None = None,
+        burst_seconds: float | None = None,
     ):
+        if burstiness is not None and burst_seconds is not None:
+            raise ConfigError("rate: give burstiness= or burst-seconds=, not both")
+        burstiness = burstiness or burst_seconds or 2.0
         self.rate = rate
         self.connection_rate = connection_rate
         self.rate_file = RateFile(os.path.abspath(rate_file)) if rate_file else None
