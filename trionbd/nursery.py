@@ -131,7 +131,12 @@ class Lifetime:
     """The after_fork..unload scope of one chain. Create it with :func:`open_lifetime`."""
 
     def __init__(
-        self, chain: Chain, nursery: trio.Nursery, close_timeout: float, readonly: bool = False
+        self,
+        chain: Chain,
+        nursery: trio.Nursery,
+        close_timeout: float,
+        readonly: bool = False,
+        worker: int | None = None,
     ):
         self.chain = chain
         self.nursery = nursery
@@ -139,6 +144,11 @@ class Lifetime:
         self.readonly = readonly
         """The server opens every export read-only (``-r``); known at start-up, so a
         filter can decide then what it allows (ext2: a journal that needs recovery)."""
+        self.worker = worker
+        """This process's number (from 1) when several worker processes serve the chain
+        (``--workers``), each with its own lifetime; None in a server of one process.
+        A layer that counts leaves its reports to the supervisor then
+        (``worker_share``, ``report_workers``)."""
         self.close_timeout = close_timeout
         self.contexts: list[LifetimeContext] = []
         """Open lifetime contexts, in order of opening."""
@@ -249,13 +259,18 @@ class Lifetime:
 
 @asynccontextmanager
 async def open_lifetime(
-    chain: Chain, *, close_timeout: float = CLOSE_TIMEOUT, readonly: bool = False
+    chain: Chain,
+    *,
+    close_timeout: float = CLOSE_TIMEOUT,
+    readonly: bool = False,
+    worker: int | None = None,
 ) -> AsyncIterator[Lifetime]:
     """Run ``after_fork`` of every layer, yield the lifetime, and tear it down on exit.
-    ``readonly`` tells the layers that the server serves every export read-only."""
+    ``readonly`` tells the layers that the server serves every export read-only;
+    ``worker`` is this worker process's number (see :attr:`Lifetime.worker`)."""
     async with trio.open_nursery() as outer:
         nursery, background = await outer.start(_background_nursery)
-        lifetime = Lifetime(chain, nursery, close_timeout, readonly)
+        lifetime = Lifetime(chain, nursery, close_timeout, readonly, worker)
         try:
             await lifetime._start()
             yield lifetime

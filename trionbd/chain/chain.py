@@ -43,6 +43,30 @@ class Chain:
         """True if every layer's data callbacks finish without slow waits."""
         return all(layer.target.nonblocking for layer in self.layers)
 
+    def not_process_safe(self) -> str | None:
+        """The first layer (client side first) that is not process-safe, as "the NAME
+        plugin" or "the NAME filter"; None when every layer is, so that several worker
+        processes may serve this chain."""
+        for layer in reversed(self.layers):
+            if not layer.target.process_safe:
+                kind = "plugin" if layer is self.layers[0] else "filter"
+                return f"the {layer.name} {kind}"
+        return None
+
+    def worker_shares(self) -> list[object]:
+        """Every layer's :meth:`~.plugin.Plugin.worker_share`, plugin first."""
+        return [layer.target.worker_share() for layer in self.layers]
+
+    def report_workers(self, shares: Sequence[Sequence[object]], final: bool) -> None:
+        """Hand each layer the shares of every worker (``shares`` holds one
+        :meth:`worker_shares` list per worker); a failure is logged and the other
+        layers still report."""
+        for i, layer in enumerate(self.layers):
+            try:
+                layer.target.report_workers([share[i] for share in shares], final)
+            except Exception as e:
+                log.error("%s: report failed: %s", layer.name, e)
+
     def get_ready(self) -> None:
         """Call every layer's ``get_ready``, plugin first; once: until :meth:`unload`,
         later calls do nothing."""

@@ -46,6 +46,12 @@ class Filter:
     concurrency: ClassVar[Concurrency] = Concurrency.PARALLEL
     nonblocking: ClassVar[bool] = True
     """False if the filter's data callbacks may wait (sleeps, locks held across I/O)."""
+    process_safe: bool = False
+    """True if each worker process (``--workers``) may run its own copy of this filter,
+    as forked after ``get_ready``: what it keeps is derived from the layer below (an
+    archive's index) or belongs to one connection, never state that clients of
+    different processes would have to share (a cache, an overlay, counters not summed
+    through :meth:`worker_share`). See :attr:`Plugin.process_safe`."""
 
     @classmethod
     def from_params(cls, items: Iterable[tuple[str, str]]) -> Self:
@@ -67,6 +73,13 @@ class Filter:
     async def report(self) -> None:
         """Called when the operator asks for a report (SIGUSR1 on the command line),
         in the server's Trio thread, any number of times. Default: nothing."""
+
+    def worker_share(self) -> object:
+        """See :meth:`Plugin.worker_share`."""
+        return None
+
+    def report_workers(self, shares: Sequence[object], final: bool) -> None:
+        """See :meth:`Plugin.report_workers`."""
 
     def unload(self) -> None:
         """Called once at the very end, after Trio has stopped."""

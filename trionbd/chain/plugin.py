@@ -54,6 +54,12 @@ class Plugin:
     """True if ``pread``/``pwrite``/``extents`` finish without waiting on anything slow
     (memory, page cache). The server then runs them inline in the connection's reader,
     without a task per request."""
+    process_safe: bool = False
+    """True if several worker processes (``--workers``) may each serve clients with
+    their own copy of this plugin, as forked after ``get_ready``: nothing a client
+    changes or counts lives only in this process (a file on disk, a remote server: yes;
+    data held in memory: no). An instance may set it from its parameters. A chain runs
+    in one process unless every layer says true."""
 
     @classmethod
     def from_params(cls, items: Iterable[tuple[str, str]]) -> Self:
@@ -76,6 +82,18 @@ class Plugin:
     async def report(self) -> None:
         """Called when the operator asks for a report (SIGUSR1 on the command line),
         in the server's Trio thread, any number of times. Default: nothing."""
+
+    def worker_share(self) -> object:
+        """With worker processes: what this worker's copy counted, to be summed by
+        :meth:`report_workers` (any picklable object). Asked in each worker for every
+        report and once more when it exits. Default: None."""
+        return None
+
+    def report_workers(self, shares: Sequence[object], final: bool) -> None:
+        """With worker processes, in the supervising process: report what every
+        worker's copy counted (one share per worker that ran, each as
+        :meth:`worker_share` returned it last); ``final`` once all have exited.
+        Called on SIGUSR1 and at exit. Default: nothing."""
 
     def unload(self) -> None:
         """Called once at the very end, after Trio has stopped."""

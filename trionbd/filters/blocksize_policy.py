@@ -72,6 +72,7 @@ class BlocksizePolicyFilter(Filter):
     """Sets the advertised block size constraints and enforces them if asked."""
 
     name = "blocksize-policy"
+    process_safe = True
     params = (
         Param(
             "blocksize-error-policy",

@@ -41,6 +41,7 @@ class DelayFilter(Filter):
     """Waits before passing each request on."""
 
     name = "delay"
+    process_safe = True
     nonblocking = False  # requests wait: the server must give each its own task
     params = (
         Param("rdelay", "delay reads", parse_delay),

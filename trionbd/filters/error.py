@@ -104,6 +104,7 @@ class ErrorFilter(Filter):
     """Fails requests with a configured error at a configured rate."""
 
     name = "error"
+    process_safe = True  # error-seed= then gives each worker the same sequence
     params = _params()
 
     def __init__(

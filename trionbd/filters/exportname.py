@@ -124,6 +124,7 @@ class ExportnameFilter(Filter):
     """Adjust export names and descriptions between the client and the layer below."""
 
     name = "exportname"
+    process_safe = True
     params = (
         Param(
             "default-export",

@@ -164,6 +164,7 @@ class Ext2Filter(ContainerFilter[Image, File]):
     """Serve regular files inside an ext2/3/4 image of the layer below."""
 
     name = "ext2"
+    process_safe = True  # each worker reads the file system's metadata at start-up
     params = (
         Param(
             "ext2file",

@@ -47,6 +47,7 @@ class FuaFilter(Filter):
     """Advertises, emulates, forces or drops FUA and flush as configured."""
 
     name = "fua"
+    process_safe = True
     params = (
         Param(
             "fuamode",

@@ -84,6 +84,7 @@ class IsoFilter(ContainerFilter[Image, File]):
     """Serve the files of the ISO 9660 image(s) below as exports."""
 
     name = "iso"
+    process_safe = True  # each worker reads the image's directory tree at start-up
     params = (
         Param(
             "iso-file",

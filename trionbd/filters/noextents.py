@@ -26,6 +26,7 @@ class NoExtentsFilter(Filter):
     """Hides the layer below's extents: everything reads as allocated data."""
 
     name = "noextents"
+    process_safe = True
 
     async def can_extents(self, next: Next, h: Any) -> bool:
         return False

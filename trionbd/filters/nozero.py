@@ -53,6 +53,7 @@ class NoZeroFilter(Filter):
     """Changes how zeroing and fast zeroing are advertised and done."""
 
     name = "nozero"
+    process_safe = True
     params = (
         Param(
             "zeromode",

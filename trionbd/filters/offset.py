@@ -84,6 +84,7 @@ class OffsetFilter(WindowFilter):
     """Serve ``[offset, offset+range)`` of the layer below."""
 
     name = "offset"
+    process_safe = True
     params = (
         Param("offset", "first byte of the window, k/M/G allowed", parse_size, default="0"),
         Param(

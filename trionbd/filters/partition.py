@@ -37,6 +37,7 @@ class PartitionFilter(WindowFilter):
     """Serve partition N of the disk below."""
 
     name = "partition"
+    process_safe = True
     params = (
         Param("partition", "the partition to serve, counting from 1", parse_int, required=True),
     )

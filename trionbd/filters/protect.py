@@ -98,6 +98,7 @@ class ProtectFilter(Filter):
     """Refuses writes that would change protected bytes."""
 
     name = "protect"
+    process_safe = True
     params = (
         Param(
             "protect",

@@ -31,6 +31,7 @@ class ReadonlyFilter(Filter):
     """Refuses writes: always (read-only export), or while a file exists."""
 
     name = "readonly"
+    process_safe = True
     params = (
         Param(
             "readonly-file",

@@ -56,6 +56,7 @@ import datetime
 import json
 import logging
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -65,7 +66,7 @@ import trio
 from ..chain import Extent, Filter, Layer, Next, Param, StartupError, parse_bool
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable
+    from collections.abc import Awaitable, Callable, Iterable, Sequence
 
     from ..nursery import Lifetime
 
@@ -186,6 +187,7 @@ class StatsFilter(Filter):
     """Counts requests, bytes and time per export and command."""
 
     name = "stats"
+    process_safe = True  # each worker counts; the supervisor sums them (report_workers)
     params = (
         Param("statsfile", "where to write the report", required=True, metavar="PATH"),
         Param(
@@ -203,25 +205,55 @@ class StatsFilter(Filter):
         """Export name -> command -> counters, for every export a client opened."""
         self.start: float | None = None
         """``trio.current_time()`` at start-up."""
+        self.ready_at = time.monotonic()
+        """When ``get_ready`` ran: the start for reports of several worker processes."""
+        self.in_worker = False
+        """One of several worker processes serves with this copy: the supervisor writes
+        the reports, from every worker's counters (:meth:`report_workers`)."""
         self._writing = trio.Lock()
         """One report at a time (an interim one may still be writing at exit)."""
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    async def after_fork(self, lifetime: Lifetime, below: Layer) -> None:
+    def get_ready(self) -> None:
         # Fail at start-up, not at exit, if the file cannot be written (and truncate it
-        # now unless appending, as nbdkit does).
+        # now unless appending, as nbdkit does): once, before any worker process forks.
         try:
-            await trio.to_thread.run_sync(self._write, "")
+            self._write("")
         except OSError as e:
             raise StartupError(f"stats: cannot open statsfile {self.path}: {e.strerror}") from e
+        self.ready_at = time.monotonic()
+
+    async def after_fork(self, lifetime: Lifetime, below: Layer) -> None:
         self.start = trio.current_time()
+        self.in_worker = lifetime.worker is not None
 
     async def cleanup(self) -> None:
-        await self.write_report(final=True)
+        if not self.in_worker:
+            await self.write_report(final=True)
 
     async def report(self) -> None:
-        await self.write_report(final=False)
+        if not self.in_worker:
+            await self.write_report(final=False)
+
+    def worker_share(self) -> object:
+        return self.exports
+
+    def report_workers(self, shares: Sequence[object], final: bool) -> None:
+        """The report of every worker process's counters, summed (in the supervisor)."""
+        exports: dict[str, ExportStats] = {}
+        for share in shares:
+            assert isinstance(share, dict)
+            for name, stats in share.items():
+                mine = exports.setdefault(name, _new_export())
+                for cmd in COMMANDS:
+                    mine[cmd] += stats[cmd]
+        elapsed = time.monotonic() - self.ready_at
+        text = render(exports, elapsed, datetime.datetime.now(datetime.UTC), final)
+        try:
+            self._write(text)
+        except OSError as e:
+            log.error("stats: cannot write statsfile %s: %s", self.path, e.strerror)
 
     async def write_report(self, final: bool) -> None:
         """Write (or append) a report of the counters as they are now."""

@@ -148,6 +148,7 @@ class TarFilter(ContainerFilter[Archive, Served]):
     """Serve the members of the tar archive(s) below as exports."""
 
     name = "tar"
+    process_safe = True  # each worker reads the archive's index at start-up
     params = (
         Param(
             "tar-entry",

@@ -54,6 +54,7 @@ class TruncateFilter(Filter):
     """Serves the layer below at another size."""
 
     name = "truncate"
+    process_safe = True
     params = (
         Param("truncate", "the new size (smaller or larger than the layer below)", parse_size),
         Param(

@@ -70,6 +70,7 @@ class FilePlugin(Plugin):
     """Serve a file, a block device, or every regular file in a directory."""
 
     name = "file"
+    process_safe = True  # every process opens the file itself; the page cache is shared
     params = (
         Param("file", "the file or block device to serve", metavar="PATH"),
         Param("dir", "serve each regular file in DIR as an export", metavar="DIR"),

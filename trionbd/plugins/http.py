@@ -60,6 +60,7 @@ class HttpPlugin(Plugin):
     """A file on an HTTP(S) server, read with range requests."""
 
     name = "http"
+    process_safe = True  # each worker has its own connection pool to the same server
     params = (
         Param("url", "the file's http:// or https:// URL", required=True, metavar="URL"),
         Param(

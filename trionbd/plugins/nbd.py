@@ -79,6 +79,7 @@ class NbdPlugin(ForwardingPlugin[Upstream]):
     """Forward every request to another NBD server."""
 
     name = "nbd"
+    process_safe = True  # each client gets its own upstream connection anyway
     params = (
         Param(
             "uri",

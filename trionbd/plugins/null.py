@@ -21,6 +21,7 @@ class NullPlugin(Plugin):
     """Reads zeroes, discards writes."""
 
     name = "null"
+    process_safe = True
     params = (Param("size", "size of the disk, e.g. 1G, 512M, 2T", parse_size, default="0"),)
     magic_param = "size"
     nonblocking = True

@@ -32,6 +32,7 @@ class PatternPlugin(Plugin):
     """Each 8-byte word holds its own offset (big-endian)."""
 
     name = "pattern"
+    process_safe = True
     params = (Param("size", "size of the disk, e.g. 1G, 512M, 2T", parse_size, required=True),)
     magic_param = "size"
     nonblocking = True

@@ -376,6 +376,10 @@ class S3Plugin(Plugin):
             "s3", _http.Settings.of("s3", **connection), retryable=retryable, explain=explain
         )
         self.locks = ObjectLocks()
+        # A disk made of objects serialises the read-modify-writes of one object in this
+        # process only: two workers could each write part of the same object and lose
+        # one update. Reading objects is safe from any number of processes.
+        self.process_safe = not self.sharded
 
     @property
     def sharded(self) -> bool:
