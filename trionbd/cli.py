@@ -39,8 +39,7 @@ import shlex
 import signal
 import socket
 import sys
-import traceback
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -55,11 +54,12 @@ from .chain.params import (
     parse_int,
     parse_seconds_or_zero,
 )
+from .net.address import Address
 from .protocol.constants import DEFAULT_PORT, HandshakeFlag
 from .registry import builtin_names, entry_point_names, load, manual, summary
-from .server import Server, ServerConfig, daemon, private_socket_path, serve
+from .server import Server, ServerConfig, daemon, private_socket_path, serve, workers
 from .server.config import HANDSHAKE_TIMEOUT, MAX_IN_FLIGHT, SHUTDOWN_TIMEOUT
-from .server.listeners import as_listener, bind_tcp, bind_unix, bind_vsock
+from .server.listeners import address_of, as_listener, bind_tcp, bind_unix, bind_vsock
 from .server.tls import ROOT_CERTIFICATES_DIR, TLSMode, TLSSettings, psk_supported
 
 log = logging.getLogger("trionbd")
@@ -229,6 +229,11 @@ class Options:
     threads: int = _option(
         "-t", "--threads", metavar="N", parse=_count, default=MAX_IN_FLIGHT,
         help="requests served at once per connection",
+    )  # fmt: skip
+    workers: int | None = _option(
+        "--workers", metavar="N", parse=_count,
+        help="serve from N processes (default: one per core if every layer is "
+        "process-safe, else 1)",
     )  # fmt: skip
     max_connections: int | None = _option(
         "--max-connections", metavar="N", parse=_count,
@@ -654,6 +659,48 @@ def bind_sockets(opts: Options, cleanup: list[str]) -> list[socket.socket]:
     return socks
 
 
+def worker_count(opts: Options, chain: Chain) -> int:
+    """How many processes serve: ``--workers``, or by default one per core when every
+    layer of the chain is process-safe (and the system can fork workers), else one.
+    Raises ``ConfigError`` for ``--workers`` above 1 where it cannot apply."""
+    unsafe = chain.not_process_safe()
+    if opts.workers is None:
+        if opts.single or not workers.available():
+            return 1
+        if unsafe is not None:
+            log.info("serving from one process: %s is not process-safe", unsafe)
+            return 1
+        return workers.default_count()
+    if opts.workers > 1:
+        if opts.single:
+            raise ConfigError(f"--workers={opts.workers}: -s serves one client, from one process")
+        if unsafe is not None:
+            raise ConfigError(
+                f"--workers={opts.workers}: {unsafe} is not process-safe (what its clients "
+                "change or count lives in one process); serve it with --workers=1"
+            )
+        if not workers.available():
+            raise ConfigError(f"--workers={opts.workers}: worker processes need Linux")
+    return opts.workers
+
+
+def supervise(
+    chain: Chain,
+    opts: Options,
+    sockets: list[socket.socket],
+    count: int,
+    readiness: daemon.Readiness,
+    cleanup: list[str],
+) -> tuple[int, list[str]]:
+    """Serve from ``count`` worker processes; the exit status and any failures."""
+    addresses = [address_of(sock) for sock in sockets]
+    command = None if opts.run is None else (opts.run, run_environment(addresses[0], opts))
+    supervisor = workers.Supervisor(
+        chain, opts.config, sockets, count, readiness, keep_stderr(opts)
+    )
+    return supervisor.run(lambda: announce(addresses, opts, readiness, cleanup), command)
+
+
 async def serve_main(
     chain: Chain,
     opts: Options,
@@ -677,18 +724,8 @@ async def serve_main(
         async with trio.open_nursery() as watching:
             async with trio.open_nursery() as serving:
                 server: Server = await serving.start(serve, chain, listeners, opts.config)
-                for address in server.addresses:
-                    log.info("listening on %s", address.uri(opts.exportname))
-                # The pidfile first: whoever waited for the printed URI finds it too.
-                if opts.pidfile:
-                    daemon.write_pidfile(opts.pidfile)
-                    cleanup.append(opts.pidfile)
-                # -U - alone would hide the server: its socket's name is printed.
-                private = opts.unix == "-" and opts.run is None
-                if (opts.print_uri or private) and server.addresses:
-                    print(uri_of(server, opts), flush=True)
-                readiness.ready(keep_stderr=opts.verbose or opts.log == "stderr")
-                watching.start_soon(_watch_signals, signals, server, serving.cancel_scope)
+                announce(server.addresses, opts, readiness, cleanup)
+                watching.start_soon(daemon.watch_signals, signals, server, serving.cancel_scope)
                 if stdio is not None:
                     await server.serve_stream(daemon.stdio_stream(*stdio))
                     serving.cancel_scope.cancel()
@@ -699,22 +736,42 @@ async def serve_main(
     return status[0] if status else 0
 
 
-def uri_of(server: Server, opts: Options) -> str:
-    """The URI clients use: the first address, ``nbds`` when TLS is required."""
-    return server.addresses[0].uri(opts.exportname, tls=opts.config.tls is TLSMode.REQUIRE)
+def announce(
+    addresses: list[Address], opts: Options, readiness: daemon.Readiness, cleanup: list[str]
+) -> None:
+    """The server serves: log where, write the pidfile, print the URI if asked, and let
+    the background parent exit."""
+    for address in addresses:
+        log.info("listening on %s", address.uri(opts.exportname))
+    # The pidfile first: whoever waited for the printed URI finds it too.
+    if opts.pidfile:
+        daemon.write_pidfile(opts.pidfile)
+        cleanup.append(opts.pidfile)
+    # -U - alone would hide the server: its socket's name is printed.
+    private = opts.unix == "-" and opts.run is None
+    if (opts.print_uri or private) and addresses:
+        uri = addresses[0].uri(opts.exportname, tls=opts.config.tls is TLSMode.REQUIRE)
+        print(uri, flush=True)
+    readiness.ready(keep_stderr=keep_stderr(opts))
 
 
-KILL_AFTER = 5.0
-"""Seconds a ``--run`` command has between SIGTERM and SIGKILL when trionbd stops first."""
+def keep_stderr(opts: Options) -> bool:
+    """Whether a server in the background keeps the caller's stderr (for its log)."""
+    return opts.verbose or opts.log == "stderr"
+
+
+def run_environment(address: Address, opts: Options) -> dict[str, str]:
+    """The environment of the ``--run`` command."""
+    return daemon.run_environment(
+        address, opts.exportname, opts.config.tls, opts.tls.certificates, opts.tls.psk
+    )
 
 
 async def run_command(command: str, server: Server, opts: Options, status: list[int]) -> None:
     """Run ``sh -c command`` with nbdkit's variables set; append its exit status (128+N
     when signal N killed it) to ``status``. If trionbd is stopped first, the command
-    gets SIGTERM (SIGKILL after ``KILL_AFTER`` seconds)."""
-    env = daemon.run_environment(
-        server.addresses[0], opts.exportname, opts.config.tls, opts.tls.certificates, opts.tls.psk
-    )
+    gets SIGTERM (SIGKILL after ``daemon.KILL_AFTER`` seconds)."""
+    env = run_environment(server.addresses[0], opts)
     proc = await trio.lowlevel.open_process(["/bin/sh", "-c", command], env=env)
     try:
         await proc.wait()
@@ -722,7 +779,7 @@ async def run_command(command: str, server: Server, opts: Options, status: list[
         with trio.CancelScope(shield=True):
             if proc.returncode is None:
                 proc.terminate()
-                with trio.move_on_after(KILL_AFTER):
+                with trio.move_on_after(daemon.KILL_AFTER):
                     await proc.wait()
                 if proc.returncode is None:
                     proc.kill()
@@ -731,22 +788,6 @@ async def run_command(command: str, server: Server, opts: Options, status: list[
         if proc.returncode < 0:
             log.warning("--run: the command was killed by signal %d", -proc.returncode)
         status.append(daemon.exit_status(proc.returncode))
-
-
-async def _watch_signals(
-    signals: AsyncIterator[int], server: Server, scope: trio.CancelScope
-) -> None:
-    """SIGUSR1: every layer reports. First SIGINT/SIGTERM/SIGQUIT: graceful shutdown.
-    Second: cut the grace period short."""
-    count = 0
-    async for signum in signals:
-        if signum == signal.SIGUSR1:
-            await server.chain.report()
-            continue
-        count += 1
-        log.info("%s received", signal.Signals(signum).name)
-        server.shutdown(0 if count > 1 else None)
-        scope.cancel()
 
 
 def setup_logging(verbose: bool, target: str) -> None:
@@ -796,6 +837,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         opts.tls.check()
         setup_logging(opts.verbose, opts.log or ("stderr" if foreground else "syslog"))
         chain = build_chain(opts)
+        processes = worker_count(opts, chain)
         chain.get_ready()
     except ConfigError as e:
         print(f"trionbd: {e}", file=sys.stderr)
@@ -821,12 +863,16 @@ def run(argv: Sequence[str] | None = None) -> int:
         else:
             stdio = daemon.take_stdio() if opts.single else None
             readiness = daemon.Readiness() if foreground else daemon.fork_into_background()
-            try:
-                status = trio.run(serve_main, chain, opts, sockets, stdio, readiness, cleanup)
-            except* StartupError as group:
-                failed += [str(e) for e in leaves(group)]
-            except* (KeyboardInterrupt, SystemExit) as group:
-                failed += [stopped_by(e) for e in leaves(group)]
+            if processes > 1:
+                status, failures = supervise(chain, opts, sockets, processes, readiness, cleanup)
+                failed += failures
+            else:
+                try:
+                    status = trio.run(serve_main, chain, opts, sockets, stdio, readiness, cleanup)
+                except* StartupError as group:
+                    failed += [str(e) for e in daemon.leaves(group)]
+                except* (KeyboardInterrupt, SystemExit) as group:
+                    failed += [daemon.stopped_by(e) for e in daemon.leaves(group)]
     finally:
         for path in cleanup:
             daemon.remove_quietly(path)
@@ -834,23 +880,6 @@ def run(argv: Sequence[str] | None = None) -> int:
     for message in failed:
         print(f"trionbd: {message}", file=sys.stderr)
     return 1 if failed else status
-
-
-def stopped_by(error: BaseException) -> str:
-    """One line for a ``KeyboardInterrupt`` or ``SystemExit`` raised while serving
-    (plugin code may raise them; the signals themselves are handled): what was raised
-    where. It still stops the server, as it would a library server."""
-    what = repr(error) if error.args else type(error).__name__
-    frames = traceback.extract_tb(error.__traceback__)
-    where = f" in {frames[-1].name} ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    return f"{what} raised{where} stopped the server"
-
-
-def leaves(error: BaseException) -> list[BaseException]:
-    """The non-group exceptions inside a (possibly nested) exception group."""
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for e in error.exceptions for leaf in leaves(e)]
-    return [error]
 
 
 def main() -> None:

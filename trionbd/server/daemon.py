@@ -18,9 +18,10 @@ import socket
 import stat
 import sys
 import syslog
-from collections.abc import Callable
+import traceback
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import trio
@@ -28,6 +29,9 @@ import trio
 from ..chain.errors import ConfigError, StartupError
 from ..net.address import Address
 from .tls import TLSMode
+
+if TYPE_CHECKING:
+    from .server import Server
 
 log = logging.getLogger("trionbd")
 
@@ -79,20 +83,39 @@ class Readiness:
     def __init__(self, fd: int | None = None):
         self._fd = fd
 
+    @property
+    def pending(self) -> bool:
+        """In the background, not yet ready: the caller's stdio is still ours."""
+        return self._fd is not None
+
     def ready(self, keep_stderr: bool) -> None:
         """Serving: detach from the terminal's stdin/stdout (and stderr unless kept),
         then let the parent exit 0. Does nothing in the foreground."""
         if self._fd is None:
             return
-        sys.stdout.flush()
-        sys.stderr.flush()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1) if keep_stderr else (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.close(devnull)
+        detach_stdio(keep_stderr)
         os.write(self._fd, READY)
         os.close(self._fd)
         self._fd = None
+
+    def disown(self) -> None:
+        """In a worker process forked before the supervisor was ready: leave telling
+        the parent to the supervisor (the parent waits until every copy of the pipe has
+        closed)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def detach_stdio(keep_stderr: bool) -> None:
+    """Point stdin and stdout (and stderr unless kept) at /dev/null, so that the caller
+    of a server gone to the background gets its terminal and pipes back."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1) if keep_stderr else (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def fork_into_background() -> Readiness:
@@ -260,6 +283,9 @@ def stdio_stream(fd_in: int, fd_out: int) -> trio.abc.Stream:
 
 # --- --run ---------------------------------------------------------------------------------------
 
+KILL_AFTER = 5.0
+"""Seconds a ``--run`` command has between SIGTERM and SIGKILL when trionbd stops first."""
+
 
 def run_environment(
     address: Address,
@@ -298,6 +324,43 @@ def run_environment(
 def exit_status(returncode: int) -> int:
     """A shell's view of a child's status: 128+N when killed by signal N."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+# --- signals and how serving ended ---------------------------------------------------------------
+
+
+async def watch_signals(
+    signals: AsyncIterator[int], server: Server, scope: trio.CancelScope
+) -> None:
+    """SIGUSR1: every layer reports, and the server's counters are logged (info).
+    First SIGINT/SIGTERM/SIGQUIT: graceful shutdown, then ``scope`` is cancelled.
+    Second: cut the grace period short."""
+    count = 0
+    async for signum in signals:
+        if signum == signal.SIGUSR1:
+            await server.report()
+            continue
+        count += 1
+        log.info("%s received", signal.Signals(signum).name)
+        server.shutdown(0 if count > 1 else None)
+        scope.cancel()
+
+
+def stopped_by(error: BaseException) -> str:
+    """One line for a ``KeyboardInterrupt`` or ``SystemExit`` raised while serving
+    (plugin code may raise them; the signals themselves are handled): what was raised
+    where. It still stops the server, as it would a library server."""
+    what = repr(error) if error.args else type(error).__name__
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" in {frames[-1].name} ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{what} raised{where} stopped the server"
+
+
+def leaves(error: BaseException) -> list[BaseException]:
+    """The non-group exceptions inside a (possibly nested) exception group."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for e in error.exceptions for leaf in leaves(e)]
+    return [error]
 
 
 # --- logging -------------------------------------------------------------------------------------

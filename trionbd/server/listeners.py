@@ -42,8 +42,9 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def address_of(listener: trio.SocketListener) -> Address:
-    sock = listener.socket
+def address_of(listening: trio.SocketListener | _stdlib_socket.socket) -> Address:
+    """Where a listener, or a plain listening socket, listens."""
+    sock = listening.socket if isinstance(listening, trio.SocketListener) else listening
     if sock.family == _stdlib_socket.AF_UNIX:
         return Address(unix_path=str(sock.getsockname()))
     if sock.family == _stdlib_socket.AF_VSOCK:

@@ -32,12 +32,14 @@ connection does.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -51,6 +53,9 @@ from .connection import Connection
 from .daemon import remove_quietly
 from .listeners import address_of, listen
 from .ratelimit import WarningBudget
+
+if TYPE_CHECKING:
+    from .workers import Balance, Slot
 
 log = logging.getLogger("trionbd.server")
 
@@ -98,6 +103,25 @@ class ExportStats:
         return cls(c.requests, c.bytes_read, c.bytes_written, c.errors, int(connected))
 
 
+def sum_stats(many: Iterable[dict[str, ExportStats]]) -> dict[str, ExportStats]:
+    """Several :meth:`Server.stats` (of worker processes) added up per export."""
+    out: dict[str, ExportStats] = {}
+    for stats in many:
+        for name, st in stats.items():
+            out[name] = out.get(name, ExportStats()) + st
+    return out
+
+
+def log_stats(stats: dict[str, ExportStats]) -> None:
+    """One info line per export of :meth:`Server.stats` (the command line's SIGUSR1)."""
+    for name, st in sorted(stats.items()):
+        log.info(
+            "export %r: %d requests (%d failed), %d bytes read, %d bytes written, "
+            "%d clients connected",
+            name, st.requests, st.errors, st.bytes_read, st.bytes_written, st.connections,
+        )  # fmt: skip
+
+
 class Server:
     """A running server. Obtained from ``await nursery.start(serve, ...)``."""
 
@@ -107,6 +131,7 @@ class Server:
         lifetime: Lifetime,
         config: ServerConfig,
         listeners: Sequence[trio.SocketListener],
+        balance: Balance | None = None,
     ):
         self.chain = chain
         self.lifetime = lifetime
@@ -132,6 +157,9 @@ class Server:
         self._running = trio.Event()
         self._past: dict[str, ExportStats] = {}
         """Counters of the connections that have closed, per export."""
+        self.balance = balance
+        """Set in a worker process: shared with the other workers, it decides which
+        worker accepts a client and counts the clients of all of them."""
         lifetime.connection_closer = self.close_connections
         lifetime.shutdown_requester = self.stop_accepting
         if lifetime.shutdown_requested:
@@ -172,6 +200,11 @@ class Server:
                 out[name] = out.get(name, ExportStats()) + ExportStats.of(conn, True)
         return out
 
+    async def report(self) -> None:
+        """Every layer reports; then the counters of :meth:`stats` are logged (info)."""
+        await self.chain.report()
+        log_stats(self.stats())
+
     async def close_connections(
         self, layer: Layer, match: Callable[[LayerContext], bool], grace: float | None = None
     ) -> int:
@@ -201,9 +234,11 @@ class Server:
                     await listener.aclose()
 
     async def _accept_loop(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        balance = self.balance
+        accept = listener.accept if balance is None else functools.partial(balance.accept, listener)
         while True:
             try:
-                stream = await listener.accept()
+                stream = await accept()
             except OSError as e:
                 if e.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
@@ -217,7 +252,12 @@ class Server:
             if self.config.keepalive and stream.socket.family in TCP_FAMILIES:
                 stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             limit = self.config.max_connections
-            if limit is not None and len(self.connections) - self._turning_away >= limit:
+            if balance is not None:
+                admitted = balance.admit(limit)
+            else:
+                admitted = limit is None or len(self.connections) - self._turning_away < limit
+            if not admitted:
+                assert limit is not None
                 if self._turning_away >= limit:
                     log.warning(
                         "closing a client at once: %d served and %d being refused "
@@ -227,7 +267,17 @@ class Server:
                 else:
                     connections.start_soon(self._turn_away, stream, limit)
                 continue
-            connections.start_soon(self.handle_stream, stream)
+            if balance is None:
+                connections.start_soon(self.handle_stream, stream)
+            else:
+                connections.start_soon(self._handle_admitted, stream, balance)
+
+    async def _handle_admitted(self, stream: trio.abc.Stream, balance: Balance) -> None:
+        """Serve a client that ``balance`` admitted, then tell it the client has gone."""
+        try:
+            await self.handle_stream(stream)
+        finally:
+            balance.release()
 
     async def _turn_away(self, stream: trio.abc.Stream, limit: int) -> None:
         """Negotiate with a client over the limit only to refuse its options (see the
@@ -290,6 +340,7 @@ async def serve(
     listeners: ListenerSpec | Iterable[ListenerSpec] = (),
     config: ServerConfig | None = None,
     *,
+    worker: Slot | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``target`` (a chain, or a bare plugin) on ``listeners`` until cancelled.
@@ -308,6 +359,9 @@ async def serve(
     Unless the caller already did (``chain.get_ready()``, as the command line does
     before forking), ``serve`` calls every layer's ``get_ready`` first and ``unload``
     at the end: whoever calls ``get_ready`` calls ``unload``.
+
+    ``worker`` is for the command line's ``--workers``: this process is one of several
+    serving the same listening sockets (see :mod:`trionbd.server.workers`).
     """
     chain = target if isinstance(target, Chain) else Chain(target)
     config = config or ServerConfig()
@@ -326,7 +380,9 @@ async def serve(
             else:
                 sockets.append(spec)
         async with trio.open_nursery() as nursery:
-            server: Server = await nursery.start(_run_shielded, chain, sockets, config, nursery)
+            server: Server = await nursery.start(
+                _run_shielded, chain, sockets, config, nursery, worker
+            )
             task_status.started(server)
             try:
                 await trio.sleep_forever()
@@ -346,14 +402,16 @@ async def _run_shielded(
     listeners: Sequence[trio.SocketListener],
     config: ServerConfig,
     parent: trio.Nursery,
+    worker: Slot | None,
     *,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The server's body. Start-up can be cancelled; once serving, it is shielded so
     that outside cancellation becomes a graceful shutdown (started by ``serve``)."""
+    index, balance = (None, None) if worker is None else (worker.index, worker.balance)
     try:
-        async with open_lifetime(chain, readonly=config.readonly) as lifetime:
-            server = Server(chain, lifetime, config, listeners)
+        async with open_lifetime(chain, readonly=config.readonly, worker=index) as lifetime:
+            server = Server(chain, lifetime, config, listeners, balance)
             # Hand the server over before shielding (the listeners already listen). If
             # start-up was cancelled meanwhile, started() quietly hands nothing over and
             # the checkpoint ends this task: shielded, nobody could ever shut it down.
@@ -365,4 +423,4 @@ async def _run_shielded(
         parent.cancel_scope.cancel()
 
 
-__all__ = ["ExportStats", "ListenerSpec", "Server", "serve"]
+__all__ = ["ExportStats", "ListenerSpec", "Server", "log_stats", "serve", "sum_stats"]
