@@ -74,7 +74,6 @@ class ReadaheadFilter(Filter):
     """Serve sequential reads from per-connection windows that grow."""
 
     name = "readahead"
-    process_safe = True  # its windows belong to one connection
     # nonblocking stays True: the only wait besides the layer below is a connection's
     # own buffer lock, held only across calls to the layer below.
 
