@@ -52,7 +52,8 @@ def test_an_unknown_tar_member(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("hello\n")
     with tarfile.open(tmp_path / "a.tar", "w") as tar:
         tar.add(tmp_path / "a.txt", "a.txt")
-    with trionbd_process("file", str(tmp_path / "a.tar"), "--filter=tar") as server:
+    # One process (--workers=1): the connections are numbered 1, 2 in one log.
+    with trionbd_process("--workers=1", "file", str(tmp_path / "a.tar"), "--filter=tar") as server:
         message = refused(server, "nosuch")
         assert "no member named 'nosuch'" in message
         lines = warnings_of(server)
@@ -66,7 +67,8 @@ def test_partition_3_of_two(tmp_path: Path) -> None:
     with open(disk, "r+b") as f:
         f.truncate(8 * MiB)
     run(["sfdisk", "-q", str(disk)], input="label: gpt\nsize=2048\nsize=2048\n")
-    with trionbd_process("--filter=partition", "file", str(disk), "partition=3") as server:
+    args = ("--workers=1", "--filter=partition", "file", str(disk), "partition=3")
+    with trionbd_process(*args) as server:
         message = refused(server, "")
         assert "partition 3 not found (table has: 1, 2)" in message
         assert f"trionbd: conn 1: opening export '': {message}" in server.stderr
@@ -77,7 +79,7 @@ def test_a_directory_in_an_ext2_image(tmp_path: Path) -> None:
     (src / "dir").mkdir(parents=True)
     (src / "file").write_text("x")
     image = mkfs(tmp_path / "fs.img", src, "ext2", 1024, size="4M")
-    with trionbd_process("file", str(image), "--filter=ext2") as server:
+    with trionbd_process("--workers=1", "file", str(image), "--filter=ext2") as server:
         message = refused(server, "dir")
         assert re.search(r"\bdir\b.*director", message), message
         assert f"trionbd: conn 1: opening export 'dir': {message}" in server.stderr

@@ -70,7 +70,8 @@ def test_qemu_img_and_fio(web: Nginx, files: Files, tmp_path: Path) -> None:
 def test_the_pool_keeps_its_connections(web: Nginx, files: Files, tmp_path: Path) -> None:
     """connections=1: hundreds of range GETs over one kept-alive connection."""
     web.access_log.write_text("")
-    with trionbd_process("http", web.url("agent/disk.img"), "connections=1",
+    # One process: each worker process has a pool of its own.
+    with trionbd_process("--workers=1", "http", web.url("agent/disk.img"), "connections=1",
                          "user-agent=test-agent/1") as server:  # fmt: skip
         run(["nbdcopy", "--connections=2", "--request-size=16384", server.uri, str(tmp_path / "x")])
     assert (tmp_path / "x").read_bytes() == files.image
@@ -150,7 +151,7 @@ def test_proxy(web: Nginx, files: Files, tmp_path: Path) -> None:
 
 def test_redirects_are_followed_once_at_start_up(web: Nginx, files: Files, tmp_path: Path) -> None:
     web.access_log.write_text("")
-    with trionbd_process("http", web.url("moved-away")) as server:
+    with trionbd_process("--workers=1", "http", web.url("moved-away")) as server:
         assert read_export(server.uri, tmp_path) == files.image
     log = web.access_log.read_text()
     assert log.count('"HEAD /moved-away') == 1 and log.count('"HEAD /moved ') == 1

@@ -65,7 +65,7 @@ def test_head_refused_or_failed_gives_the_size_from_a_range(
     server: FaultServer, head: int | str, tmp_path: Path
 ) -> None:
     server.faults.head = head
-    with trionbd_process("http", server.url, *FAST) as nbd:
+    with trionbd_process("--workers=1", "http", server.url, *FAST) as nbd:  # one start-up
         assert read_export(nbd.uri, tmp_path) == server.data
     assert server.requests[0] == ("HEAD", None)
     assert server.requests[1] == ("GET", "bytes=0-0")
@@ -86,11 +86,11 @@ def test_a_server_ignoring_ranges_is_refused_without_reading_the_body() -> None:
 def test_start_up_retries_a_storm_then_fails(server: FaultServer) -> None:
     server.faults.head = 503
     server.faults.plan = [503] * 3
-    with trionbd_process("http", server.url, "retries=3", *FAST):
+    with trionbd_process("--workers=1", "http", server.url, "retries=3", *FAST):
         pass
     assert server.gets() == 4
     server.faults.plan = [503] * 3
-    result = trionbd_exit("http", server.url, "retries=2", *FAST)
+    result = trionbd_exit("--workers=1", "http", server.url, "retries=2", *FAST)
     assert result.returncode == 1
     assert "HTTP 503" in result.stderr and "after 3 attempts" in result.stderr
 
