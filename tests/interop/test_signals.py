@@ -122,13 +122,15 @@ def stopped(proc: subprocess.Popen[str], since: float) -> tuple[float, str]:
     return took, err
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
 def test_sigterm_drains_in_flight_writes_and_keeps_every_acknowledged_one(
-    tmp_path: Path,
+    tmp_path: Path, workers: int
 ) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(16 * 1024 * 1024))
     blocks = disk.stat().st_size // BLOCK
-    with server("--filter=delay", "file", str(disk), "wdelay=200ms") as (proc, uri):
+    args = (f"--workers={workers}", "--filter=delay", "file", str(disk), "wdelay=200ms")
+    with server(*args) as (proc, uri):
         writer = subprocess.Popen(
             [SYSTEM_PYTHON, "-c", WRITER, uri, str(BLOCK)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

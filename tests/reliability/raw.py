@@ -3,8 +3,8 @@
 A :class:`RawClient` speaks NBD through the sans-IO :class:`ClientConnection` on a plain
 socket, so a test controls every byte (and can break off anywhere; tests/chain/
 raw_client.py greets on construction and adds conveniences for option replies);
-:func:`fd_count` and :func:`rss` look at the server process from outside through
-``/proc``.
+:func:`fd_count` and :func:`rss` look at the server's processes (one, or a supervisor
+and its workers) from outside through ``/proc``.
 """
 
 from __future__ import annotations
@@ -133,17 +133,35 @@ def check_served(path: str, cookie_base: int = 1) -> None:
         assert c.eof()
 
 
+def processes(pid: int) -> list[int]:
+    """A server's processes: ``pid`` and its children (the worker processes of
+    ``--workers``; the supervisor does not start other children while serving)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [pid, *map(int, f.read().split())]
+
+
 def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Open descriptors of a server (of all its processes)."""
+    count = 0
+    for p in processes(pid):
+        try:
+            count += len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:  # a worker that has just exited
+            pass
+    return count
 
 
 def rss(pid: int) -> int:
-    """Resident set size of a process, in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
+    """Resident set size of a server (summed over its processes), in bytes."""
+    total = 0
+    for p in processes(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += sum(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except OSError:
+            pass
+    assert total, f"no VmRSS for {pid}"
+    return total
 
 
 def settle(probe: Callable[[], int], target: int, timeout: float = 20.0) -> int:

@@ -15,6 +15,7 @@ import os
 import random
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -123,10 +124,20 @@ def die(path: str, death: Callable[[RawClient, random.Random], None], rng: rando
 
 @pytest.mark.parametrize(
     "chain",
-    [("memory", str(SIZE)), ("--filter=delay", "memory", str(SIZE), "rdelay=1ms")],
-    ids=["inline", "tasks"],
+    [
+        ("memory", str(SIZE)),
+        ("--filter=delay", "memory", str(SIZE), "rdelay=1ms"),
+        ("--workers=2", "--filter=delay", "file", "DISK", "rdelay=1ms"),
+    ],
+    ids=["inline", "tasks", "two-workers"],
 )
-def test_dying_clients_leak_no_descriptors_and_no_memory(chain: tuple[str, ...]) -> None:
+def test_dying_clients_leak_no_descriptors_and_no_memory(
+    chain: tuple[str, ...], tmp_path: Path
+) -> None:
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(SIZE)
+    chain = tuple(str(disk) if word == "DISK" else word for word in chain)
     with trionbd_process(*chain, env={**os.environ, **STEADY_MALLOC}) as server:
         pid = server.proc.pid
         idle_fds = fd_count(pid)  # the listening socket, the log, ...: no client yet

@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.reliability.raw import RawClient
 from tests.support import SYSTEM_PYTHON, trionbd_process
 from trionbd.protocol import Cmd
@@ -84,10 +86,14 @@ def half_handshake(path: str) -> socket.socket:
     return c.sock
 
 
-def test_sigterm_drains_every_kind_of_client_within_the_grace_period(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+def test_sigterm_drains_every_kind_of_client_within_the_grace_period(
+    tmp_path: Path, workers: int
+) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(READS) + os.urandom(40 << 20))
-    args = (f"--shutdown-timeout={GRACE}", "--filter=delay", "file", str(disk), "wdelay=20ms")
+    args = (f"--workers={workers}", f"--shutdown-timeout={GRACE}", "--filter=delay", "file",
+            str(disk), "wdelay=20ms")  # fmt: skip
     with trionbd_process(*args) as server:
         writers = [
             subprocess.Popen(

@@ -17,16 +17,17 @@ REQUESTS = 10_000
 SIZE = 64 << 20
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
 @pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
 @pytest.mark.parametrize(
     "chain", [("pattern", str(SIZE)), ("--filter=delay", "pattern", str(SIZE))],
     ids=["inline", "tasks"],
 )  # fmt: skip
 def test_ten_thousand_pipelined_reads_are_all_answered(
-    chain: tuple[str, ...], structured: bool
+    chain: tuple[str, ...], structured: bool, workers: int
 ) -> None:
     rng = random.Random(10_000)
-    with trionbd_process(*chain) as server, RawClient(server.socket) as c:
+    with trionbd_process(f"--workers={workers}", *chain) as server, RawClient(server.socket) as c:
         c.go(structured=structured)
         # Room for the whole request stream while the server, whose replies we do not
         # read yet, has stopped reading (the kernel caps this; 280 kB fit either way).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -75,10 +76,18 @@ async def soak_client(path: str, index: int, run: Run) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "chain", [("memory", str(SIZE)), ("--filter=delay", "memory", str(SIZE))],
-    ids=["inline", "tasks"],
+    "chain",
+    [("memory", str(SIZE)), ("--filter=delay", "memory", str(SIZE)),
+     ("--workers=2", "file", "DISK")],
+    ids=["inline", "tasks", "two-workers"],
 )  # fmt: skip
-async def test_two_hundred_clients_soak_without_an_error(chain: tuple[str, ...]) -> None:
+async def test_two_hundred_clients_soak_without_an_error(
+    chain: tuple[str, ...], tmp_path: Path
+) -> None:
+    disk = tmp_path / "disk.img"
+    os.close(os.open(disk, os.O_CREAT | os.O_WRONLY))
+    os.truncate(disk, SIZE)
+    chain = tuple(str(disk) if word == "DISK" else word for word in chain)
     with trionbd_process(*chain) as server:
         pid = server.proc.pid
         fds, memory = fd_count(pid), rss(pid)
