@@ -680,7 +680,9 @@ def worker_count(opts: Options, chain: Chain) -> int:
                 "change or count lives in one process); serve it with --workers=1"
             )
         if not workers.available():
-            raise ConfigError(f"--workers={opts.workers}: worker processes need Linux")
+            raise ConfigError(
+                f"--workers={opts.workers}: worker processes need Linux 5.3 or later (pidfds)"
+            )
     return opts.workers
 
 

@@ -107,9 +107,17 @@ Share = tuple[dict[str, ExportStats], list[object]]
 """What a worker has counted: the server's stats and each layer's ``worker_share``."""
 
 
+@functools.cache
 def available() -> bool:
-    """Whether this system can run worker processes (Linux: fork, pidfds)."""
-    return hasattr(os, "pidfd_open") and hasattr(os, "memfd_create")
+    """Whether this system can run worker processes: Linux with pidfds (5.3 and later)
+    and memfds. Asked of the kernel, not only of Python: an older kernel, or valgrind,
+    answers ENOSYS."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+        os.close(os.memfd_create("trionbd-probe", os.MFD_CLOEXEC))
+    except (AttributeError, OSError):
+        return False
+    return True
 
 
 def default_count() -> int:
