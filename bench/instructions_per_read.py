@@ -6,8 +6,10 @@ Runs ``python -m trionbd -f -U SOCK PLUGIN ARGS`` under ``valgrind --tool=callgr
 twice, while a client sends 50 and then 500 rounds of 32 pipelined 4 KiB reads (simple
 replies, random offsets in the first 64 MiB, one connection), and prints the difference
 of the two instruction totals divided by the extra reads: start-up and shutdown cancel
-out. Counts vary by about 1 % from run to run (how requests happen to be batched per
-receive); compare two commits in the same session, interleaved, several times.
+out. The server runs in one process there: valgrind has no pidfds, so trionbd starts
+no worker processes (instructions per read do not depend on their number). Counts vary
+by about 1 % from run to run (how requests happen to be batched per receive); compare
+two commits in the same session, interleaved, several times.
 ``PYTHONPATH=SRC`` measures the tree at SRC (a ``git archive`` of another commit).
 
     .venv/bin/python bench/instructions_per_read.py -- file /tmp/disk.img

@@ -12,7 +12,6 @@ from typing import Any
 
 from servers import SAMPLE_DIR_PARENT, SAMPLE_DIR_PREFIX, SERVERS
 
-RATIOS = ("nbdkit", "qemu-nbd")
 NOT_RUN = "—"
 NA = "n/a"
 
@@ -76,40 +75,49 @@ def _row_title(wl: dict[str, Any], label: str) -> str:
     return f"{wl['title']} — {label}" if label else wl["title"]
 
 
+def columns(results: Results) -> list[str]:
+    """The servers of the table, in order: trionbd, a baseline trionbd if the run had
+    one (``trionbd@COMMIT``), nbdkit, qemu-nbd."""
+    return list(results.get("columns") or SERVERS)
+
+
 def table(results: Results) -> list[str]:
     """The table of medians and ratios, as Markdown lines."""
     arrows = {True: "↑", False: "↓"}
+    servers = columns(results)
+    others = [s for s in servers if s != "trionbd"]
+    blank = " |" * (len(servers) + len(others) - 1)
     lines = [
         "| Workload | Metric | "
-        + " | ".join(SERVERS)
+        + " | ".join(servers)
         + " | "
-        + " | ".join(f"trionbd/{s}" for s in RATIOS)
+        + " | ".join(f"trionbd/{s}" for s in others)
         + " |",
-        "|---|---|" + "---:|" * (len(SERVERS) + len(RATIOS)),
+        "|---|---|" + "---:|" * (len(servers) + len(others)),
     ]
     for wl in results["workloads"]:
         reasons = {row["skipped"] for row in wl["rows"]}
         if None not in reasons and len(reasons) == 1:
-            lines.append(f"| {wl['title']} | | skipped: {reasons.pop()} | | | | |")
+            lines.append(f"| {wl['title']} | | skipped: {reasons.pop()} |{blank}")
             continue
         done: dict[tuple[str, str, str], float | None] = {}
         for row in wl["rows"]:
             title = _row_title(wl, row["label"])
             if row["skipped"]:
-                lines.append(f"| {title} | | skipped: {row['skipped']} | | | | |")
+                lines.append(f"| {title} | | skipped: {row['skipped']} |{blank}")
                 continue
             for metric in wl["metrics"]:
                 cells: dict[str, str] = {}
-                for server in SERVERS:
+                for server in servers:
                     cells[server], done[row["label"], server, metric["key"]] = _cell(
                         results, wl, row, server, metric["key"]
                     )
                 mine = done[row["label"], "trionbd", metric["key"]]
-                ratios = [_ratio(mine, done[row["label"], s, metric["key"]]) for s in RATIOS]
+                ratios = [_ratio(mine, done[row["label"], s, metric["key"]]) for s in others]
                 name = f"{metric['label']} {arrows[metric['higher_is_better']]}"
                 lines.append(
                     f"| {title} | {name} | "
-                    + " | ".join(cells[s] for s in SERVERS)
+                    + " | ".join(cells[s] for s in servers)
                     + " | "
                     + " | ".join(ratios)
                     + " |"
@@ -119,14 +127,17 @@ def table(results: Results) -> list[str]:
             for metric in wl["metrics"]:
                 key = metric["key"]
                 cells = {}
-                for server in SERVERS:
+                for server in servers:
                     a, b = done.get((num, server, key)), done.get((den, server, key))
                     cells[server] = _ratio(a, b)
                 if not any(cells.values()):
                     continue
                 lines.append(
                     f"| {_row_title(wl, f'{num} ÷ {den} (same server)')} | "
-                    f"{metric['label']} ratio | " + " | ".join(cells[s] for s in SERVERS) + " | | |"
+                    f"{metric['label']} ratio | "
+                    + " | ".join(cells[s] for s in servers)
+                    + " |"
+                    + " |" * len(others)
                 )
     return lines
 
@@ -225,7 +236,7 @@ def targets(results: Results) -> list[str]:
         _at_most(median(results, "memory", "", "trionbd", "rss_idle_mib"), 60, "MiB"),
     )
     for row in _rows(results, "memory"):
-        for metric in _metrics(results, "memory")[1:]:
+        for metric in [m for m in _metrics(results, "memory") if "clients" in m["key"]]:
             add(
                 f"{metric['label'].split(',')[0]} with clients < 300 MiB ({metric['label']})",
                 _at_most(median(results, "memory", row, "trionbd", metric["key"]), 300, "MiB"),
@@ -277,7 +288,8 @@ def markdown(results: Results) -> str:
         "## Method",
         "",
         f"- {st['reps']} repetition(s) of every sample, interleaved "
-        "(trionbd, nbdkit, qemu-nbd, trionbd, ...); the table shows medians.",
+        f"({', '.join(columns(results))}, trionbd, ...); the table shows medians.",
+        *(f"- {name}: `{' '.join(cmd)}`" for name, cmd in results.get("trionbds", {}).items()),
         f"- {st['server_lifetime']}",
         f"- Data in {st['data_fs']} ({st['data_dir']}), wholly in the page cache in 4 KiB "
         "pages; dirty pages are written back before each sample.",

@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/run.py [--quick] [--reps N] [--only NAME ...]
                                   [--servers NAME ...] [--json OUT] [--data-dir DIR]
+                                  [--trionbd-args ARGS] [--baseline-trionbd PATH
+                                  [--baseline-args ARGS]]
     .venv/bin/python bench/run.py --markdown RESULTS_JSON > bench/RESULTS.md
 
 Prints a table of medians and ratios; ``--json`` keeps everything (machine, versions,
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ from servers import (
     Target,
     command,
     running,
+    source_commit,
     trionbd_has_filter,
     versions,
 )
@@ -75,6 +79,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=DEFAULT_TRIONBD,
         help="the trionbd command (default: next to this Python)",
     )
+    p.add_argument(
+        "--trionbd-args",
+        default="",
+        metavar="ARGS",
+        help="options for every trionbd sample, e.g. '--workers=1'",
+    )
+    p.add_argument(
+        "--baseline-trionbd",
+        metavar="PATH",
+        help="a second trionbd (another source tree's .venv/bin/trionbd), run in the same "
+        "interleaved samples as its own column, trionbd@COMMIT",
+    )
+    p.add_argument(
+        "--baseline-args", default="", metavar="ARGS", help="options for the baseline trionbd"
+    )
     return p.parse_args(argv)
 
 
@@ -113,10 +132,9 @@ def fs_type(path: Path) -> str:
     return best[1]
 
 
-def check_tools(trionbd: str) -> None:
+def check_tools(*trionbds: str) -> None:
     missing = [tool for tool in CLIENTS if shutil.which(tool) is None]
-    if not Path(trionbd).exists():
-        missing.append(trionbd)
+    missing += [trionbd for trionbd in trionbds if not Path(trionbd).exists()]
     if missing:
         sys.exit(f"bench: missing programs: {', '.join(missing)}")
     probe = subprocess.run([SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True, check=False)
@@ -124,34 +142,62 @@ def check_tools(trionbd: str) -> None:
         sys.exit(f"bench: {SYSTEM_PYTHON} cannot import nbd (install python3-libnbd)")
 
 
-class Runner:
-    """Runs the samples of each workload, interleaving the servers, and keeps the results."""
+@dataclass(frozen=True)
+class Trionbd:
+    """A trionbd under test: its program and the options every sample gives it."""
 
-    def __init__(self, settings: Settings, servers: list[str], trionbd: str) -> None:
+    program: str
+    args: tuple[str, ...] = ()
+
+
+FILTERS = ("tar", "ext2", "gzip", "xz", "zstd", "zip")
+"""trionbd filters some rows need (a row needing one that is missing is skipped)."""
+
+
+class Runner:
+    """Runs the samples of each workload, interleaving the servers, and keeps the results.
+
+    ``trionbds`` maps the name of each trionbd column (``trionbd``, and a baseline's
+    ``trionbd@COMMIT``) to what runs; they serve the rows' trionbd targets."""
+
+    def __init__(
+        self, settings: Settings, servers: list[str], trionbds: dict[str, Trionbd]
+    ) -> None:
         self.settings = settings
-        self.servers = servers
-        self.trionbd = trionbd
+        self.trionbds = trionbds
+        self.servers = [name for name in trionbds if "trionbd" in servers] + [
+            s for s in servers if s != "trionbd"
+        ]
+        """Every column run, in the order of the samples: trionbd first."""
+        self.columns = [*trionbds, *(s for s in SERVERS if s != "trionbd")]
         self.samples: list[dict[str, Any]] = []
         self.filters = {
-            name: trionbd_has_filter(trionbd, name)
-            for name in ("tar", "ext2", "gzip", "xz", "zstd", "zip")
+            name: {f: trionbd_has_filter(t.program, f) for f in FILTERS}
+            for name, t in trionbds.items()
         }
 
     def skip_reason(self, row: Row) -> str | None:
-        if row.requires is not None and not self.filters[row.requires]:
+        if row.requires is not None and not self.filters["trionbd"][row.requires]:
             return f"trionbd {row.requires} filter not available"
         return None
 
+    def target(self, server: str, targets: dict[str, Target]) -> Target | None:
+        """What ``server`` serves in a row (a baseline trionbd serves trionbd's target)."""
+        return targets.get("trionbd" if server in self.trionbds else server)
+
     def cell_state(self, server: str, row: Row, targets: dict[str, Target]) -> str:
         """ "run", or why the server has no number in this row (n/a or not run)."""
-        if server in targets and server in self.servers:
+        kind = "trionbd" if server in self.trionbds else server
+        if kind == "trionbd" and row.requires and not self.filters[server][row.requires]:
+            return report.NA  # a baseline without the filter
+        if self.target(server, targets) and server in self.servers:
             return "run"
-        return report.NA if server in row.na else report.NOT_RUN
+        return report.NA if kind in row.na else report.NOT_RUN
 
     def run(self, wl: Workload) -> dict[str, Any]:
         """Run every sample of a workload; return its description for the JSON."""
         rows = []
-        active: list[tuple[Row, dict[str, Target]]] = []
+        active: list[tuple[Row, dict[str, Target], dict[str, str]]] = []
         for row in wl.rows:
             skipped = self.skip_reason(row)
             if skipped is None:
@@ -159,17 +205,18 @@ class Runner:
                 targets = row.targets()
                 for path in {target.path for target in targets.values()}:
                     preread(path)
-                active.append((row, targets))
-                cells = {s: self.cell_state(s, row, targets) for s in SERVERS}
+                cells = {s: self.cell_state(s, row, targets) for s in self.columns}
+                active.append((row, targets, cells))
             else:
                 log(f"{wl.name}: {row.label or wl.name}: skipped: {skipped}")
-                cells = dict.fromkeys(SERVERS, "")
+                cells = dict.fromkeys(self.columns, "")
             rows.append({"label": row.label, "skipped": skipped, "cells": cells})
         for rep in range(1, self.settings.reps + 1):
-            for row, targets in active:
+            for row, targets, cells in active:
                 for server in self.servers:
-                    if server in targets:
-                        self.sample(wl, row, server, targets[server], rep)
+                    target = self.target(server, targets)
+                    if target is not None and cells[server] == "run":
+                        self.sample(wl, row, server, target, rep)
         return {
             "name": wl.name,
             "title": wl.title,
@@ -197,8 +244,11 @@ class Runner:
         # Serving thousands of listed names, or a gzip file, start-up reads them all first.
         timeout = s.list_timeout if target.exports or target.slow_start else s.start_timeout
 
+        trionbd = self.trionbds.get(server, self.trionbds["trionbd"])
+        kind = "trionbd" if server in self.trionbds else server
+
         def cmd_for(sock: str) -> list[str]:
-            cmd = command(server, target, sock, self.trionbd)
+            cmd = command(kind, target, sock, trionbd.program, trionbd.args)
             assert cmd is not None, (server, target)
             record["server_command"] = shlex.join(cmd)
             return cmd
@@ -237,7 +287,7 @@ def main(argv: list[str]) -> int:
     if args.markdown:
         sys.stdout.write(report.markdown(json.loads(args.markdown.read_text())))
         return 0
-    check_tools(args.trionbd)
+    check_tools(*filter(None, (args.trionbd, args.baseline_trionbd)))
     # SIGTERM unwinds like ^C, so servers are stopped and the data is removed.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)
@@ -255,6 +305,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         if args.reps < 1:
             sys.exit("bench: --reps must be at least 1")
         settings = dataclasses.replace(settings, reps=args.reps)
+    trionbds = {"trionbd": Trionbd(args.trionbd, tuple(shlex.split(args.trionbd_args)))}
+    if args.baseline_trionbd:
+        baseline = Trionbd(args.baseline_trionbd, tuple(shlex.split(args.baseline_args)))
+        name = f"trionbd@{source_commit(baseline.program)}"
+        if baseline.args:
+            name += " " + " ".join(baseline.args)
+        trionbds[name] = baseline
     parent = args.data_dir
     started = time.monotonic()
     results: dict[str, Any] = {
@@ -263,12 +320,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "command": shlex.join([".venv/bin/python", "bench/run.py", *argv]),
         "machine": machine(),
         "versions": versions(args.trionbd, ROOT),
+        "trionbds": {name: [t.program, *t.args] for name, t in trionbds.items()},
         "settings": {
             "quick": args.quick,
             **vars(settings),
             "servers": args.servers,
-            "server_lifetime": "Each sample starts a fresh server process (same for all "
-            "three) on a Unix socket in a private directory under /tmp and stops it after.",
+            "server_lifetime": "Each sample starts a fresh server (same for every "
+            "server) on a Unix socket in a private directory under /tmp and stops it after.",
             "data_dir": str(parent),
             "data_fs": fs_type(parent),
         },
@@ -293,7 +351,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         if unknown:
             log(f"bench: unknown workload(s) {', '.join(unknown)}; known: {', '.join(names)}")
             return 2
-        runner = Runner(settings, args.servers, args.trionbd)
+        runner = Runner(settings, args.servers, trionbds)
+        results["columns"] = runner.columns
         results["samples"] = runner.samples
         for wl in every:
             if args.only is None or wl.name in args.only:

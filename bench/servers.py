@@ -109,8 +109,11 @@ class Target:
         return self.kind in ("gzip", "targz", "zstd")
 
 
-def command(server: str, target: Target, sock: str, trionbd: str) -> list[str] | None:
-    """The command line serving ``target`` on ``sock``; None if ``server`` cannot serve it."""
+def command(
+    server: str, target: Target, sock: str, trionbd: str, trionbd_args: Sequence[str] = ()
+) -> list[str] | None:
+    """The command line serving ``target`` on ``sock``; None if ``server`` cannot serve it.
+    ``trionbd`` is the program for server ``trionbd``, given ``trionbd_args`` first."""
     path = str(target.path)
     if server == "qemu-nbd":
         if target.kind != "file":
@@ -130,7 +133,7 @@ def command(server: str, target: Target, sock: str, trionbd: str) -> list[str] |
                 return None
         chain = ["file", path, *(f"--filter={f}" for f in filters), *params, *target.params]
     if server == "trionbd":
-        return [trionbd, "-f", "-U", sock, *chain]
+        return [trionbd, "-f", "-U", sock, *trionbd_args, *chain]
     if server == "nbdkit":
         # nbdkit wants its filters before the plugin name.
         options = [word for word in chain if word.startswith("--filter=")]
@@ -340,6 +343,72 @@ def versions(trionbd: str, root: Path) -> dict[str, str]:
             trionbd_python(trionbd), "-c", "import sys; print(sys.version.split()[0])"
         ),
     }
+
+
+def source_commit(trionbd: str) -> str:
+    """The git commit (short) of the source tree the trionbd program runs from (the
+    directory of its plugins, from ``--dump-config``); "unknown" outside a git tree."""
+    config = subprocess.run(
+        [trionbd, "--dump-config"], capture_output=True, text=True, timeout=PROBE_TIMEOUT,
+        check=False,
+    ).stdout  # fmt: skip
+    key = "plugindir="
+    plugindir = next((line[len(key) :] for line in config.splitlines() if line.startswith(key)), "")
+    if not plugindir:
+        raise BenchError(f"{trionbd} --dump-config names no plugindir")
+    commit = subprocess.run(
+        ["git", "-C", plugindir, "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip()  # fmt: skip
+    return commit or "unknown"
+
+
+def processes(pid: int) -> list[int]:
+    """A server's processes: ``pid`` and its descendants (trionbd's worker processes)."""
+    out = [pid]
+    for p in out:  # grows while it is walked
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    out += [int(child) for child in f.read().split()]
+        except OSError:  # gone meanwhile
+            pass
+    return out
+
+
+def memory_of(pid: int) -> dict[str, float]:
+    """RSS and PSS (MiB, summed over the server's processes), threads and processes.
+    RSS counts pages shared between the processes once per process; PSS divides each
+    page among the processes sharing it, so the sum is what the server really holds."""
+    rss = pss = 0
+    threads = count = 0
+    for p in processes(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        rss += int(fields["VmRSS"].split()[0])
+        threads += int(fields["Threads"])
+        pss += sum(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:"))
+        count += 1
+    return {"rss_mib": rss / 1024, "pss_mib": pss / 1024, "threads": threads, "processes": count}
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a server's processes, and of their children that
+    have exited (from /proc/PID/stat: utime + cutime, stime + cstime, summed)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0
+    for p in processes(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        user += int(fields[11]) + int(fields[13])
+        system += int(fields[12]) + int(fields[14])
+    return user / tick, system / tick
 
 
 def trionbd_python(trionbd: str) -> str:

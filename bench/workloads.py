@@ -26,6 +26,7 @@ from servers import (
     Running,
     Target,
     command,
+    memory_of,
     qemu10,
     run_client,
 )
@@ -312,20 +313,11 @@ def listing(server: Running, target: Target, s: Settings) -> Measured:
     )
 
 
-def _status(pid: int) -> dict[str, float]:
-    """VmRSS (MiB) and thread count of a process, from /proc/PID/status."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.split()[0] if value.split() else ""
-    return {"rss_mib": int(fields["VmRSS"]) / 1024, "threads": int(fields["Threads"])}
-
-
 def memory(server: Running, target: Target, s: Settings) -> Measured:
-    """RSS of the idle server, then with ``clients`` connections that finished the
-    handshake (held open by one nbd_driver.py process)."""
+    """RSS and PSS of the idle server (all its processes), then with ``clients``
+    connections that finished the handshake (held open by one nbd_driver.py process)."""
     time.sleep(s.settle)
-    idle = _status(server.proc.pid)
+    idle = memory_of(server.proc.pid)
     cmd = [SYSTEM_PYTHON, DRIVER, "hold", server.uri, str(s.clients)]
     driver = subprocess.Popen(
         cmd,
@@ -347,7 +339,7 @@ def memory(server: Running, target: Target, s: Settings) -> Measured:
         held = json.loads(line)
         time.sleep(s.settle)
         server.check_alive()
-        busy = _status(server.proc.pid)
+        busy = memory_of(server.proc.pid)
         driver.stdin.write(b"done\n")
         driver.stdin.close()
         driver.wait(60)
@@ -359,8 +351,11 @@ def memory(server: Running, target: Target, s: Settings) -> Measured:
         {
             "rss_idle_mib": idle["rss_mib"],
             "rss_clients_mib": busy["rss_mib"],
+            "pss_idle_mib": idle["pss_mib"],
+            "pss_clients_mib": busy["pss_mib"],
             "threads_idle": idle["threads"],
             "threads_clients": busy["threads"],
+            "processes": idle["processes"],
             "connect_all_s": held["connect_s"],
         },
         cmd,
@@ -639,11 +634,14 @@ def workloads(fx: Fixtures, s: Settings) -> list[Workload]:
         Workload(
             "memory",
             f"memory: server RSS idle and with {s.clients} connected clients",
-            f"VmRSS of the server process after start-up, then with {s.clients} connections "
-            "that finished the handshake (one libnbd process holds them).",
+            f"VmRSS and PSS of the server's processes (summed) after start-up, then with "
+            f"{s.clients} connections that finished the handshake (one libnbd process holds "
+            "them).",
             (
                 Metric("rss_idle_mib", "RSS idle, MiB", "MiB", False),
                 Metric("rss_clients_mib", f"RSS, {s.clients} clients, MiB", "MiB", False),
+                Metric("pss_idle_mib", "PSS idle, MiB", "MiB", False),
+                Metric("pss_clients_mib", f"PSS, {s.clients} clients, MiB", "MiB", False),
             ),
             (file_row,),
             memory,
