@@ -20,6 +20,7 @@ import pytest
 from tests.reliability.raw import RawClient
 from tests.support import PYTHON, ROOT, run, short_tmpdir, trionbd_process, wait_until
 from trionbd.chain import Plugin
+from trionbd.cli import build_chain, parse_args
 from trionbd.protocol import Cmd, Opt, Rep, wire
 from trionbd.protocol.errors import LocalProtocolError
 
@@ -132,6 +133,33 @@ def test_workers_where_they_cannot_apply_exit_2_naming_why(
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.splitlines()
     assert line.startswith(f"trionbd: {message}"), line
+
+
+@pytest.mark.parametrize(
+    ("args", "unsafe"),
+    [
+        (("file", "/d.img"), None),
+        (("--filter=ip", "--filter=retry", "--filter=retry-request", "nbd", "socket=/s"), None),
+        (("--filter=tar", "--filter=xz", "file", "/d.tar.xz"), None),
+        (("--filter=zip", "file", "/d.zip"), None),
+        (("--filter=rate", "null", "1M", "connection-rate=1M"), None),
+        (("--filter=rate", "null", "1M", "rate=1M"), "the rate filter"),
+        (("--filter=offset", "--filter=dirty-bitmap", "file", "/d.img"), "the dirty-bitmap filter"),
+        (("--filter=exitlast", "file", "/d.img"), "the exitlast filter"),
+        (("--filter=exitwhen", "file", "/d.img"), "the exitwhen filter"),
+        (("--filter=gzip", "file", "/d.img.gz"), "the gzip filter"),
+        (("--filter=zstd", "file", "/d.img.zst"), "the zstd filter"),
+        (("--filter=readahead", "file", "/d.img"), "the readahead filter"),
+        (("--filter=shared", "nbd", "socket=/s"), "the shared filter"),
+        (("--filter=ip", "memory", "1M"), "the memory plugin"),
+    ],
+)
+def test_which_layers_keep_a_chain_in_one_process(
+    args: tuple[str, ...], unsafe: str | None
+) -> None:
+    """The layers that landed with or after --workers declare whether they are
+    process-safe; the first one that is not (client side first) is named."""
+    assert build_chain(parse_args(list(args))).not_process_safe() == unsafe
 
 
 def test_workers_1_serves_from_the_process_itself() -> None:

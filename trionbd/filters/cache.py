@@ -350,6 +350,9 @@ class CacheFilter(Filter):
     """Caches blocks of the layer below in a local file."""
 
     name = "cache"
+    # each process would keep its own cache: a write in one leaves
+    # stale blocks in the others, and writeback blocks would be held apart
+    process_safe = False
     nonblocking = False  # requests hold block ranges while they wait for the layer below
     params = (
         Param(

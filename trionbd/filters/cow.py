@@ -237,6 +237,7 @@ class CowFilter(Filter):
     """A writable copy-on-write overlay over a layer that is never written."""
 
     name = "cow"
+    process_safe = False  # the overlay of written blocks lives in this process
     params = (
         Param(
             "cow-block-size",

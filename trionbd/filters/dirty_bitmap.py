@@ -253,6 +253,9 @@ class DirtyBitmapFilter(Filter):
     """Record written blocks per export; offer them as qemu:dirty-bitmap:NAME."""
 
     name = "dirty-bitmap"
+    # the bitmaps live in this process's memory (and one state
+    # file per bitmap): a worker's marks would miss the others'
+    process_safe = False
     params = (
         Param(
             "granularity",

@@ -31,6 +31,7 @@ class ExitlastFilter(Filter):
     """Asks the server to end once no export is open any more."""
 
     name = "exitlast"
+    process_safe = False  # it counts the clients of this process only
 
     def __init__(self) -> None:
         self.lifetime: Lifetime | None = None

@@ -66,6 +66,7 @@ class ExitwhenFilter(Filter):
     """Asks the server to end, once its clients have gone, when an event occurs."""
 
     name = "exitwhen"
+    process_safe = False  # an event would end one worker process, not the server
     params = (
         Param(
             "exit-when-file-created", "exit once FILE exists", repeat=True, metavar="FILE"

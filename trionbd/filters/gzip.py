@@ -82,6 +82,9 @@ class GzipFilter(DecompressFilter):
     """Serve the decompressed bytes of the gzip file(s) below."""
 
     name = "gzip"
+    # each worker process would inflate the whole file again at
+    # start-up and hold its own checkpoints
+    process_safe = False
     params = (
         Param(
             "index",

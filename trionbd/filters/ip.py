@@ -166,6 +166,7 @@ class IpFilter(Filter):
     """Lets clients in or keeps them out by who they are."""
 
     name = "ip"
+    process_safe = True  # the rules are fixed at start-up; each client is checked on its own
     params = (
         Param(
             "allow",

@@ -146,6 +146,7 @@ class LogFilter(Filter):
     """Logs connections and requests in nbdkit's log file format."""
 
     name = "log"
+    process_safe = False  # connection numbers and request ids count in this process only
     params = (
         Param("logfile", "write the log to this file (default: standard error)", metavar="PATH"),
         Param(

@@ -108,6 +108,7 @@ class MultiConnFilter(Filter):
     """Advertises, emulates or hides multi-conn; replicates and skips flushes."""
 
     name = "multi-conn"
+    process_safe = False  # a flush is replicated to the connections of this process only
     params = (
         Param(
             "multi-conn-mode",

@@ -192,6 +192,9 @@ class RateFilter(Filter):
         self.burst = burstiness
         self.total = Buckets(rate, burstiness, self.rate_file)
         """The buckets of all connections together."""
+        # rate= (or rate-file=) is one bucket for the connections of this process;
+        # connection-rate= alone limits each connection wherever it is served.
+        self.process_safe = not rate and rate_file is None
 
     async def open(
         self, below: Layer, readonly: bool, export_name: str, is_tls: bool

@@ -74,6 +74,9 @@ class ReadaheadFilter(Filter):
     """Serve sequential reads from per-connection windows that grow."""
 
     name = "readahead"
+    # a write drops the overlapping windows of this process's
+    # connections only
+    process_safe = False
     # nonblocking stays True: the only wait besides the layer below is a connection's
     # own buffer lock, held only across calls to the layer below.
 

@@ -85,6 +85,7 @@ class RetryFilter(Filter):
     """Reopens the layer below and repeats what failed."""
 
     name = "retry"
+    process_safe = True  # a retry reopens one connection's context
     concurrency = Concurrency.SERIALIZE_REQUESTS
     nonblocking = False  # retries wait
     params = (

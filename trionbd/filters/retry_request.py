@@ -48,6 +48,7 @@ class RetryRequestFilter(Filter):
     """Sends a failed request again, after a wait."""
 
     name = "retry-request"
+    process_safe = True  # a retry repeats one connection's request
     nonblocking = False  # retries wait
     params = (
         Param(

@@ -47,6 +47,7 @@ class SharedFilter(Filter):
     """One context of the layer below per export, shared by every client."""
 
     name = "shared"
+    process_safe = False  # one shared context per export lives in this process
 
     def __init__(self) -> None:
         self._lifetime: Lifetime | None = None

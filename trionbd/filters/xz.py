@@ -83,6 +83,7 @@ class XzFilter(DecompressFilter):
     """Serve the decompressed bytes of the xz file(s) below."""
 
     name = "xz"
+    process_safe = True  # each worker reads the file's block index; the caches are per connection
     params = (
         Param(
             "xz-max-block",

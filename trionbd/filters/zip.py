@@ -129,6 +129,9 @@ class ZipFilter(ContainerFilter[Archive, Member]):
     """Serve the members of the zip archive(s) below as exports."""
 
     name = "zip"
+    # each worker reads the central directory and makes its own
+    # checkpoints of what it reads
+    process_safe = True
     params = (
         Param(
             "zip-entry",

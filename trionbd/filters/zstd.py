@@ -98,6 +98,9 @@ class ZstdFilter(DecompressFilter):
     """Serve the decompressed bytes of the zstd file(s) below."""
 
     name = "zstd"
+    # each worker process would decompress a plain file again, into
+    # its own temporary file
+    process_safe = False
 
     async def load(
         self, export: str, pread: Pread, size: int, label: str, progress: Progress

@@ -28,6 +28,7 @@ class MemoryPlugin(Plugin):
     """A sparse RAM disk."""
 
     name = "memory"
+    process_safe = False  # the disk is this process's memory
     params = (Param("size", "size of the disk, e.g. 1G, 512M, 2T", parse_size, required=True),)
     magic_param = "size"
     nonblocking = True
