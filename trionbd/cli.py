@@ -27,6 +27,9 @@ Exit status: 0 after a clean shutdown, 1 when the server cannot start (or plugin
 stopped it by raising ``KeyboardInterrupt`` or ``SystemExit``: one line says what and
 where), 2 for a bad command line or parameter; with ``--run``, the command's status
 (128+N if signal N killed it).
+
+(Longer than the ~800 lines a module should keep to: about half of it is the option
+declarations, which are the manual; the parser and the run modes read them in place.)
 """
 
 from __future__ import annotations

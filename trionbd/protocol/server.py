@@ -15,6 +15,10 @@ The rules of option order live here: ``NBD_OPT_EXPORT_NAME`` after extended head
 closes the connection (it cannot carry them); asking twice for structured replies or
 extended headers is ``ERR_INVALID``, and for structured replies after extended headers
 ``ERR_EXT_HEADER_REQD``; an acknowledged ``STARTTLS`` forgets both and the meta contexts.
+
+(Over ~800 lines on purpose: one state machine owns the buffer and the phase, from the
+greeting to the last request; split, the per-request path would cross a module and an
+object per request.)
 """
 
 from __future__ import annotations
