@@ -18,6 +18,7 @@ The server's connections and the client both move their bytes through a transpor
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import ssl
 
@@ -43,7 +44,11 @@ class Transport:
         self._drained = False
         """The last :meth:`receive_nowait` found nothing waiting: :meth:`receive` then
         waits at once instead of trying a read that would fail the same way."""
-        self._rbuf = bytearray(RECEIVE_SIZE)
+        self._rbuf = mmap.mmap(-1, RECEIVE_SIZE)
+        """Anonymous memory rather than a bytearray (which zero-fills, and so makes
+        resident, all of it): only the pages receives fill count, a few KiB for a
+        connection that sends only small requests (about 50 of 83 MiB of RSS with 200
+        idle clients went to these buffers)."""
         self._rview = memoryview(self._rbuf)
 
     async def start_tls(self, context: ssl.SSLContext) -> str:
