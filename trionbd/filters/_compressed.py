@@ -15,11 +15,17 @@ compressed file, or a temporary file holding its output) and kept for the server
   refused until the server restarts), while the other exports are served. A failure of
   the layer below (a missing file, an I/O error) is tried again by the next client.
 
-Each connection gets its own reader (:meth:`Decompressed.reader`) over its own context
-of the layer below, holding what it decompressed last (blocks, frames or deflate
-intervals); concurrent requests of one connection for the same block wait for one
-decompression of it. Decompression runs in worker threads (at most one per CPU per
-filter), so the server keeps serving while it runs.
+What has been decompressed is kept, for every connection, in an unlinked temporary file
+per export in ``$TMPDIR`` (default ``/var/tmp``), written at the decompressed offsets: a
+read of bytes already there is one ``pread`` of that file; a read of bytes not there yet
+decompresses the block(s) it falls in (xz blocks, zstd frames, the intervals between
+gzip checkpoints), through the connection's own context of the layer below, and writes
+them there. Several requests for the same block, from any connections, wait for one
+decompression of it. The file is sparse and grows to at most the export's size (the
+gzip filter and plain zstd files fill it at start-up, as they decompress everything
+then anyway); if it cannot be written (a full disk) that is logged once and reads
+decompress what they need each time. Decompression runs in worker threads (at most one
+per CPU per filter), so the server keeps serving while it runs.
 
 Reading takes long for large files: after :data:`PROGRESS_AFTER` seconds the progress is
 logged at INFO level every :data:`PROGRESS_EVERY` seconds, and the time it took once it
@@ -31,7 +37,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+import tempfile
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
@@ -50,6 +57,7 @@ from ..chain import (
     StartupError,
 )
 from ..formats import FormatError, Pread
+from ..formats.blocks import BlockFile, FileCache
 from . import _formats
 
 if TYPE_CHECKING:
@@ -65,10 +73,17 @@ PROGRESS_EVERY = 5.0
 T = TypeVar("T")
 
 
-class Reader(Protocol):
-    """One connection's reader of the decompressed bytes."""
+class Blocks(Protocol):
+    """One connection's decompressor: the output is made of blocks, block ``i`` being
+    ``sizes[i]`` bytes at ``starts[i]``; :meth:`load` decompresses one."""
 
-    async def read(self, offset: int, length: int) -> bytes: ...
+    @property
+    def starts(self) -> Sequence[int]: ...
+
+    @property
+    def sizes(self) -> Sequence[int]: ...
+
+    async def load(self, i: int) -> bytes: ...
 
 
 class Decompressed(Protocol):
@@ -84,9 +99,18 @@ class Decompressed(Protocol):
         """The export description (``nbdinfo``)."""
         ...
 
-    def reader(self, pread: Pread) -> Reader:
-        """A reader for one connection, reading the compressed bytes through ``pread``."""
+    @property
+    def filled(self) -> bool:
+        """:meth:`DecompressFilter.load` wrote all the output to the file."""
         ...
+
+    def reader(self, pread: Pread) -> Blocks:
+        """A decompressor for one connection, reading the compressed bytes through ``pread``."""
+        ...
+
+
+def temporary_directory() -> str:
+    return os.environ.get("TMPDIR") or "/var/tmp"
 
 
 class Progress:
@@ -151,12 +175,23 @@ def size_text(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-@dataclass(frozen=True, slots=True)
-class Handle:
-    """One connection: what its export decompresses to, and its own reader."""
+@dataclass(slots=True)
+class Input:
+    """One export of the layer below: what it decompresses to, and the file keeping the
+    decompressed blocks (:class:`FileCache`, made when the first connection opens it)."""
 
     data: Decompressed
-    reader: Reader
+    file: BlockFile
+    cache: FileCache | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Handle:
+    """One connection: its export's input, and its own decompressor."""
+
+    input: Input
+    cache: FileCache
+    blocks: Blocks
 
 
 class _BelowFailed(Exception):
@@ -182,17 +217,20 @@ class DecompressFilter(Filter):
         self.single = True
         """The layer below has only its unnamed default export."""
         self.limiter: trio.CapacityLimiter | None = None
-        self.inputs: BuildOnce[str, Decompressed] = BuildOnce(self._build)
+        self.inputs: BuildOnce[str, Input] = BuildOnce(self._build)
         """What each export of the layer below decompresses to, by its name there."""
 
     # --- what a filter supplies ------------------------------------------------------------
 
     async def load(
-        self, export: str, pread: Pread, size: int, label: str, progress: Progress
-    ) -> Decompressed:
+        self, export: str, pread: Pread, size: int, label: str, progress: Progress,
+        file: BlockFile,
+    ) -> Decompressed:  # fmt: skip
         """Read the compressed input of ``size`` bytes behind ``pread`` (export ``export``
         of the layer below, ``label`` in messages), calling ``progress`` with the input
-        offset reached. Raise FormatError for an input that is not valid."""
+        offset reached; a filter that decompresses it all may write the output to
+        ``file`` at its offsets (and say so in ``filled``). Raise FormatError for an
+        input that is not valid."""
         raise NotImplementedError
 
     # --- for subclasses ------------------------------------------------------------------
@@ -213,18 +251,35 @@ class DecompressFilter(Filter):
             except NBDError as e:
                 raise StartupError(e.message) from None
 
-    async def _get(self, export: str) -> Decompressed:
+    async def _get(self, export: str) -> Input:
         try:
             return await self.inputs.get(export)
         except _BelowFailed as e:
             raise e.error from None
 
-    async def _build(self, export: str) -> Decompressed:
+    async def _build(self, export: str) -> Input:
         """Read export ``export`` of the layer below (the build function of :attr:`inputs`)."""
         below = self.below
         if below is None:
             raise NBDError(errno.EIO, f"{self.name}: used before after_fork")
         label = below.export_label(export)
+        where = temporary_directory()
+        try:
+            file = BlockFile(tempfile.TemporaryFile(dir=where), f"{self.name}: {label}")
+        except OSError as e:
+            raise NBDError(
+                e.errno or errno.EIO,
+                f"{self.name}: {label}: cannot make a temporary file in {where}: {e}",
+            ) from None
+        try:
+            return Input(await self._load(export, label, file), file)
+        except BaseException:
+            file.close()
+            raise
+
+    async def _load(self, export: str, label: str, file: BlockFile) -> Decompressed:
+        below = self.below
+        assert below is not None
 
         def failed(e: NBDError) -> _BelowFailed:
             return _BelowFailed(NBDError(e.errno, f"{self.name}: {label}: {e.message}"))
@@ -244,7 +299,7 @@ class DecompressFilter(Filter):
         try:
             size = await ctx.get_size()
             async with reading(self.lifetime, self.name, label, size) as progress:
-                data = await self.load(export, pread, size, label, progress)
+                data = await self.load(export, pread, size, label, progress, file)
                 progress.result = data.description
         except FormatError as e:
             message = str(e).removeprefix(f"{self.name}: ")
@@ -260,15 +315,25 @@ class DecompressFilter(Filter):
         self, below: Layer, readonly: bool, export_name: str, is_tls: bool
     ) -> tuple[Next, Handle]:
         export = "" if self.single else export_name
-        data = await self._get(export)
+        source = await self._get(export)
         ctx = await below.open(True, export, is_tls)
-        return ctx, Handle(data, data.reader(_formats.reader(ctx)))
+        blocks = source.data.reader(_formats.reader(ctx))
+        if source.cache is None:
+            source.cache = FileCache(
+                blocks.starts, blocks.sizes, source.file, filled=source.data.filled,
+                lock=trio.Lock, offload=self.offload,
+            )  # fmt: skip
+        return ctx, Handle(source, source.cache, blocks)
+
+    async def cleanup(self) -> None:
+        for source in self.inputs.cached().values():
+            source.file.close()
 
     async def export_description(self, next: Next, h: Handle) -> str | None:
-        return h.data.description
+        return h.input.data.description
 
     async def get_size(self, next: Next, h: Handle) -> int:
-        return h.data.size
+        return h.input.data.size
 
     async def block_size(self, next: Next, h: Handle) -> BlockSize | None:
         return None  # the layer below's constraints are about the compressed bytes
@@ -280,14 +345,14 @@ class DecompressFilter(Filter):
         return False  # every byte is data
 
     async def can_cache(self, next: Next, h: Handle) -> CacheMode:
-        return CacheMode.EMULATE  # a read: decompresses into the connection's reader
+        return CacheMode.EMULATE  # a read: decompresses into the file
 
     async def can_multi_conn(self, next: Next, h: Handle) -> bool:
         return True  # read-only: every connection sees the same bytes
 
     async def pread(self, next: Next, h: Handle, count: int, offset: int, flags: int) -> bytes:
         try:
-            data = await h.reader.read(offset, count)
+            data = await h.cache.read(offset, count, h.blocks.load)
         except FormatError as e:
             message = str(e).removeprefix(f"{self.name}: ")
             raise NBDError(errno.EIO, f"{self.name}: {message}") from None
@@ -295,6 +360,6 @@ class DecompressFilter(Filter):
             raise NBDError(
                 errno.EINVAL,
                 f"{self.name}: read of {count} bytes at offset {offset} is beyond the end "
-                f"({h.data.size} bytes)",
+                f"({h.input.data.size} bytes)",
             )
         return data

@@ -4,11 +4,15 @@ The layer below holds a gzip file: one member (``gzip``) or several (``pigz``, `
 a.gz b.gz``), optionally followed by zero padding. The export is its decompressed data.
 A gzip file does not say how large its data is (the trailer keeps the size modulo
 2^32), so the whole file is read once before it is served: every member is inflated,
-its CRC-32 and size checked, and a checkpoint recorded about every MiB of output (the
-position and the 32 KiB of history needed to start inflating there). A read then
-inflates only the checkpoint interval(s) it falls in (about 1 MiB: a few milliseconds),
-wherever it is; a sequential reader inflates every byte once. Checkpoints take at most
-32 KiB each (less for compressible data), no temporary file is written.
+its CRC-32 and size checked, a checkpoint recorded about every MiB of output (the
+position and the 32 KiB of history needed to start inflating there), and the data
+written to an unlinked temporary file in ``$TMPDIR`` (default ``/var/tmp``, as
+nbdkit's gzip filter; it needs room for the whole decompressed data, and takes the
+page cache's memory). Reads are then ``pread`` calls of that file. When the data is
+not in the file (the index was loaded with ``index=``, or the disk was full), a read
+inflates the checkpoint interval(s) it falls in (about 1 MiB: a few milliseconds),
+wherever it is, and writes them to the file; checkpoints take at most 32 KiB each
+(less for compressible data).
 
 The file is read at start-up (progress is logged for large files: a 1 GiB file takes a
 few seconds); a file that is not valid gzip stops the server with exit status 1 and a
@@ -46,8 +50,9 @@ import trio
 
 from ..chain import Layer, Param, Plugin, StartupError
 from ..formats import FormatError, Offload, Pread
+from ..formats.blocks import BlockFile
 from ..formats.gzip import GzipIndex, GzipReader, StaleIndex, index_gzip
-from ._compressed import Decompressed, DecompressFilter, Progress, Reader, size_text
+from ._compressed import Blocks, Decompressed, DecompressFilter, Progress, size_text
 
 if TYPE_CHECKING:
     from ..nursery import Lifetime
@@ -57,10 +62,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Gzip:
-    """An indexed gzip file; each connection reads it through a :class:`GzipReader`."""
+    """An indexed gzip file; each connection inflates it through a :class:`GzipReader`.
+    ``filled``: its data was written to the filter's file while it was indexed."""
 
     index: GzipIndex
     offload: Offload
+    filled: bool
 
     @property
     def size(self) -> int:
@@ -74,8 +81,8 @@ class Gzip:
             f"{members} member{'s' if members != 1 else ''})"
         )
 
-    def reader(self, pread: Pread) -> Reader:
-        return GzipReader(pread, self.index, offload=self.offload, lock=trio.Lock)
+    def reader(self, pread: Pread) -> Blocks:
+        return GzipReader(pread, self.index, offload=self.offload)
 
 
 class GzipFilter(DecompressFilter):
@@ -116,11 +123,17 @@ class GzipFilter(DecompressFilter):
             )
 
     async def load(
-        self, export: str, pread: Pread, size: int, label: str, progress: Progress
-    ) -> Decompressed:
+        self, export: str, pread: Pread, size: int, label: str, progress: Progress,
+        file: BlockFile,
+    ) -> Decompressed:  # fmt: skip
+        async def index() -> Gzip:
+            index = await index_gzip(
+                pread, size, progress=progress, offload=self.offload, output=file.write
+            )
+            return Gzip(index, self.offload, file.error is None)
+
         if self.index_file is None or self.plugin is None:
-            index = await index_gzip(pread, size, progress=progress, offload=self.offload)
-            return Gzip(index, self.offload)
+            return await index()
         identity = await self.plugin.export_identity(export)
         if identity is None:
             raise StartupError(
@@ -129,13 +142,13 @@ class GzipFilter(DecompressFilter):
             )
         saved = await self._saved(size, identity, label)
         if saved is not None:
-            return Gzip(saved, self.offload)
-        index = await index_gzip(pread, size, progress=progress, offload=self.offload)
+            return Gzip(saved, self.offload, False)
+        gzip = await index()
         if await self.plugin.export_identity(export) == identity:
-            await self._save(index, identity)
+            await self._save(gzip.index, identity)
         else:
             log.warning("gzip: %s changed while it was read: index not saved", label)
-        return Gzip(index, self.offload)
+        return gzip
 
     async def _saved(self, size: int, identity: bytes, label: str) -> GzipIndex | None:
         """The index kept in the index file, if it is there and for this input."""

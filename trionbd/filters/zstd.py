@@ -6,8 +6,9 @@ The layer below holds a zstd file. Two kinds are served:
   the end, as ``t2sz``, zstd's ``contrib/seekable_format`` and pyzstd's
   ``SeekableZstdFile`` write them) give random access: the seek table says where each
   frame starts, so the server starts at once, and a read decompresses the frame(s) it
-  falls in, keeping the 8 most recently used per connection (concurrent requests for
-  the same frame wait for one decompression of it). A damaged frame fails the reads
+  falls in and keeps it in a temporary file shared by all connections (see below), so
+  it is decompressed once (concurrent requests for the same frame wait for one
+  decompression of it). A damaged frame fails the reads
   that need it with EIO and a message naming its offset.
 * Plain files (what the ``zstd`` command writes: no seek table) cannot be read at
   an offset without decompressing everything before it. Such a file is decompressed
@@ -33,19 +34,13 @@ Examples:
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
-from typing import IO
 
-import trio
-
-from ..chain import NBDError
-from ..formats import Offload, Pread
+from ..formats import FormatError, Offload, Pread
+from ..formats.blocks import BlockFile
 from ..formats.zstd import ZstdIndex, ZstdReader, decompress_all, read_zstd_index
-from ._compressed import Decompressed, DecompressFilter, Progress, Reader, size_text
+from ._compressed import Blocks, Decompressed, DecompressFilter, Progress, size_text
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +51,7 @@ class Seekable:
 
     index: ZstdIndex
     offload: Offload
+    filled = False
 
     @property
     def size(self) -> int:
@@ -66,32 +62,36 @@ class Seekable:
         frames = len(self.index.frames)
         return f"{self.size} bytes, seekable zstd ({frames} frame{'s' if frames != 1 else ''})"
 
-    def reader(self, pread: Pread) -> Reader:
-        return ZstdReader(pread, self.index, offload=self.offload, lock=trio.Lock)
+    def reader(self, pread: Pread) -> Blocks:
+        return ZstdReader(pread, self.index, offload=self.offload)
 
 
 @dataclass(frozen=True, slots=True)
 class Unpacked:
-    """A plain zstd file, decompressed into an unlinked temporary file."""
+    """A plain zstd file, decompressed whole into the filter's file at start-up: one
+    block, never decompressed again."""
 
-    file: IO[bytes]
     size: int
     input_size: int
+    filled = True
 
     @property
     def description(self) -> str:
         return f"{self.size} bytes, zstd-compressed ({size_text(self.input_size)})"
 
-    def reader(self, pread: Pread) -> Reader:
+    def reader(self, pread: Pread) -> Blocks:
         return self
 
-    async def read(self, offset: int, length: int) -> bytes:
-        # Inline, as the file plugin reads: the data is normally in the page cache.
-        return os.pread(self.file.fileno(), max(0, min(length, self.size - offset)), offset)
+    @property
+    def starts(self) -> tuple[int]:
+        return (0,)
 
+    @property
+    def sizes(self) -> tuple[int]:
+        return (self.size,)
 
-def temporary_directory() -> str:
-    return os.environ.get("TMPDIR") or "/var/tmp"
+    async def load(self, i: int) -> bytes:
+        raise AssertionError("the whole output is in the file")
 
 
 class ZstdFilter(DecompressFilter):
@@ -103,45 +103,30 @@ class ZstdFilter(DecompressFilter):
     process_safe = False
 
     async def load(
-        self, export: str, pread: Pread, size: int, label: str, progress: Progress
-    ) -> Decompressed:
+        self, export: str, pread: Pread, size: int, label: str, progress: Progress,
+        file: BlockFile,
+    ) -> Decompressed:  # fmt: skip
         index = await read_zstd_index(pread, size)
         if index is not None:
             return Seekable(index, self.offload)
-        where = temporary_directory()
         log.info(
             "zstd: %s has no seek table: decompressing it once into an unlinked temporary "
             "file in %s",
             label,
-            where,
+            file.file.name,
         )
-        try:
-            file = tempfile.TemporaryFile(dir=where)
-        except OSError as e:
-            raise NBDError(
-                e.errno or errno.EIO, f"zstd: {label}: cannot make a temporary file in {where}: {e}"
-            ) from None
-        try:
-            total = await decompress_all(
-                pread, size, file.write, progress=progress, offload=self.offload
-            )
-            file.flush()
-        except OSError as e:
-            file.close()
-            raise NBDError(
-                e.errno or errno.EIO,
-                f"zstd: {label}: cannot write the decompressed data to "
-                f"a temporary file in {where}: {e}",
-            ) from None
-        except BaseException:
-            file.close()
-            raise
-        return Unpacked(file, total, size)
+        end = 0
 
-    async def cleanup(self) -> None:
-        for data in self.inputs.cached().values():
-            if isinstance(data, Unpacked):
-                data.file.close()
+        def write(data: bytes) -> None:
+            nonlocal end
+            if not file.write(end, data):
+                raise FormatError(
+                    f"cannot write the decompressed data to a temporary file: {file.error}"
+                )
+            end += len(data)
+
+        total = await decompress_all(pread, size, write, progress=progress, offload=self.offload)
+        return Unpacked(total, size)
 
 
 FILTER = ZstdFilter

@@ -1,14 +1,22 @@
 """Output made of blocks decompressed one at a time (xz blocks, zstd frames, the
 intervals between deflate checkpoints): find the blocks a read covers, decompress each
-once, and keep the most recent ones."""
+once, and keep them: the most recent ones in memory (:class:`BlockCache`, one reader's),
+or every one made so far in a file (:class:`FileCache`, shared by all readers)."""
 
 from __future__ import annotations
 
+import logging
+import os
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
-from typing import Any
+from functools import partial
+from typing import IO, Any
+
+from . import Offload, run_inline
+
+log = logging.getLogger(__name__)
 
 LockFactory = Callable[[], AbstractAsyncContextManager[Any]]
 """Makes a lock (``trio.Lock``): readers that run in several tasks at once pass one, so
@@ -91,4 +99,125 @@ class BlockCache:
                 parts.append(data[offset - start : stop - start])
                 offset = stop
             i += 1
+        return b"".join(parts)
+
+
+Load = Callable[[int], Awaitable[bytes]]
+"""``await load(i)``: block ``i`` decompressed (one reader's, through its own input)."""
+
+
+class BlockFile:
+    """A file holding decompressed output at its own offsets (an unlinked temporary file:
+    sparse, only what was written takes room). Writes may fail (a full disk): the first
+    failure is logged and kept in :attr:`error`, and what could not be written is simply
+    not in the file."""
+
+    def __init__(self, file: IO[bytes], what: str) -> None:
+        self.file = file
+        self.what = what
+        self.error: OSError | None = None
+
+    def write(self, offset: int, data: bytes | memoryview) -> bool:
+        """Write ``data`` at ``offset``; False if it could not be written."""
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self.file.fileno(), view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as e:
+            if self.error is None:
+                self.error = e
+                log.warning("%s: cannot keep decompressed data in %s: %s", self.what,
+                            self.file.name, e)  # fmt: skip
+            return False
+        return True
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.file.fileno(), length, offset)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class FileCache:
+    """Serves reads of the concatenated output of blocks ``i`` (``sizes[i]`` bytes at
+    output offset ``starts[i]``, sorted) for every reader of one input, keeping each
+    block decompressed in ``file`` once it has been: a read of blocks in the file is one
+    ``pread``; a block not there yet is decompressed by the reader's ``load`` (in the
+    ``offload``), written to the file, and served. A block wanted by several readers at
+    once is decompressed once when ``lock`` makes real locks (see :data:`LockFactory`).
+    ``filled``: the file holds every block already. The file grows to at most the total
+    size."""
+
+    def __init__(
+        self,
+        starts: Sequence[int],
+        sizes: Sequence[int],
+        file: BlockFile,
+        *,
+        filled: bool = False,
+        lock: LockFactory = nullcontext,
+        offload: Offload | None = None,
+    ) -> None:
+        self._starts = starts
+        self._sizes = sizes
+        self.file = file
+        self.filled = bytearray(b"\1" if filled else b"\0") * len(starts)
+        """Which blocks are in the file."""
+        self._new_lock = lock
+        self._run = offload or run_inline
+        self._loading: dict[int, _Loading] = {}
+        self.size = starts[-1] + sizes[-1] if starts else 0
+
+    async def _fill(self, i: int, load: Load) -> bytes | None:
+        """Block ``i``, decompressed by ``load`` (or by another reader that was at it)
+        and written to the file; None if another reader put it in the file meanwhile."""
+        loading = self._loading.get(i)
+        if loading is None:
+            loading = self._loading[i] = _Loading(self._new_lock())
+        loading.readers += 1
+        try:
+            async with loading.lock:
+                if self.filled[i]:
+                    return None
+                if loading.data is None:  # not made by a reader before us
+                    loading.data = await load(i)
+                    if await self._run(partial(self.file.write, self._starts[i], loading.data)):
+                        self.filled[i] = 1
+                return loading.data
+        finally:
+            loading.readers -= 1
+            if not loading.readers:
+                del self._loading[i]
+
+    def _blocks(self, offset: int, end: int) -> range:
+        first = bisect_right(self._starts, offset) - 1
+        return range(first, bisect_right(self._starts, end - 1) if end > offset else first)
+
+    async def read(self, offset: int, length: int, load: Load) -> bytes:
+        """``length`` bytes at ``offset``, clipped to the total size; ``load`` decompresses
+        the blocks not in the file yet."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative range: offset {offset}, length {length}")
+        end = min(offset + length, self.size)
+        fresh: dict[int, bytes] = {}
+        for i in self._blocks(offset, end):
+            if not self.filled[i] and (data := await self._fill(i, load)) is not None:
+                fresh[i] = data
+        if not fresh:
+            return self.file.read(offset, max(0, end - offset))
+        parts = []
+        pos = run = offset  # run: where the bytes to read from the file start
+        for i in self._blocks(offset, end):
+            start = self._starts[i]
+            stop = min(end, start + self._sizes[i])
+            data = fresh.get(i)
+            if data is not None:
+                if run < pos:
+                    parts.append(self.file.read(run, pos - run))
+                parts.append(data[pos - start : stop - start])
+                run = stop
+            pos = stop
+        if run < pos:
+            parts.append(self.file.read(run, pos - run))
         return b"".join(parts)

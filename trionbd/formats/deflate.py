@@ -242,11 +242,16 @@ class DeflateStream:
         return cls(start, end, size, crc, tuple(points)), pos
 
 
+Output = Callable[[int, bytes], object]
+"""``output(offset, data)``: ``data`` inflated at output offset ``offset``."""
+
+
 class _Scan:
     """The synchronous half of :func:`index_deflate`: fed the input, chunk by chunk."""
 
-    def __init__(self, start: int, interval: int, what: str) -> None:
+    def __init__(self, start: int, interval: int, what: str, output: Output | None) -> None:
         self.inflater = _Inflater()
+        self.output = output
         self.what = what
         self.interval = interval
         self.inp = start
@@ -274,6 +279,8 @@ class _Scan:
             pos += used
             self.inp += used
             if out:
+                if self.output is not None:
+                    self.output(self.out, out)
                 self.interval_crc = zlib.crc32(out, self.interval_crc)
                 self.out += len(out)
                 self.tail += out
@@ -312,15 +319,17 @@ async def index_deflate(
     progress: Callable[[int], None] | None = None,
     offload: Offload | None = None,
     what: str = "deflate stream",
+    output: Output | None = None,
 ) -> DeflateStream:
     """Inflate the raw deflate stream at input offset ``start`` to its end, which must
     come before ``end``; return its index. ``progress(offset)`` is called after each
-    chunk of input with the input offset reached. ``what`` names the stream in errors.
+    chunk of input with the input offset reached; ``output`` (if given) gets all the
+    output as it is made, in the ``offload``. ``what`` names the stream in errors.
     A stream that does not end before ``end`` is truncated: a FormatError."""
     if interval <= 0:
         raise ValueError(f"checkpoint interval must be positive, not {interval}")
     run = offload or run_inline
-    scan = _Scan(start, interval, what)
+    scan = _Scan(start, interval, what, output)
     pos = start
     while not scan.done:
         if pos >= end:
@@ -418,9 +427,10 @@ class DeflateReader:
         self._pread = pread
         self._offload = offload
         starts, sizes = intervals(stream)
-        self._cache = BlockCache(starts, sizes, self._load, depth, lock=lock)
+        self._cache = BlockCache(starts, sizes, self.load, depth, lock=lock)
 
-    async def _load(self, k: int) -> bytes:
+    async def load(self, k: int) -> bytes:
+        """Interval ``k`` inflated."""
         return await inflate_interval(self._pread, self.stream, k, self._offload)
 
     async def read(self, offset: int, length: int) -> bytes:

@@ -35,6 +35,7 @@ from .deflate import (
     DEFAULT_DEPTH,
     DEFAULT_INTERVAL,
     DeflateStream,
+    Output,
     index_deflate,
     inflate_interval,
     intervals,
@@ -200,6 +201,13 @@ async def _only_zeros(pread: Pread, offset: int, end: int) -> bool:
     return True
 
 
+def _shifted(output: Output | None, by: int) -> Output | None:
+    """``output`` for a member whose data starts at output offset ``by``."""
+    if output is None or not by:
+        return output
+    return lambda offset, data: output(by + offset, data)
+
+
 async def index_gzip(
     pread: Pread,
     input_size: int,
@@ -207,11 +215,13 @@ async def index_gzip(
     interval: int = DEFAULT_INTERVAL,
     progress: Callable[[int], None] | None = None,
     offload: Offload | None = None,
+    output: Output | None = None,
 ) -> GzipIndex:
     """Read every member of the gzip file of ``input_size`` bytes behind ``pread``,
     verify each, and index them for random access (a checkpoint every ``interval``
-    output bytes). ``progress(offset)`` is called as the input is read. Raises
-    FormatError naming the offset of the first problem."""
+    output bytes). ``progress(offset)`` is called as the input is read; ``output``, if
+    given, gets the decompressed data as it is made (``output(offset, data)``, in the
+    ``offload``). Raises FormatError naming the offset of the first problem."""
     if input_size == 0:
         raise FormatError("empty input: not a gzip file")
     members: list[GzipMember] = []
@@ -221,7 +231,7 @@ async def index_gzip(
         what = f"gzip member at offset {offset}"
         stream = await index_deflate(
             pread, data_start, input_size, interval=interval, progress=progress,
-            offload=offload, what=what,
+            offload=offload, what=what, output=_shifted(output, out),
         )  # fmt: skip
         if input_size - stream.end < _TRAILER.size:
             raise FormatError(
@@ -279,20 +289,22 @@ class GzipReader:
         self._pread = pread
         self._offload = offload
         self._intervals: list[tuple[DeflateStream, int]] = []
-        starts: list[int] = []
-        sizes: list[int] = []
+        self.starts: list[int] = []
+        """Where each interval starts in the output (:meth:`load` inflates one)."""
+        self.sizes: list[int] = []
         for member in index.members:
             outs, lengths = intervals(member.stream)
-            starts += [member.out + out for out in outs]
-            sizes += lengths
+            self.starts += [member.out + out for out in outs]
+            self.sizes += lengths
             self._intervals += [(member.stream, k) for k in range(len(outs))]
-        self._cache = BlockCache(starts, sizes, self._load, depth, lock=lock)
+        self._cache = BlockCache(self.starts, self.sizes, self.load, depth, lock=lock)
 
     @property
     def size(self) -> int:
         return self.index.size
 
-    async def _load(self, i: int) -> bytes:
+    async def load(self, i: int) -> bytes:
+        """Interval ``i`` (of all members, in order) inflated."""
         stream, k = self._intervals[i]
         return await inflate_interval(self._pread, stream, k, self._offload)
 

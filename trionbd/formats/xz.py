@@ -233,11 +233,13 @@ class XzReader:
         self._pread = pread
         self._run = offload or run_inline
         blocks = index.blocks
-        self._cache = BlockCache(
-            [b.out for b in blocks], [b.size for b in blocks], self._load, max_depth, lock=lock
-        )
+        self.starts = [b.out for b in blocks]
+        """Where each block starts in the output (:meth:`load` decompresses one)."""
+        self.sizes = [b.size for b in blocks]
+        self._cache = BlockCache(self.starts, self.sizes, self.load, max_depth, lock=lock)
 
-    async def _load(self, i: int) -> bytes:
+    async def load(self, i: int) -> bytes:
+        """Block ``i`` decompressed."""
         block = self.index.blocks[i]
         raw = await read_exactly(
             self._pread, block.offset, block.unpadded + _pad4(block.unpadded),

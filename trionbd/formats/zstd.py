@@ -147,11 +147,13 @@ class ZstdReader:
         self._pread = pread
         self._run = offload or run_inline
         frames = index.frames
-        self._cache = BlockCache(
-            [f.out for f in frames], [f.size for f in frames], self._load, max_depth, lock=lock
-        )
+        self.starts = [f.out for f in frames]
+        """Where each frame starts in the output (:meth:`load` decompresses one)."""
+        self.sizes = [f.size for f in frames]
+        self._cache = BlockCache(self.starts, self.sizes, self.load, max_depth, lock=lock)
 
-    async def _load(self, i: int) -> bytes:
+    async def load(self, i: int) -> bytes:
+        """Frame ``i`` decompressed."""
         frame = self.index.frames[i]
         what = f"zstd: frame at offset {frame.offset}"
         raw = await read_exactly(self._pread, frame.offset, frame.compressed, what)
