@@ -36,6 +36,32 @@ class _Loading:
         self.data: bytes | None = None
 
 
+class _Once:
+    """Blocks being decompressed, by index: of the tasks asking for one at the same time
+    the first makes it, and the others wait for it (with real locks, see
+    :data:`LockFactory`)."""
+
+    def __init__(self, lock: LockFactory) -> None:
+        self._new_lock = lock
+        self._loading: dict[int, _Loading] = {}
+
+    async def get(self, i: int, make: Callable[[], Awaitable[bytes]]) -> bytes:
+        """Block ``i``: ``await make()``, or what a task asking at the same time made."""
+        loading = self._loading.get(i)
+        if loading is None:
+            loading = self._loading[i] = _Loading(self._new_lock())
+        loading.readers += 1
+        try:
+            async with loading.lock:
+                if loading.data is None:  # not made by a reader before us
+                    loading.data = await make()
+                return loading.data
+        finally:
+            loading.readers -= 1
+            if not loading.readers:
+                del self._loading[i]
+
+
 class BlockCache:
     """Serves reads of the concatenated output of blocks ``i`` (``sizes[i]`` bytes at
     output offset ``starts[i]``, sorted) that ``load(i)`` decompresses; keeps the
@@ -57,9 +83,8 @@ class BlockCache:
         self._sizes = sizes
         self._load = load
         self._depth = depth
-        self._new_lock = lock
         self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._loading: dict[int, _Loading] = {}
+        self._once = _Once(lock)
         self.size = starts[-1] + sizes[-1] if starts else 0
 
     async def _block(self, i: int) -> bytes:
@@ -67,22 +92,14 @@ class BlockCache:
         if data is not None:
             self._cache.move_to_end(i)
             return data
-        loading = self._loading.get(i)
-        if loading is None:
-            loading = self._loading[i] = _Loading(self._new_lock())
-        loading.readers += 1
-        try:
-            async with loading.lock:
-                if loading.data is None:  # not made by a reader before us
-                    loading.data = await self._load(i)
-                    self._cache[i] = loading.data
-                    while len(self._cache) > self._depth:
-                        self._cache.popitem(last=False)
-                return loading.data
-        finally:
-            loading.readers -= 1
-            if not loading.readers:
-                del self._loading[i]
+
+        async def make() -> bytes:
+            data = self._cache[i] = await self._load(i)
+            while len(self._cache) > self._depth:
+                self._cache.popitem(last=False)
+            return data
+
+        return await self._once.get(i, make)
 
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``, clipped to the total size."""
@@ -164,31 +181,21 @@ class FileCache:
         self.file = file
         self.filled = bytearray(b"\1" if filled else b"\0") * len(starts)
         """Which blocks are in the file."""
-        self._new_lock = lock
         self._run = offload or run_inline
-        self._loading: dict[int, _Loading] = {}
+        self._once = _Once(lock)
         self.size = starts[-1] + sizes[-1] if starts else 0
 
-    async def _fill(self, i: int, load: Load) -> bytes | None:
+    async def _fill(self, i: int, load: Load) -> bytes:
         """Block ``i``, decompressed by ``load`` (or by another reader that was at it)
-        and written to the file; None if another reader put it in the file meanwhile."""
-        loading = self._loading.get(i)
-        if loading is None:
-            loading = self._loading[i] = _Loading(self._new_lock())
-        loading.readers += 1
-        try:
-            async with loading.lock:
-                if self.filled[i]:
-                    return None
-                if loading.data is None:  # not made by a reader before us
-                    loading.data = await load(i)
-                    if await self._run(partial(self.file.write, self._starts[i], loading.data)):
-                        self.filled[i] = 1
-                return loading.data
-        finally:
-            loading.readers -= 1
-            if not loading.readers:
-                del self._loading[i]
+        and written to the file."""
+
+        async def make() -> bytes:
+            data = await load(i)
+            if await self._run(partial(self.file.write, self._starts[i], data)):
+                self.filled[i] = 1
+            return data
+
+        return await self._once.get(i, make)
 
     def _blocks(self, offset: int, end: int) -> range:
         first = bisect_right(self._starts, offset) - 1
@@ -202,8 +209,8 @@ class FileCache:
         end = min(offset + length, self.size)
         fresh: dict[int, bytes] = {}
         for i in self._blocks(offset, end):
-            if not self.filled[i] and (data := await self._fill(i, load)) is not None:
-                fresh[i] = data
+            if not self.filled[i]:
+                fresh[i] = await self._fill(i, load)
         if not fresh:
             return self.file.read(offset, max(0, end - offset))
         parts = []
