@@ -165,6 +165,11 @@ async def _report(name: str, what: str, progress: Progress, scope: trio.CancelSc
             await trio.sleep(PROGRESS_EVERY)
 
 
+def count_text(n: int, thing: str) -> str:
+    """``n`` things: ``"1 block"``, ``"3 blocks"``."""
+    return f"{n} {thing}{'s' if n != 1 else ''}"
+
+
 def size_text(n: int) -> str:
     """``n`` bytes in the largest unit that keeps it at least 1 (powers of 1024)."""
     value = float(n)

@@ -52,7 +52,7 @@ from ..chain import Layer, Param, Plugin, StartupError
 from ..formats import FormatError, Offload, Pread
 from ..formats.blocks import BlockFile
 from ..formats.gzip import GzipIndex, GzipReader, StaleIndex, index_gzip
-from ._compressed import Blocks, Decompressed, DecompressFilter, Progress, size_text
+from ._compressed import Blocks, Decompressed, DecompressFilter, Progress, count_text, size_text
 
 if TYPE_CHECKING:
     from ..nursery import Lifetime
@@ -75,10 +75,9 @@ class Gzip:
 
     @property
     def description(self) -> str:
-        members = len(self.index.members)
+        members = count_text(len(self.index.members), "member")
         return (
-            f"{self.size} bytes, gzip-compressed ({size_text(self.index.input_size)} in "
-            f"{members} member{'s' if members != 1 else ''})"
+            f"{self.size} bytes, gzip-compressed ({size_text(self.index.input_size)} in {members})"
         )
 
     def reader(self, pread: Pread) -> Blocks:

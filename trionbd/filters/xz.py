@@ -45,7 +45,7 @@ from ..chain import ConfigError, Param, parse_int, parse_size
 from ..formats import Offload, Pread
 from ..formats.blocks import BlockFile
 from ..formats.xz import DEFAULT_MAX_BLOCK, DEFAULT_MAX_DEPTH, XzIndex, XzReader, read_xz_index
-from ._compressed import Blocks, Decompressed, DecompressFilter, Progress, size_text
+from ._compressed import Blocks, Decompressed, DecompressFilter, Progress, count_text, size_text
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,9 @@ class Xz:
 
     @property
     def description(self) -> str:
-        blocks = len(self.index.blocks)
-        return (
-            f"{self.size} bytes, xz-compressed ({blocks} block{'s' if blocks != 1 else ''}, "
-            f"the largest {size_text(self.index.largest_block)})"
-        )
+        blocks = count_text(len(self.index.blocks), "block")
+        largest = size_text(self.index.largest_block)
+        return f"{self.size} bytes, xz-compressed ({blocks}, the largest {largest})"
 
     def reader(self, pread: Pread) -> Blocks:
         return XzReader(pread, self.index, max_block=self.max_block, offload=self.offload)

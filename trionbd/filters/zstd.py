@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from ..formats import FormatError, Offload, Pread
 from ..formats.blocks import BlockFile
 from ..formats.zstd import ZstdIndex, ZstdReader, decompress_all, read_zstd_index
-from ._compressed import Blocks, Decompressed, DecompressFilter, Progress, size_text
+from ._compressed import Blocks, Decompressed, DecompressFilter, Progress, count_text, size_text
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ class Seekable:
 
     @property
     def description(self) -> str:
-        frames = len(self.index.frames)
-        return f"{self.size} bytes, seekable zstd ({frames} frame{'s' if frames != 1 else ''})"
+        frames = count_text(len(self.index.frames), "frame")
+        return f"{self.size} bytes, seekable zstd ({frames})"
 
     def reader(self, pread: Pread) -> Blocks:
         return ZstdReader(pread, self.index, offload=self.offload)
