@@ -324,9 +324,11 @@ class DecompressFilter(Filter):
         ctx = await below.open(True, export, is_tls)
         blocks = source.data.reader(_formats.reader(ctx))
         if source.cache is None:
+            # Its writes to the file run in threads of their own: behind the limiter of
+            # the decompressing ones, a block's readers waited for another decompression.
             source.cache = FileCache(
                 blocks.starts, blocks.sizes, source.file, filled=source.data.filled,
-                lock=trio.Lock, offload=self.offload,
+                lock=trio.Lock, offload=trio.to_thread.run_sync,
             )  # fmt: skip
         return ctx, Handle(source, source.cache, blocks)
 
