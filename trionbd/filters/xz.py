@@ -81,7 +81,7 @@ class XzFilter(DecompressFilter):
     """Serve the decompressed bytes of the xz file(s) below."""
 
     name = "xz"
-    process_safe = True  # each worker reads the file's block index; the caches are per connection
+    process_safe = True  # each worker reads the block index and keeps its own decompressed file
     params = (
         Param(
             "xz-max-block",

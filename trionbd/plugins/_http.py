@@ -38,7 +38,7 @@ import httpx
 import trio
 
 from .. import __version__
-from ..chain import ConfigError, NBDError, Param, parse_bool, parse_int
+from ..chain import ConfigError, NBDError, Param, parse_bool, parse_int, parse_seconds_or_zero
 
 log = logging.getLogger(__name__)
 # httpx logs every request at info level and httpcore every step at debug level: with -v
@@ -52,16 +52,6 @@ ERROR_BODY_LIMIT = 64 * 1024
 """Bytes of an error answer's body kept (S3 puts its error code there)."""
 ANY_STATUS = range(100, 600)
 """``ok`` for a request whose every answer the caller looks at itself."""
-
-
-def parse_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0 or math.isinf(value):
-        raise ValueError(f"{text!r} is not a number of seconds")
-    return value
 
 
 def parse_secret(text: str) -> str:
@@ -92,13 +82,15 @@ PARAMS = (
     Param(
         "retry-delay",
         "seconds before the first retry, doubled for each next one",
-        parse_seconds,
+        parse_seconds_or_zero,
+        metavar="SECONDS",
         default="0.5",
     ),
     Param(
         "timeout",
         "seconds one attempt of a request may take, 0 for no limit",
-        parse_seconds,
+        parse_seconds_or_zero,
+        metavar="SECONDS",
         default="60",
     ),
     Param("sslverify", "false: do not verify the server's certificate", parse_bool, default="true"),
