@@ -64,10 +64,6 @@ class ZstdIndex:
     frames: tuple[ZstdFrame, ...]
     size: int
 
-    @property
-    def largest_frame(self) -> int:
-        return max((f.size for f in self.frames), default=0)
-
 
 async def read_zstd_index(pread: Pread, size: int) -> ZstdIndex | None:
     """The seek table of the zstd file of ``size`` bytes behind ``pread``, or None when
