@@ -123,7 +123,14 @@ def main(argv: list[str]) -> int:
         with open(root / "disk.img", "wb") as f:
             for _ in range(size // (4 * MiB)):
                 f.write(rng.randbytes(4 * MiB))
-        archive = tar_of({"small": b"x" * 1000, "data/member.img": rng.randbytes(member_size)})
+        archive = tar_of(
+            {
+                "small": b"x" * 1000,
+                "data/member.img": b"".join(
+                    rng.randbytes(4 * MiB) for _ in range(member_size // (4 * MiB))
+                ),
+            }
+        )
         (root / "archive.tar").write_bytes(archive)
         web = stack.enter_context(nginx(root))
         url = web.url("disk.img")
