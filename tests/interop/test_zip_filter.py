@@ -16,7 +16,7 @@ import pytest
 from tests.chain.raw_client import RawClient
 from tests.formats.support import write
 from tests.formats.test_gzip import sample
-from tests.interop.test_compressed_filters import random_reads
+from tests.interop.test_compressed_filters import kept_files, random_reads
 from tests.support import (
     Running,
     export_info,
@@ -105,6 +105,30 @@ def test_zip_entry_serves_one_member(tree: tuple[Path, dict[str, bytes]], tmp_pa
     missing = trionbd_exit("file", str(path), ZIP, "zip-entry=nope")
     assert missing.returncode == 1
     assert f"zip: zip-entry=nope: {path}" in missing.stderr and "'nope'" in missing.stderr
+
+
+def test_a_deflated_member_is_kept_inflated_in_a_temporary_file(
+    tree: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """The first read of a deflated member inflates it whole into an unlinked file in
+    $TMPDIR; later reads, from any connection, are that file's bytes. One process (each
+    worker would keep a file of its own)."""
+    _, files = tree
+    path = archive(tmp_path, tree)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    expected = tmp_path / "disk.img"
+    expected.write_bytes(files["disk.img"])
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    with trionbd_process("--workers=1", "file", str(path), ZIP, env=env) as server:
+        assert kept_files(server.proc.pid, tmp) == []
+        uri = server.uri_for("disk.img")
+        random_reads(uri, expected, seed=5, count=50)
+        assert kept_files(server.proc.pid, tmp) == [len(files["disk.img"])]
+        for _ in range(2):
+            assert read_export(uri, tmp_path) == files["disk.img"]
+        random_reads(uri, expected, seed=6, count=50)
+        assert kept_files(server.proc.pid, tmp) == [len(files["disk.img"])]
 
 
 def test_writes_are_refused(tree: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:

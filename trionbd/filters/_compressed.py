@@ -113,6 +113,17 @@ def temporary_directory() -> str:
     return os.environ.get("TMPDIR") or "/var/tmp"
 
 
+def temporary_file(what: str) -> BlockFile:
+    """An unlinked temporary file for decompressed data (``what`` names it in messages)."""
+    where = temporary_directory()
+    try:
+        return BlockFile(tempfile.TemporaryFile(dir=where), what)
+    except OSError as e:
+        raise NBDError(
+            e.errno or errno.EIO, f"{what}: cannot make a temporary file in {where}: {e}"
+        ) from None
+
+
 class Progress:
     """How far the reading of one input has got (:attr:`done` bytes of :attr:`total`);
     a reader's ``progress`` callback. Made by :func:`reading`."""
@@ -268,14 +279,7 @@ class DecompressFilter(Filter):
         if below is None:
             raise NBDError(errno.EIO, f"{self.name}: used before after_fork")
         label = below.export_label(export)
-        where = temporary_directory()
-        try:
-            file = BlockFile(tempfile.TemporaryFile(dir=where), f"{self.name}: {label}")
-        except OSError as e:
-            raise NBDError(
-                e.errno or errno.EIO,
-                f"{self.name}: {label}: cannot make a temporary file in {where}: {e}",
-            ) from None
+        file = temporary_file(f"{self.name}: {label}")
         try:
             return Input(await self._load(export, label, file), file)
         except BaseException:

@@ -16,10 +16,13 @@ with the message, the others are served.
 * Stored members are served by offset arithmetic straight from the layer below. Their
   CRC-32 is not checked (that would read the whole member on the first open).
 * Deflated members are served with random access: the first read inflates the member
-  once, checking its size and CRC-32, and records a checkpoint about every MiB (kept
-  for the server's life; progress is logged for large members); a read then inflates
-  only the checkpoint interval(s) it falls in (about 1 MiB), and each connection keeps
-  its last 8 intervals. A damaged member fails its reads with EIO and the message.
+  once, checking its size and CRC-32, records a checkpoint about every MiB and keeps
+  the inflated bytes in an unlinked temporary file in ``$TMPDIR`` (default /var/tmp;
+  sparse, at most the member's size; all kept for the server's life; progress is
+  logged for large members). Reads are then reads of that file, for every connection.
+  Where the file could not be written (a full disk: logged once), a read inflates the
+  checkpoint interval(s) it falls in (about 1 MiB). A damaged member fails its reads
+  with EIO and the message.
 * Members that cannot be served (encrypted, compressed with another method such as
   bzip2 or LZMA, stored on another disk of a split archive) are listed, with the reason
   in their description, and refused when opened with a message saying why.
@@ -62,7 +65,8 @@ from ..chain import (
     describe_file,
 )
 from ..formats import FormatError, Pread
-from ..formats.deflate import DeflateReader, DeflateStream
+from ..formats.blocks import BlockFile, FileCache
+from ..formats.deflate import DeflateReader, DeflateStream, intervals
 from ..formats.zip import (
     DEFLATED,
     ZipIndex,
@@ -104,8 +108,18 @@ class Archive:
     exports: tuple[Export, ...]
     starts: BuildOnce[str, int]
     """Where each member opened so far has its data (from its local header)."""
-    streams: BuildOnce[str, DeflateStream]
-    """The checkpoint index of each deflated member read so far."""
+    inflated: BuildOnce[str, Inflated]
+    """Each deflated member read so far, inflated once."""
+
+
+@dataclass(frozen=True, slots=True)
+class Inflated:
+    """A deflated member inflated once: its checkpoints, and its bytes kept in an
+    unlinked temporary file that every connection reads (filled by that first pass;
+    an interval that could not be written there is inflated again when read)."""
+
+    stream: DeflateStream
+    cache: FileCache
 
 
 @dataclass(slots=True)
@@ -117,7 +131,9 @@ class Member:
     start: int
     """Where its data starts in the archive."""
     reader: DeflateReader | None = None
-    """A deflated member's reader on this connection, made at its first read."""
+    """A deflated member's reader on this connection (its input for intervals the
+    temporary file lacks), made at its first read."""
+    inflated: Inflated | None = None
     read_only: bool = True
 
     @property
@@ -149,10 +165,17 @@ class ZipFilter(ContainerFilter[Archive, Member]):
     def __init__(self, zip_entry: str | None = None):
         super().__init__(zip_entry)
         self.limiter: trio.CapacityLimiter | None = None
+        self.files: list[BlockFile] = []
+        """The temporary files of the members inflated so far (closed at unload)."""
 
     async def after_fork(self, lifetime: Lifetime, below: Layer) -> None:
         self.limiter = trio.CapacityLimiter(_compressed.DecompressFilter.THREADS)
         await super().after_fork(lifetime, below)
+
+    async def cleanup(self) -> None:
+        for file in self.files:
+            file.close()
+        await super().cleanup()
 
     async def offload(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` in a worker thread (inflating)."""
@@ -177,26 +200,32 @@ class ZipFilter(ContainerFilter[Archive, Member]):
             except FormatError as e:
                 raise NBDError(errno.EIO, f"zip: {label}: {_message(e)}") from None
 
-        async def stream(name: str) -> DeflateStream:
+        async def inflate(name: str) -> Inflated:
             member = members[name]
             data = await starts.get(name)
             what = f"{label}: member {name!r}"
+            file = _compressed.temporary_file(f"zip: {what}")
+            self.files.append(file)
             try:
                 async with _compressed.reading(
                     self.lifetime, "zip", what, member.compressed_size
                 ) as done:
                     indexed = await deflated_stream(
                         pread, index, member, offload=self.offload,
-                        progress=lambda offset: done(offset - data),
+                        progress=lambda offset: done(offset - data), output=file.write,
                     )  # fmt: skip
                     done.result = f"{len(indexed.checkpoints)} checkpoints"
             except FormatError as e:
                 raise NBDError(errno.EIO, f"zip: {label}: {_message(e)}") from None
-            return indexed
+            cache = FileCache(
+                *intervals(indexed), file, filled=file.error is None, lock=trio.Lock,
+                offload=trio.to_thread.run_sync,
+            )  # fmt: skip
+            return Inflated(indexed, cache)
 
         starts: BuildOnce[str, int] = BuildOnce(start)
         exports = tuple(Export(m.name, describe(m)) for m in members.values())
-        return Archive(index, label, members, exports, starts, BuildOnce(stream))
+        return Archive(index, label, members, exports, starts, BuildOnce(inflate))
 
     async def member(self, index: Archive, name: str) -> Member:
         member = index.members.get(name)
@@ -241,14 +270,13 @@ class ZipFilter(ContainerFilter[Archive, Member]):
             )
         if h.member.method != DEFLATED:
             return await next.pread(count, h.start + offset, flags)
-        if h.reader is None:
-            stream = await h.archive.streams.get(h.member.name)
-            if h.reader is None:  # not made by a concurrent first read
-                h.reader = DeflateReader(
-                    _formats.reader(next), stream, offload=self.offload, lock=trio.Lock
-                )
+        inflated, reader = h.inflated, h.reader
+        if inflated is None or reader is None:
+            inflated = await h.archive.inflated.get(h.member.name)
+            reader = DeflateReader(_formats.reader(next), inflated.stream, offload=self.offload)
+            h.inflated, h.reader = inflated, reader
         try:
-            return await h.reader.read(offset, count)
+            return await inflated.cache.read(offset, count, reader.load)
         except FormatError as e:
             raise NBDError(errno.EIO, f"zip: {h.archive.label}: {_message(e)}") from None
 

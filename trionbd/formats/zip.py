@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from . import FormatError, Offload, Pread, read_exactly
-from .deflate import DEFAULT_INTERVAL, DeflateReader, DeflateStream, index_deflate
+from .deflate import DEFAULT_INTERVAL, DeflateReader, DeflateStream, Output, index_deflate
 
 STORED, DEFLATED = 0, 8
 METHOD_NAMES = {
@@ -335,16 +335,18 @@ async def deflated_stream(
     interval: int = DEFAULT_INTERVAL,
     progress: Callable[[int], None] | None = None,
     offload: Offload | None = None,
+    output: Output | None = None,
 ) -> DeflateStream:
     """Inflate deflated ``member`` once, checking its size and CRC-32 against the central
-    directory, and return its checkpoint index (for :class:`DeflateReader`)."""
+    directory, and return its checkpoint index (for :class:`DeflateReader`); ``output``
+    (if given) gets the inflated bytes as :func:`index_deflate` makes them."""
     if member.method != DEFLATED:
         raise ValueError(f"member {member.name!r} is {member.method_name}, not deflated")
     start = await member_data_offset(pread, index, member)
     what = f"zip: member {member.name!r} (data at offset {start})"
     stream = await index_deflate(
         pread, start, start + member.compressed_size, interval=interval,
-        progress=progress, offload=offload, what=what,
+        progress=progress, offload=offload, what=what, output=output,
     )  # fmt: skip
     if stream.size != member.size:
         raise FormatError(f"{what}: inflates to {stream.size} bytes, but the central "
