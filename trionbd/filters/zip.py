@@ -45,8 +45,9 @@ Examples:
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 import trio
@@ -66,7 +67,7 @@ from ..chain import (
 )
 from ..formats import FormatError, Pread
 from ..formats.blocks import BlockFile, FileCache
-from ..formats.deflate import DeflateReader, DeflateStream, intervals
+from ..formats.deflate import DeflateStream, inflate_interval, intervals
 from ..formats.zip import (
     DEFLATED,
     ZipIndex,
@@ -130,10 +131,10 @@ class Member:
     member: ZipMember
     start: int
     """Where its data starts in the archive."""
-    reader: DeflateReader | None = None
-    """A deflated member's reader on this connection (its input for intervals the
-    temporary file lacks), made at its first read."""
-    inflated: Inflated | None = None
+    read: Callable[[int, int], Awaitable[bytes]] | None = None
+    """``read(offset, length)`` of a deflated member on this connection, made at its
+    first read: the member's temporary file, with this connection's input for the
+    intervals the file lacks."""
     read_only: bool = True
 
     @property
@@ -270,13 +271,14 @@ class ZipFilter(ContainerFilter[Archive, Member]):
             )
         if h.member.method != DEFLATED:
             return await next.pread(count, h.start + offset, flags)
-        inflated, reader = h.inflated, h.reader
-        if inflated is None or reader is None:
+        read = h.read
+        if read is None:
             inflated = await h.archive.inflated.get(h.member.name)
-            reader = DeflateReader(_formats.reader(next), inflated.stream, offload=self.offload)
-            h.inflated, h.reader = inflated, reader
+            load = partial(inflate_interval, _formats.reader(next), inflated.stream,
+                           offload=self.offload)  # fmt: skip
+            read = h.read = partial(inflated.cache.read, load=load)
         try:
-            return await inflated.cache.read(offset, count, reader.load)
+            return await read(offset, count)
         except FormatError as e:
             raise NBDError(errno.EIO, f"zip: {h.archive.label}: {_message(e)}") from None
 
