@@ -206,7 +206,6 @@ class ZipFilter(ContainerFilter[Archive, Member]):
             data = await starts.get(name)
             what = f"{label}: member {name!r}"
             file = _compressed.temporary_file(f"zip: {what}")
-            self.files.append(file)
             try:
                 async with _compressed.reading(
                     self.lifetime, "zip", what, member.compressed_size
@@ -217,7 +216,12 @@ class ZipFilter(ContainerFilter[Archive, Member]):
                     )  # fmt: skip
                     done.result = f"{len(indexed.checkpoints)} checkpoints"
             except FormatError as e:
+                file.close()
                 raise NBDError(errno.EIO, f"zip: {label}: {_message(e)}") from None
+            except BaseException:  # the layer below failed, or cancelled: tried again later
+                file.close()
+                raise
+            self.files.append(file)
             cache = FileCache(
                 *intervals(indexed), file, filled=file.error is None, lock=trio.Lock,
                 offload=trio.to_thread.run_sync,
