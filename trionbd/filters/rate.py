@@ -12,8 +12,8 @@ Each limit is a token bucket: it fills at the rate, up to ``burstiness`` seconds
 (default 2; ``burst-seconds`` is another name for it); a request takes its size in bits
 from it, and when the bucket holds fewer, the request waits (a Trio sleep) until the
 missing bits have come in; requests arriving meanwhile wait their turn after it. So
-after a quiet moment a client may go faster for
-up to ``burstiness`` seconds' worth of data, and on average no faster than the rate.
+after a quiet moment a client may go faster for up to ``burstiness`` seconds' worth of
+data, and on average no faster than the rate.
 A request waits for the global bucket first, then for its connection's. A request much
 larger than a second's worth waits in one long sleep.
 
